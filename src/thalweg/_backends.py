@@ -1,0 +1,82 @@
+"""Backend registry: which function performs an algorithm's update on a list of tensors.
+
+Every algorithm (``"adam"``, ``"sgd"``, ...) registers one function per backend, all with the same
+keyword-only signature, written in the algorithm's own module. Dispatch is a dict lookup, so adding a
+backend (the fused kernels live in ``thalweg.kernels``) touches no optimizer's math.
+
+- ``"reference"``: one tensor at a time, reads like the paper; torch.optim's for-loop path.
+- ``"foreach"``: all tensors of a (device, dtype) bucket at once through ``torch._foreach_*``.
+- ``"fused"``: single-pass kernels (numba on CPU, Triton on CUDA), registered by ``thalweg.kernels``.
+- ``"auto"``: the fastest correct path for the device at hand (:func:`auto_backend`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "reference", "foreach", "fused")
+
+_REGISTRY: dict[tuple[str, str], Callable[..., None]] = {}
+
+
+def register(algorithm: str, backend: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator: ``fn`` performs ``algorithm``'s update for ``backend``."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        _REGISTRY[(algorithm, backend)] = fn
+        return fn
+
+    return decorate
+
+
+def fused_unavailable_reason(device: torch.device) -> str | None:
+    """Why the fused backend cannot run on ``device`` here, or None when it can."""
+    try:
+        kernels = importlib.import_module("thalweg.kernels")
+    except ImportError as error:  # pragma: no cover - the package ships thalweg.kernels
+        return str(error)
+    return kernels.unavailable_reason(device)
+
+
+def auto_backend(device: torch.device, *, allow_fused: bool = True) -> str:
+    """The backend ``"auto"`` picks for tensors on ``device``.
+
+    Fused when its compiler is installed; otherwise torch.optim's own default for the device: the
+    for-loop on CPU (where ``foreach`` is slower, see NOTES.md) and ``foreach`` elsewhere.
+    """
+    if allow_fused and fused_unavailable_reason(device) is None:
+        return "fused"
+    return "reference" if device.type == "cpu" else "foreach"
+
+
+def lookup(algorithm: str, backend: str, device: torch.device) -> Callable[..., None]:
+    """The function that runs ``algorithm`` with ``backend`` on ``device``, or a clear error."""
+    if backend == "fused":
+        reason = fused_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='fused' is not available for {device.type} tensors: {reason}")
+    try:
+        return _REGISTRY[(algorithm, backend)]
+    except KeyError:
+        raise RuntimeError(f"no {backend!r} backend is registered for {algorithm!r}") from None
+
+
+def group_by_device_and_dtype(tensor_lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
+    """Split parallel tensor lists into buckets whose first list shares one device and dtype.
+
+    ``torch._foreach_*`` needs one device and dtype per call. Returns, per bucket, the same number of
+    lists as given, in the original order; an empty list (an unused state, say) stays empty.
+    """
+    order: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for index, tensor in enumerate(tensor_lists[0]):
+        order[(tensor.device, tensor.dtype)].append(index)
+    return [
+        [[tensors[i] for i in indices] if tensors else [] for tensors in tensor_lists]
+        for indices in order.values()
+    ]

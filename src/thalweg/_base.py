@@ -1,0 +1,255 @@
+"""What every thalweg optimizer shares: input checks, backend choice, clipping, non-finite skipping.
+
+An optimizer subclass only states its algorithm: its hyper-parameter checks, its state, and how one
+group's tensors are handed to the backend function. Everything cross-cutting lives here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+
+from . import _backends, _checks
+
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; matched so that clipping
+# through the optimizer equals clipping by hand.
+_CLIP_EPS = 1e-6
+
+
+def scalar_dtype() -> torch.dtype:
+    """dtype of the ``step`` counter, as torch.optim stores it (so checkpoints cross-load)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> tuple[str, bool]:
+    """Map ``backend`` and torch's ``foreach=``/``fused=`` keywords onto one backend name.
+
+    Returns the backend and whether ``"auto"`` may pick the fused path (``fused=False`` forbids it).
+    """
+    if backend not in _backends.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _backends.BACKENDS))}, got {backend!r}")
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True, False or None, got {value!r}")
+    if foreach and fused:
+        raise ValueError("foreach=True and fused=True cannot be used together; pick one")
+    requested = "fused" if fused else "foreach" if foreach else "reference" if foreach is False else None
+    if requested is None:
+        return backend, fused is not False
+    if backend not in ("auto", requested):
+        raise ValueError(f"backend={backend!r} contradicts {'fused' if fused else 'foreach'}={fused if fused else foreach}")
+    return requested, True
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base of every thalweg optimizer: a ``torch.optim.Optimizer`` with checked input and shared options.
+
+    Subclasses set :attr:`algorithm` (the backend registry key) and implement
+    :meth:`_check_hyperparameters`, :meth:`_init_state` and :meth:`_update`.
+    """
+
+    algorithm: ClassVar[str]
+    accepts_sparse_grads: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        backend: str,
+        foreach: bool | None,
+        fused: bool | None,
+        max_grad_norm: float | None,
+        skip_nonfinite: bool,
+    ) -> None:
+        self.backend, self._auto_may_fuse = resolve_backend(backend, foreach, fused)
+        _checks.optional_positive("max_grad_norm", max_grad_norm)
+        _checks.flag("skip_nonfinite", skip_nonfinite)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self.last_grad_norm: torch.Tensor | None = None
+        self._check_hyperparameters(defaults)
+
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or of param-group dicts, got a single Tensor; wrap it in a list")
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("params must be an ordered collection (a set's order changes between runs); use a list")
+        groups = list(params)
+        if not groups:
+            raise ValueError("params is empty: the optimizer was given no parameters to optimize")
+        super().__init__(groups, defaults)
+        if not any(group["params"] for group in self.param_groups):
+            raise ValueError("params is empty: every parameter group has an empty 'params' list")
+
+    # -- what a subclass states -------------------------------------------------------------
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Raise ValueError/TypeError for an invalid hyper-parameter in ``group`` (or the defaults)."""
+        raise NotImplementedError
+
+    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """Create the missing entries of ``self.state[param]`` (torch's key names)."""
+        raise NotImplementedError
+
+    def _update(self, update: Callable[..., None], group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Call ``update`` (a backend function) with this group's tensors, state and hyper-parameters."""
+        raise NotImplementedError
+
+    # -- parameter groups ------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        entries = group.get("params")
+        if entries is None:
+            raise ValueError("a param group needs a 'params' entry")
+        if isinstance(entries, torch.Tensor):
+            entries = [entries]
+        elif isinstance(entries, (set, frozenset)):
+            raise TypeError("a param group's 'params' must be ordered (a set's order changes between runs); use a list")
+        entries = list(entries)
+        tensors = [entry[1] if isinstance(entry, tuple) and len(entry) == 2 else entry for entry in entries]
+        seen: set[int] = set()
+        owner = {id(p): i for i, other in enumerate(self.param_groups) for p in other["params"]}
+        for index, tensor in enumerate(tensors):
+            where = f"params[{index}]" if not self.param_groups else f"params[{index}] of param group {len(self.param_groups)}"
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{where} must be a torch.Tensor, got {type(tensor).__name__}")
+            if not tensor.is_leaf and not tensor.retains_grad:
+                raise ValueError(f"{where} is not a leaf tensor (it was computed from others); optimize the tensor it came from")
+            if not (tensor.is_floating_point()):
+                raise TypeError(f"{where} has dtype {tensor.dtype}; only floating-point tensors can be optimized")
+            if id(tensor) in seen:
+                raise ValueError(f"{where} appears twice in the same param group")
+            seen.add(id(tensor))
+            if id(tensor) in owner:
+                raise ValueError(f"{where} is already in param group {owner[id(tensor)]}; a parameter may belong to one group only")
+        self._check_hyperparameters({**self.defaults, **group})
+        group["params"] = entries
+        super().add_param_group(group)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(backend=self.backend, _auto_may_fuse=self._auto_may_fuse, max_grad_norm=self.max_grad_norm,
+                     skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A checkpoint written by torch.optim (or an older thalweg) may lack our group keys: fill
+        # them from the defaults, as torch's own optimizers do in __setstate__.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        for key, value in (("backend", "auto"), ("_auto_may_fuse", True), ("max_grad_norm", None),
+                           ("skip_nonfinite", False), ("skipped_steps", 0), ("last_grad_norm", None)):
+            self.__dict__.setdefault(key, value)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def backend_for(self, device: torch.device) -> str:
+        """The backend this optimizer uses for tensors on ``device``."""
+        if self.backend == "auto":
+            return _backends.auto_backend(device, allow_fused=self._auto_may_fuse)
+        return self.backend
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Everything that can reject the step is checked before anything is written.
+        work = []
+        for group_index, group in enumerate(self.param_groups):
+            self._check_hyperparameters(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            for param, grad in zip(params, grads):
+                self._check_grad(param, grad, group_index, group)
+            work.append((group, params, grads))
+        grads = [g for _, _, group_grads in work for g in group_grads]
+        if not grads:
+            return loss
+
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            norm = global_grad_norm(grads)
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = norm
+            if self.skip_nonfinite and not bool(torch.isfinite(norm)):
+                self.skipped_steps += 1
+                return loss
+            if self.max_grad_norm is not None:
+                clip_grads_(grads, norm, self.max_grad_norm)
+
+        for group, params, group_grads in work:
+            for device, device_params, device_grads in _split_by_device(params, group_grads):
+                for param in device_params:
+                    self._init_state(param, group)
+                update = _backends.lookup(self.algorithm, self.backend_for(device), device)
+                self._update(update, group, device_params, device_grads)
+        return loss
+
+    def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
+        problem = None
+        if grad.is_sparse:
+            if not self.accepts_sparse_grads:
+                problem = (f"{type(self).__name__} does not support sparse gradients; use thalweg.Adagrad, "
+                           "or a dense layer (e.g. nn.Embedding(sparse=False))")
+        elif grad.shape != param.shape:
+            problem = f"gradient shape {tuple(grad.shape)} does not match the parameter's {tuple(param.shape)}"
+        if grad.dtype != param.dtype:
+            problem = f"gradient dtype {grad.dtype} does not match the parameter's {param.dtype}"
+        elif grad.device != param.device:
+            problem = f"gradient is on {grad.device} but the parameter is on {param.device}"
+        if problem is not None:
+            # Located only on failure: the search is linear in the group's size.
+            raise RuntimeError(f"parameter {_position(group, param)} of param group {group_index}: {problem}")
+
+
+def _position(group: dict[str, Any], param: torch.Tensor) -> int:
+    for index, candidate in enumerate(group["params"]):
+        if candidate is param:
+            return index
+    return -1
+
+
+def _split_by_device(params: list[torch.Tensor], grads: list[torch.Tensor]):
+    devices: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for param, grad in zip(params, grads):
+        bucket = devices.setdefault(param.device, ([], []))
+        bucket[0].append(param)
+        bucket[1].append(grad)
+    return [(device, p, g) for device, (p, g) in devices.items()]
+
+
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all gradients together, as a 0-d float32 (float64 for float64 grads) tensor; no host sync."""
+    norms = []
+    for (bucket,) in _backends.group_by_device_and_dtype([[g for g in grads if not g.is_sparse]]):
+        accumulate = torch.float64 if bucket[0].dtype == torch.float64 else torch.float32
+        norms.extend(torch._foreach_norm(bucket, 2, dtype=accumulate))
+    for grad in grads:
+        if grad.is_sparse:
+            values = grad.coalesce()._values()
+            norms.append(torch.linalg.vector_norm(values, dtype=torch.float64 if values.dtype == torch.float64 else torch.float32))
+    device = grads[0].device
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
+
+
+def clip_grads_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale ``grads`` in place so that their global norm is at most ``max_norm`` (torch's clip_grad_norm_ rule)."""
+    coefficient = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
+    for (bucket,) in _backends.group_by_device_and_dtype([[g for g in grads if not g.is_sparse]]):
+        torch._foreach_mul_(bucket, coefficient.to(device=bucket[0].device, dtype=bucket[0].dtype))
+    for grad in grads:
+        if grad.is_sparse:
+            grad.mul_(coefficient.to(device=grad.device, dtype=grad.dtype))

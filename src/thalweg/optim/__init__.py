@@ -1,0 +1,5 @@
+"""The optimizers, one module each."""
+
+from .adam import Adam, AdamW
+
+__all__ = ["Adam", "AdamW"]
