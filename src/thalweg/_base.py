@@ -51,6 +51,9 @@ class Optimizer(torch.optim.Optimizer):
 
     algorithm: ClassVar[str]
     accepts_sparse_grads: ClassVar[bool] = False
+    # Layer-wise optimizers (LARS, LAMB) scale each tensor's step by a trust ratio that a param group
+    # can turn off with ``trust_ratio=False``.
+    layerwise: ClassVar[bool] = False
 
     def __init__(
         self,

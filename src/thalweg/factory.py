@@ -1,0 +1,83 @@
+"""Build an optimizer by name, with the usual no-decay group for biases, normalisation and embeddings."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from . import optim
+from ._base import Optimizer
+
+_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": optim.SGD,
+    "momentum": optim.Momentum,
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "rmsprop": optim.RMSprop,
+    "adagrad": optim.Adagrad,
+    "lars": optim.LARS,
+    "lamb": optim.LAMB,
+}
+
+# Biases and the gains/shifts of normalisation layers (all the 1-d and 0-d parameters) and embedding
+# tables are not weights to shrink: decaying them towards zero, or rescaling their step by ‖w‖/‖g‖,
+# hurts (You et al. 2017 and 2019 exclude them; so do BERT and timm).
+_NO_DECAY_LAYERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def names() -> list[str]:
+    """The names :func:`create` accepts, in the README's order."""
+    return list(_OPTIMIZERS)
+
+
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The class behind ``name`` (case-insensitive), or a ValueError listing the valid names."""
+    if not isinstance(name, str) or name.lower() not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(_OPTIMIZERS)}")
+    return _OPTIMIZERS[name.lower()]
+
+
+def no_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that should get no weight decay and no trust ratio: biases (and any other
+    1-d or 0-d parameter), normalisation layers and embeddings."""
+    skipped = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, _NO_DECAY_LAYERS) or param.ndim <= 1:
+                skipped.add(full_name)
+    return skipped
+
+
+def create(name: str, model_or_params: nn.Module | Iterable[Any], **hyperparams: Any) -> Optimizer:
+    """Build the optimizer called ``name`` (see :func:`names`) with ``hyperparams``.
+
+    Given an ``nn.Module``, the parameters that need gradients are split into two groups: the weights,
+    with the hyper-parameters given, and biases/normalisation/embedding parameters with
+    ``weight_decay=0`` (and ``trust_ratio=False`` for LARS and LAMB). Names are kept, as with
+    ``model.named_parameters()``. Given parameters or param groups, they are passed on unchanged.
+
+    Example::
+
+        optimizer = thalweg.create("lamb", model, lr=2e-3, weight_decay=0.01)
+    """
+    cls = optimizer_class(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    unknown = sorted(set(hyperparams) - set(accepted))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no hyper-parameter {', '.join(map(repr, unknown))}; it accepts: {', '.join(accepted)}")
+    if not isinstance(model_or_params, nn.Module):
+        return cls(model_or_params, **hyperparams)
+
+    trainable = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+    skipped = no_decay_parameter_names(model_or_params)
+    weights = [(n, p) for n, p in trainable if n not in skipped]
+    others = [(n, p) for n, p in trainable if n in skipped]
+    no_decay: dict[str, Any] = {"params": others, "weight_decay": 0.0}
+    if cls.layerwise:
+        no_decay["trust_ratio"] = False
+    groups = [group for group in ({"params": weights}, no_decay) if group["params"]]
+    return cls(groups, **hyperparams)

@@ -1,0 +1,182 @@
+r"""Adagrad (Duchi, Hazan & Singer, 2011), with sparse gradients.
+
+Accumulates every squared gradient, so coordinates that are updated rarely (the rows of an embedding
+that a batch does not touch) keep a large step size while frequent ones slow down:
+
+.. math::
+
+    g_t &\leftarrow g_t + \lambda w_{t-1} \\
+    \tilde\gamma_t &= \gamma / (1 + (t-1)\,\eta) \\
+    s_t &= s_{t-1} + g_t^2 \\
+    w_t &= w_{t-1} - \tilde\gamma_t\, g_t / (\sqrt{s_t} + \epsilon)
+
+(:math:`\eta` is ``lr_decay``.) With a sparse gradient (``nn.Embedding(sparse=True)``) only the rows
+present in the gradient are read and written. Weight decay would touch every row, so it is refused
+with sparse gradients, as in torch.
+
+State (torch's names): ``step``, ``sum`` (:math:`s`, initialised to ``initial_accumulator_value`` when
+the optimizer is built, as torch does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .. import _checks
+from .._backends import group_by_device_and_dtype, register
+from .._base import Optimizer, scalar_dtype
+
+
+class Adagrad(Optimizer):
+    """Adagrad, a drop-in for ``torch.optim.Adagrad``, sparse gradients included.
+
+    Args:
+        params: parameters, ``named_parameters()`` or param-group dicts.
+        lr: learning rate (default 1e-2).
+        lr_decay: learning-rate decay :math:`\\eta` (default 0).
+        weight_decay: L2 penalty (default 0; must stay 0 with sparse gradients).
+        initial_accumulator_value: starting value of the ``sum`` state (default 0).
+        eps: added to the denominator (default 1e-10).
+        maximize: ascend the objective instead of descending it (default False).
+        backend, foreach, fused, max_grad_norm, skip_nonfinite: as for every thalweg optimizer.
+    """
+
+    algorithm = "adagrad"
+    accepts_sparse_grads = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+        # torch creates Adagrad's state eagerly; doing the same keeps state_dict() layouts equal.
+        for group in self.param_groups:
+            for param in group["params"]:
+                self._init_state(param, group)
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        _checks.non_negative("lr", group["lr"])
+        _checks.non_negative("lr_decay", group["lr_decay"])
+        _checks.non_negative("weight_decay", group["weight_decay"])
+        _checks.non_negative("initial_accumulator_value", group["initial_accumulator_value"])
+        _checks.non_negative("eps", group["eps"])
+        _checks.flag("maximize", group["maximize"])
+
+    def _check_grad(self, param, grad, group_index, group) -> None:
+        super()._check_grad(param, grad, group_index, group)
+        if grad.is_sparse and group["weight_decay"] != 0:
+            raise RuntimeError(
+                f"weight_decay={group['weight_decay']} cannot be used with sparse gradients (param group "
+                f"{group_index}): it would touch every row; put the embedding in a group with weight_decay=0"
+            )
+
+    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+            state["sum"] = torch.full_like(param, float(group["initial_accumulator_value"]),
+                                           memory_format=torch.preserve_format)
+
+    def _update(self, update, group, params, grads) -> None:
+        states = [self.state[p] for p in params]
+        update(
+            params,
+            grads,
+            state_sums=[s["sum"] for s in states],
+            steps=[s["step"] for s in states],
+            lr=_checks.as_number("lr", group["lr"]),
+            lr_decay=float(group["lr_decay"]),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
+            maximize=group["maximize"],
+        )
+
+
+@register("adagrad", "reference")
+def adagrad_reference(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    *,
+    state_sums: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """One tensor at a time; a sparse gradient updates only the rows it holds."""
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        grad = -grad if maximize else grad
+        steps[i] += 1
+        step_lr = lr / (1 + (steps[i].item() - 1) * lr_decay)
+        if grad.is_sparse:
+            _adagrad_sparse_row_update(param, grad, state_sums[i], step_lr=step_lr, eps=eps)
+            continue
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        state_sums[i].addcmul_(grad, grad, value=1)
+        param.addcdiv_(grad, state_sums[i].sqrt().add_(eps), value=-step_lr)
+
+
+def _adagrad_sparse_row_update(param: torch.Tensor, grad: torch.Tensor, state_sum: torch.Tensor, *, step_lr: float, eps: float) -> None:
+    grad = grad.coalesce()  # repeated indices must be summed before squaring
+    indices, values = grad._indices(), grad._values()
+
+    def sparse_like(new_values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_coo_tensor(indices, new_values, grad.shape)
+
+    state_sum.add_(sparse_like(values.pow(2)))
+    std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
+    param.add_(sparse_like(values / std_values), alpha=-step_lr)
+
+
+@register("adagrad", "foreach")
+def adagrad_foreach(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    *,
+    state_sums: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """All dense tensors of a (device, dtype) bucket per ``torch._foreach_*`` call; sparse ones one by one."""
+    sparse = [i for i, grad in enumerate(grads) if grad.is_sparse]
+    if sparse:
+        pick = lambda tensors, keep: [tensors[i] for i in keep]  # noqa: E731
+        adagrad_reference(pick(params, sparse), pick(grads, sparse), state_sums=pick(state_sums, sparse),
+                          steps=pick(steps, sparse), lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                          eps=eps, maximize=maximize)
+        dense = [i for i, grad in enumerate(grads) if not grad.is_sparse]
+        params, grads, state_sums, steps = (pick(t, dense) for t in (params, grads, state_sums, steps))
+    for params_, grads_, state_sums_, steps_ in group_by_device_and_dtype([params, grads, state_sums, steps]):
+        grads_ = torch._foreach_neg(grads_) if maximize else grads_
+        torch._foreach_add_(steps_, 1)
+        if weight_decay != 0:
+            grads_ = torch._foreach_add(grads_, params_, alpha=weight_decay)
+        torch._foreach_addcmul_(state_sums_, grads_, grads_, 1)
+        stds = torch._foreach_sqrt(state_sums_)
+        torch._foreach_add_(stds, eps)
+        step_lrs = [-lr / (1 + (step.item() - 1) * lr_decay) for step in steps_]
+        torch._foreach_addcdiv_(params_, grads_, stds, step_lrs)
