@@ -1,0 +1,116 @@
+"""Host-side bookkeeping shared by the numba and Triton kernels: which tensors a kernel may take, and
+the pointer and chunk tables that let one kernel call update many tensors.
+
+No numba or triton import here: this module is loaded by ``import thalweg.kernels``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Chunks of at most 64k elements (apex's multi-tensor size): small enough to balance the cores over a
+# few huge tensors, large enough that the per-chunk work dwarfs its bookkeeping.
+CHUNK = 1 << 16
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+STEP_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class Bucket:
+    """Tensors one kernel call updates: ``roles[r][k]`` is role ``r`` (param, grad, states...) of tensor ``k``."""
+
+    indices: list[int]
+    dtype: torch.dtype
+    roles: list[list[torch.Tensor | None]]
+    steps: list[torch.Tensor]
+
+
+def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] | None) -> tuple[list[Bucket], list[int]]:
+    """Split tensor positions into kernel buckets (one per dtype) and the positions a kernel cannot take.
+
+    ``roles[0]`` are the params; an empty role list is an unused state; a ``None`` entry is a state the
+    caller will create (SGD's first momentum buffer). A kernel needs, for every role, a dense
+    contiguous tensor of the param's dtype, device and size: anything else (a sparse or strided
+    gradient, a float16 param, a state loaded in another dtype) goes to the reference path.
+    """
+    params = roles[0]
+    if not params:
+        return [], []
+    device = params[0].device
+    dtypes = [p.dtype for p in params]
+    numels = [p.numel() for p in params]
+    strided = torch.strided
+    ok = [d in KERNEL_DTYPES and p.layout is strided and p.is_contiguous() for p, d in zip(params, dtypes)]
+    for role in roles[1:]:
+        if not role:
+            continue
+        ok = [
+            good and (t is None or (t.layout is strided and t.dtype is d and t.numel() == n and t.device == device
+                                    and t.is_contiguous()))
+            for good, t, d, n in zip(ok, role, dtypes, numels)
+        ]
+    step_dtypes: list[torch.dtype | None] = [None] * len(params)
+    if steps is not None:
+        step_dtypes = [s.dtype for s in steps]
+        ok = [good and d in STEP_DTYPES and s.device.type == "cpu" and s.numel() == 1
+              for good, s, d in zip(ok, steps, step_dtypes)]
+    groups: dict[tuple, list[int]] = {}
+    fallback = []
+    for i, good in enumerate(ok):
+        if good:
+            groups.setdefault((dtypes[i], step_dtypes[i]), []).append(i)
+        else:
+            fallback.append(i)
+    buckets = []
+    for (dtype, _), indices in groups.items():
+        if len(indices) == len(params):
+            picked = [list(role) if role else [] for role in roles]
+            picked_steps = list(steps) if steps is not None else []
+        else:
+            picked = [[role[i] for i in indices] if role else [] for role in roles]
+            picked_steps = [steps[i] for i in indices] if steps is not None else []
+        buckets.append(Bucket(indices, dtype, picked, picked_steps))
+    return buckets, fallback
+
+
+def pick(tensors: list, indices: list[int]) -> list:
+    """``tensors`` at ``indices`` (an empty list, an unused state, stays empty)."""
+    return [tensors[i] for i in indices] if tensors else []
+
+
+def pointer_table(roles: list[list[torch.Tensor | None]], n_roles: int) -> np.ndarray:
+    """int64 ``[role, tensor]`` table of data addresses; 0 for a role the kernel will not touch."""
+    n = len(roles[0])
+    table = np.zeros((n_roles, n), dtype=np.int64)
+    for r, role in enumerate(roles[:n_roles]):
+        if role:
+            table[r] = [t.data_ptr() for t in role]
+    return table
+
+
+_CHUNK_CACHE: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+
+def chunk_table(tensors: list[torch.Tensor], chunk: int = CHUNK) -> np.ndarray:
+    """int64 ``[chunk, (tensor, start, stop)]`` cutting every tensor into pieces of at most ``chunk``.
+
+    Depends only on the sizes, so it is cached (a training loop asks for the same table every step).
+    """
+    sizes = np.fromiter((t.numel() for t in tensors), dtype=np.int64, count=len(tensors))
+    key = sizes.tobytes() + chunk.to_bytes(8, "little")
+    table = _CHUNK_CACHE.get(key)
+    if table is None:
+        counts = (sizes + chunk - 1) // chunk
+        owner = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        start = (np.arange(owner.size, dtype=np.int64) - first) * chunk
+        stop = np.minimum(start + chunk, sizes[owner])
+        table = np.ascontiguousarray(np.stack([owner, start, stop], axis=1))
+        _CHUNK_CACHE[key] = table
+        if len(_CHUNK_CACHE) > 64:
+            _CHUNK_CACHE.popitem(last=False)
+    return table

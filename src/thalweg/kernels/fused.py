@@ -1,0 +1,220 @@
+"""The ``backend="fused"`` functions of every algorithm, registered with the same signature as the
+reference and foreach backends of the algorithm's own module (``thalweg/optim/<name>.py``).
+
+Each function sorts its tensors into kernel buckets (one per dtype, see :func:`_host.partition`) and
+hands the rest — sparse gradients, strided tensors, dtypes without a kernel — to the reference
+backend, so every tensor gets the reference's math either way. A bucket goes to the numba kernels on
+CPU (:mod:`.numba_cpu`) and to the Triton kernels on CUDA (:mod:`.triton_gpu`), imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+from .._backends import register
+from ..optim.adagrad import adagrad_reference
+from ..optim.adam import adam_reference
+from ..optim.lamb import lamb_reference
+from ..optim.lars import lars_reference
+from ..optim.rmsprop import rmsprop_reference
+from ..optim.sgd import sgd_reference
+from . import _host
+from ._host import pick
+
+_NUMPY = {torch.float32: (np.float32, np.float32), torch.float64: (np.float64, np.float64),
+          torch.bfloat16: (np.uint16, np.float32)}  # storage (bfloat16 travels as its bits), compute
+
+
+def _launcher(device: torch.device):
+    """The module that runs buckets on ``device``: CPU glue below, or the Triton module for CUDA."""
+    if device.type == "cpu":
+        return _Cpu
+    return importlib.import_module("thalweg.kernels.triton_gpu")
+
+
+def _new_buffers(params: list[torch.Tensor], buffers: list[torch.Tensor | None], indices: list[int]) -> list[bool]:
+    """Create the missing momentum buffers (filled by the kernel with the first direction)."""
+    new = []
+    for k, i in enumerate(indices):
+        if buffers[i] is None:
+            buffers[i] = torch.empty_like(params[k], memory_format=torch.contiguous_format)
+            new.append(True)
+        else:
+            new.append(False)
+    return new
+
+
+@register("sgd", "fused")
+def sgd_fused(params, grads, *, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
+    """SGD in one pass over param, grad and buffer (12 B/element in float32, 20 with momentum)."""
+    buffers = momentum_buffers if momentum != 0 else []
+    buckets, fallback = _host.partition([params, grads, buffers], None)
+    if fallback:
+        sub = pick(buffers, fallback)
+        sgd_reference(pick(params, fallback), pick(grads, fallback), momentum_buffers=sub, lr=lr, momentum=momentum,
+                      dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        for i, buffer in zip(fallback, sub):
+            buffers[i] = buffer
+    for bucket in buckets:
+        new = _new_buffers(bucket.roles[0], buffers, bucket.indices) if momentum != 0 else [False] * len(bucket.indices)
+        bucket.roles[2] = [buffers[i] for i in bucket.indices] if momentum != 0 else []
+        _launcher(bucket.roles[0][0].device).sgd(bucket, new=new, scales=None, lr=lr, momentum=momentum,
+                                                 dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                                                 maximize=maximize)
+
+
+@register("lars", "fused")
+def lars_fused(params, grads, *, momentum_buffers, lr, momentum, weight_decay, trust_coefficient, eps, nesterov,
+               maximize, trust_ratio) -> None:
+    """LARS: a norm pass (reads w, g: 8 B/element in float32) then SGD's pass (20 B with momentum)."""
+    buffers = momentum_buffers if momentum != 0 else []
+    buckets, fallback = _host.partition([params, grads, buffers], None)
+    if fallback:
+        sub = pick(buffers, fallback)
+        lars_reference(pick(params, fallback), pick(grads, fallback), momentum_buffers=sub, lr=lr, momentum=momentum,
+                       weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
+                       maximize=maximize, trust_ratio=trust_ratio)
+        for i, buffer in zip(fallback, sub):
+            buffers[i] = buffer
+    for bucket in buckets:
+        new = _new_buffers(bucket.roles[0], buffers, bucket.indices) if momentum != 0 else [False] * len(bucket.indices)
+        bucket.roles[2] = [buffers[i] for i in bucket.indices] if momentum != 0 else []
+        _launcher(bucket.roles[0][0].device).lars(bucket, new=new, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                                  trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
+                                                  maximize=maximize, trust_ratio=trust_ratio)
+
+
+@register("adam", "fused")
+def adam_fused(params, grads, *, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+               decoupled_weight_decay, amsgrad, maximize) -> None:
+    """Adam/AdamW in one pass (28 B/element in float32, 36 with amsgrad)."""
+    maxes = max_exp_avg_sqs if amsgrad else []
+    buckets, fallback = _host.partition([params, grads, exp_avgs, exp_avg_sqs, maxes], steps)
+    if fallback:
+        adam_reference(pick(params, fallback), pick(grads, fallback), exp_avgs=pick(exp_avgs, fallback),
+                       exp_avg_sqs=pick(exp_avg_sqs, fallback), max_exp_avg_sqs=pick(maxes, fallback),
+                       steps=pick(steps, fallback), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
+                       maximize=maximize)
+    for bucket in buckets:
+        _launcher(bucket.roles[0][0].device).adam(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                                  weight_decay=weight_decay, decoupled=decoupled_weight_decay,
+                                                  amsgrad=amsgrad, maximize=maximize)
+
+
+@register("lamb", "fused")
+def lamb_fused(params, grads, *, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, bias_correction,
+               maximize, trust_ratio) -> None:
+    """LAMB in two passes (moments + norms, then the step: 40 B/element in float32; see numba_cpu.lamb)."""
+    buckets, fallback = _host.partition([params, grads, exp_avgs, exp_avg_sqs], steps)
+    if fallback:
+        lamb_reference(pick(params, fallback), pick(grads, fallback), exp_avgs=pick(exp_avgs, fallback),
+                       exp_avg_sqs=pick(exp_avg_sqs, fallback), steps=pick(steps, fallback), lr=lr, beta1=beta1,
+                       beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                       maximize=maximize, trust_ratio=trust_ratio)
+    for bucket in buckets:
+        _launcher(bucket.roles[0][0].device).lamb(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                                  weight_decay=weight_decay, bias_correction=bias_correction,
+                                                  maximize=maximize, trust_ratio=trust_ratio)
+
+
+@register("rmsprop", "fused")
+def rmsprop_fused(params, grads, *, square_avgs, grad_avgs, momentum_buffers, steps, lr, alpha, eps, weight_decay,
+                  momentum, centered, maximize) -> None:
+    """RMSprop in one pass (20 B/element in float32, +8 centred, +8 with momentum)."""
+    grad_avgs = grad_avgs if centered else []
+    buffers = momentum_buffers if momentum > 0 else []
+    buckets, fallback = _host.partition([params, grads, square_avgs, grad_avgs, buffers], steps)
+    if fallback:
+        rmsprop_reference(pick(params, fallback), pick(grads, fallback), square_avgs=pick(square_avgs, fallback),
+                          grad_avgs=pick(grad_avgs, fallback), momentum_buffers=pick(buffers, fallback),
+                          steps=pick(steps, fallback), lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                          momentum=momentum, centered=centered, maximize=maximize)
+    for bucket in buckets:
+        _launcher(bucket.roles[0][0].device).rmsprop(bucket, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                                     momentum=momentum, centered=centered, maximize=maximize)
+
+
+@register("adagrad", "fused")
+def adagrad_fused(params, grads, *, state_sums, steps, lr, lr_decay, weight_decay, eps, maximize) -> None:
+    """Adagrad in one pass over dense tensors (20 B/element in float32); sparse gradients take the reference."""
+    buckets, fallback = _host.partition([params, grads, state_sums], steps)
+    if fallback:
+        adagrad_reference(pick(params, fallback), pick(grads, fallback), state_sums=pick(state_sums, fallback),
+                          steps=pick(steps, fallback), lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                          maximize=maximize)
+    for bucket in buckets:
+        _launcher(bucket.roles[0][0].device).adagrad(bucket, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                                     eps=eps, maximize=maximize)
+
+
+class _Cpu:
+    """Launches the numba kernels on a CPU bucket: tables and scalars in, one kernel call out."""
+
+    @staticmethod
+    def _prepare(bucket: _host.Bucket, n_roles: int):
+        from . import numba_cpu
+
+        storage, compute = _NUMPY[bucket.dtype]
+        like = np.empty(1, dtype=storage)
+        ptrs = _host.pointer_table(bucket.roles, n_roles)
+        chunks = _host.chunk_table(bucket.roles[0])
+        steps = np.fromiter((s.data_ptr() for s in bucket.steps), dtype=np.int64, count=len(bucket.steps))
+        step_like = np.empty(1, dtype=np.float64 if bucket.steps and bucket.steps[0].dtype == torch.float64 else np.float32)
+        return numba_cpu, compute, like, ptrs, chunks, steps, step_like
+
+    @staticmethod
+    def sgd(bucket, *, new, scales, lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
+        kernels, compute, like, ptrs, chunks, _, _ = _Cpu._prepare(bucket, 3)
+        hp = np.array([-lr, weight_decay, momentum, 1 - dampening], dtype=compute)
+        coef = np.ones((len(bucket.indices), 2), dtype=compute)
+        coef[:, 0] = new
+        kernels.sgd(ptrs, chunks, hp, coef, like, bool(maximize), weight_decay != 0, momentum != 0, bool(nesterov))
+
+    @staticmethod
+    def lars(bucket, *, new, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, maximize, trust_ratio) -> None:
+        kernels, compute, like, ptrs, chunks, _, _ = _Cpu._prepare(bucket, 3)
+        hp = np.array([-lr, weight_decay, momentum, 1.0], dtype=compute)
+        hp64 = np.array([trust_coefficient, weight_decay, eps], dtype=np.float64)
+        coef = np.ones((len(bucket.indices), 2), dtype=compute)
+        coef[:, 0] = new
+        kernels.lars(ptrs, chunks, hp, hp64, coef, like, bool(maximize), weight_decay != 0, momentum != 0,
+                     bool(nesterov), bool(trust_ratio))
+
+    @staticmethod
+    def adam(bucket, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize) -> None:
+        kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 5)
+        w1 = compute(1 - beta1)
+        hp = np.array([w1, compute(1) - w1, beta2, 1 - beta2, eps, weight_decay, 1 - lr * weight_decay, 0.5],
+                      dtype=compute)
+        hp64 = np.array([lr, beta1, beta2], dtype=np.float64)
+        mode = 0 if weight_decay == 0 else 2 if decoupled else 1
+        kernels.adam(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), mode, bool(amsgrad))
+
+    @staticmethod
+    def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, maximize, trust_ratio) -> None:
+        kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 4)
+        w1 = compute(1 - beta1)
+        hp = np.array([w1, compute(1) - w1, beta2, 1 - beta2, eps, weight_decay, 0.5], dtype=compute)
+        hp64 = np.array([lr, beta1, beta2, 1.0 if bias_correction else 0.0], dtype=np.float64)
+        kernels.lamb(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0,
+                     bool(trust_ratio))
+
+    @staticmethod
+    def rmsprop(bucket, *, lr, alpha, eps, weight_decay, momentum, centered, maximize) -> None:
+        kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 5)
+        w = compute(1 - alpha)
+        # alpha doubles as lerp's (1 - weight) for grad_avg: equal up to one rounding, and only used when alpha <= 0.5
+        hp = np.array([-lr, alpha, w, eps, weight_decay, momentum, 0.5], dtype=compute)
+        kernels.rmsprop(ptrs, steps, chunks, hp, like, step_like, bool(maximize), weight_decay != 0, bool(centered),
+                        momentum > 0)
+
+    @staticmethod
+    def adagrad(bucket, *, lr, lr_decay, weight_decay, eps, maximize) -> None:
+        kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 3)
+        hp = np.array([eps, weight_decay], dtype=compute)
+        hp64 = np.array([lr, lr_decay], dtype=np.float64)
+        kernels.adagrad(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0)
