@@ -1,0 +1,41 @@
+"""Shared fixtures: hypothesis profiles and the backend matrix."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from thalweg import _backends
+
+# Examples are cheap (tiny tensors, 25-40 steps) but many tests draw them: modest counts keep the
+# core suite within its CI budget. THALWEG_HYPOTHESIS=thorough for a longer local hunt.
+settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("THALWEG_HYPOTHESIS", "ci"))
+
+BACKENDS = ("reference", "foreach", "fused")
+
+
+def _skip_unavailable(name: str) -> None:
+    if name == "fused":
+        reason = _backends.fused_unavailable_reason(torch.device("cpu"))
+        if reason is not None:
+            pytest.skip(f"backend='fused' unavailable on CPU: {reason}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Every concrete backend; 'fused' is skipped, with the registry's reason, until it can run here."""
+    _skip_unavailable(request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
