@@ -172,7 +172,8 @@ class _Cpu:
         hp = np.array([-lr, weight_decay, momentum, 1 - dampening], dtype=compute)
         coef = np.ones((len(bucket.indices), 2), dtype=compute)
         coef[:, 0] = new
-        kernels.sgd(ptrs, chunks, hp, coef, like, bool(maximize), weight_decay != 0, momentum != 0, bool(nesterov))
+        with kernels.LOCK:
+            kernels.sgd(ptrs, chunks, hp, coef, like, bool(maximize), weight_decay != 0, momentum != 0, bool(nesterov))
 
     @staticmethod
     def lars(bucket, *, new, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, maximize, trust_ratio) -> None:
@@ -181,8 +182,9 @@ class _Cpu:
         hp64 = np.array([trust_coefficient, weight_decay, eps], dtype=np.float64)
         coef = np.ones((len(bucket.indices), 2), dtype=compute)
         coef[:, 0] = new
-        kernels.lars(ptrs, chunks, hp, hp64, coef, like, bool(maximize), weight_decay != 0, momentum != 0,
-                     bool(nesterov), bool(trust_ratio))
+        with kernels.LOCK:
+            kernels.lars(ptrs, chunks, hp, hp64, coef, like, bool(maximize), weight_decay != 0, momentum != 0,
+                         bool(nesterov), bool(trust_ratio))
 
     @staticmethod
     def adam(bucket, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize) -> None:
@@ -192,7 +194,8 @@ class _Cpu:
                       dtype=compute)
         hp64 = np.array([lr, beta1, beta2], dtype=np.float64)
         mode = 0 if weight_decay == 0 else 2 if decoupled else 1
-        kernels.adam(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), mode, bool(amsgrad))
+        with kernels.LOCK:
+            kernels.adam(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), mode, bool(amsgrad))
 
     @staticmethod
     def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, maximize, trust_ratio) -> None:
@@ -200,8 +203,9 @@ class _Cpu:
         w1 = compute(1 - beta1)
         hp = np.array([w1, compute(1) - w1, beta2, 1 - beta2, eps, weight_decay, 0.5], dtype=compute)
         hp64 = np.array([lr, beta1, beta2, 1.0 if bias_correction else 0.0], dtype=np.float64)
-        kernels.lamb(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0,
-                     bool(trust_ratio))
+        with kernels.LOCK:
+            kernels.lamb(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0,
+                         bool(trust_ratio))
 
     @staticmethod
     def rmsprop(bucket, *, lr, alpha, eps, weight_decay, momentum, centered, maximize) -> None:
@@ -209,12 +213,14 @@ class _Cpu:
         w = compute(1 - alpha)
         # alpha doubles as lerp's (1 - weight) for grad_avg: equal up to one rounding, and only used when alpha <= 0.5
         hp = np.array([-lr, alpha, w, eps, weight_decay, momentum, 0.5], dtype=compute)
-        kernels.rmsprop(ptrs, steps, chunks, hp, like, step_like, bool(maximize), weight_decay != 0, bool(centered),
-                        momentum > 0)
+        with kernels.LOCK:
+            kernels.rmsprop(ptrs, steps, chunks, hp, like, step_like, bool(maximize), weight_decay != 0, bool(centered),
+                            momentum > 0)
 
     @staticmethod
     def adagrad(bucket, *, lr, lr_decay, weight_decay, eps, maximize) -> None:
         kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 3)
         hp = np.array([eps, weight_decay], dtype=compute)
         hp64 = np.array([lr, lr_decay], dtype=np.float64)
-        kernels.adagrad(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0)
+        with kernels.LOCK:
+            kernels.adagrad(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0)
