@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from . import _backends, _checks
+from . import _backends, _checks, distributed
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; matched so that clipping
 # through the optimizer equals clipping by hand.
@@ -54,6 +54,10 @@ class Optimizer(torch.optim.Optimizer):
     # Layer-wise optimizers (LARS, LAMB) scale each tensor's step by a trust ratio that a param group
     # can turn off with ``trust_ratio=False``.
     layerwise: ClassVar[bool] = False
+    # The process group over which the gradient norm (max_grad_norm, skip_nonfinite) is summed when
+    # each process holds different whole parameters (ZeroRedundancyOptimizer); set it with
+    # thalweg.distributed.reduce_grad_norm_over. Sharded (DTensor) groups need nothing: see step().
+    grad_norm_process_group: Any = None
 
     def __init__(
         self,
@@ -177,13 +181,17 @@ class Optimizer(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             for param, grad in zip(params, grads):
                 self._check_grad(param, grad, group_index, group)
-            work.append((group, params, grads))
-        grads = [g for _, _, group_grads in work for g in group_grads]
-        if not grads:
+            # DTensor (FSDP2) groups: which processes hold the other shards; a ValueError for mixed groups.
+            work.append((group, params, grads, distributed.group_sharding(group_index, group["params"])))
+        grads = [g for _, _, group_grads, _ in work for g in group_grads]
+        if not grads and self.grad_norm_process_group is None:
             return loss
 
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm = global_grad_norm(grads)
+            # Sharded or partitioned gradients: local squared norms summed across processes, once.
+            norm = distributed.total_grad_norm(global_grad_norm, [(sharding, g) for _, _, g, sharding in work],
+                                               self.grad_norm_process_group)
+            grads = [distributed.local(g) for g in grads]
             if self.max_grad_norm is not None:
                 self.last_grad_norm = norm
             if self.skip_nonfinite and not bool(torch.isfinite(norm)):
@@ -192,11 +200,16 @@ class Optimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 clip_grads_(grads, norm, self.max_grad_norm)
 
-        for group, params, group_grads in work:
+        for group, params, group_grads, sharding in work:
             for device, device_params, device_grads in _split_by_device(params, group_grads):
                 for param in device_params:
                     self._init_state(param, group)
-                update = _backends.lookup(self.algorithm, self.backend_for(device), device)
+                backend = self.backend_for(device)
+                if sharding is None:
+                    update = _backends.lookup(self.algorithm, backend, device)
+                else:  # the backends see local shards; norms inside are summed across processes
+                    backend = distributed.backend_for_shards(backend, requested=self.backend, layerwise=self.layerwise)
+                    update = distributed.on_local_shards(_backends.lookup(self.algorithm, backend, device), sharding)
                 self._update(update, group, device_params, device_grads)
         return loss
 

@@ -30,7 +30,7 @@ import torch
 from .. import _checks
 from .._backends import group_by_device_and_dtype, register
 from .._base import Optimizer, scalar_dtype
-from ._norms import norm, norms
+from ._norms import norm, norms_together
 
 
 class LAMB(Optimizer):
@@ -184,7 +184,7 @@ def lamb_foreach(
         if weight_decay != 0:
             torch._foreach_add_(updates, params_, alpha=weight_decay)
         if trust_ratio:
-            weight_norms, update_norms = norms(params_), norms(updates)
+            weight_norms, update_norms = norms_together(params_, updates)  # sharded: one reduction
             usable = (weight_norms > 0) & (update_norms > 0)
             ratios = torch.where(usable, weight_norms / update_norms, torch.ones_like(weight_norms))
             torch._foreach_mul_(updates, list(ratios.unbind()))

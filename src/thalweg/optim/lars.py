@@ -29,7 +29,7 @@ import torch
 from .. import _checks
 from .._backends import group_by_device_and_dtype, register
 from .._base import Optimizer
-from ._norms import norm, norms
+from ._norms import norm, norms_together
 from .sgd import sgd_foreach, sgd_reference
 
 
@@ -161,7 +161,7 @@ def lars_foreach(
         grads_ = torch._foreach_neg(grads_) if maximize else grads_
         directions_ = torch._foreach_add(grads_, params_, alpha=weight_decay) if weight_decay != 0 else grads_
         if trust_ratio:
-            weight_norms, grad_norms = norms(params_), norms(grads_)
+            weight_norms, grad_norms = norms_together(params_, grads_)  # sharded: one reduction
             usable = (weight_norms > 0) & (grad_norms > 0)
             local_lrs = trust_coefficient * weight_norms / (grad_norms + weight_decay * weight_norms + eps)
             local_lrs = torch.where(usable, local_lrs, torch.ones_like(local_lrs))

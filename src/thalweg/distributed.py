@@ -1,0 +1,232 @@
+"""What sharding changes in a step: DTensor (FSDP2) parameters, and norms that span processes.
+
+Every thalweg optimizer runs unchanged under DDP, FSDP2 (``fully_shard``), ``ZeroRedundancyOptimizer``
+and ``torch.distributed.checkpoint``. The shared base (:meth:`thalweg.Optimizer.step`) calls this
+module for param groups whose parameters are DTensors:
+
+- Elementwise math runs on each process's local shard. The backend functions (reference, foreach,
+  fused) are handed plain local tensors by :func:`on_local_shards`, with unchanged signatures; state
+  stays DTensors, so ``torch.distributed.checkpoint`` saves and reshards it.
+- A norm of a sharded tensor needs every shard (NOTES.md: the local ``_foreach_norm`` of a shard is a
+  *partial* result). While a sharded group's backend runs, ``thalweg.optim._norms`` sums local squared
+  norms across the shard's processes: all norms a LARS/LAMB bucket needs are stacked and reduced with
+  ONE ``all_reduce`` (one float per tensor), then square-rooted.
+- ``max_grad_norm``/``skip_nonfinite`` use :func:`total_grad_norm`: one ``all_reduce`` per step.
+
+``ZeroRedundancyOptimizer`` gives each process whole parameters, so per-tensor norms are already right.
+The process cannot tell its parameters are one partition of a larger set, so a global gradient norm
+needs the explicit :func:`reduce_grad_norm_over`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Set only while a sharded group's backend runs (see on_local_shards); read by thalweg.optim._norms.
+# A context variable, not a module global, so threads and re-entrant steps cannot see each other's.
+_NORM_SUM: ContextVar[Callable[[torch.Tensor], None] | None] = ContextVar("thalweg_norm_sum", default=None)
+
+
+def norm_sum() -> Callable[[torch.Tensor], None] | None:
+    """The in-place cross-process sum that squared norms need right now, or None (unsharded: norms are local)."""
+    return _NORM_SUM.get()
+
+
+@contextmanager
+def summed_across(sum_: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, ``thalweg.optim._norms`` sums squared norms with ``sum_`` before the square root."""
+    token = _NORM_SUM.set(sum_)
+    try:
+        yield
+    finally:
+        _NORM_SUM.reset(token)
+
+
+def _dtensor_class() -> type | None:
+    # No parameter can be a DTensor unless torch.distributed.tensor was imported by someone (FSDP2
+    # imports it), so plain training never pays for importing it, and builds without distributed work.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 / tensor-parallel parameter or gradient)."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (sharing its storage: in-place updates land in the DTensor); a plain tensor as is."""
+    # Under no_grad (as in step) ``to_local()`` returns the local tensor itself, not a copy.
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How one param group's DTensors are split: their device mesh and the mesh dimensions they are sharded over.
+
+    The squares of a tensor are summed over exactly the sharded dimensions (FSDP2: the one data-parallel
+    dimension; HSDP: the shard dimension, not the replicate one).
+    """
+
+    mesh: Any  # torch.distributed.device_mesh.DeviceMesh
+    shard_dims: tuple[int, ...]
+
+    def sum_across_shards_(self, values: torch.Tensor) -> None:
+        """Sum ``values`` in place over the processes holding the other shards: one all_reduce per sharded mesh dimension."""
+        for dim in self.shard_dims:
+            torch.distributed.all_reduce(values, group=self.mesh.get_group(dim))
+
+
+def group_sharding(group_index: int, params: list[torch.Tensor]) -> Sharding | None:
+    """The :class:`Sharding` of a param group's parameters, None when none is a DTensor.
+
+    Raises ValueError when the group cannot have one global norm per tensor computed with one
+    reduction: plain and DTensor parameters mixed, different device meshes, or different sharded
+    mesh dimensions (e.g. tensor-parallel and replicated weights together). Separate groups fix it.
+    """
+    dtensor = _dtensor_class()
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+        return None
+    first: Sharding | None = None
+    for index, param in enumerate(params):
+        if not isinstance(param, dtensor):
+            raise ValueError(
+                f"param group {group_index} mixes sharded (DTensor) and plain parameters: params[{index}] is a plain "
+                f"tensor. Shard every module whose parameters the group holds (fully_shard), or put the plain "
+                f"parameters in a param group of their own"
+            )
+        dims = []
+        for dim, placement in enumerate(param.placements):
+            if placement.is_replicate():
+                continue
+            if not placement.is_shard() and type(placement).__name__ != "_StridedShard":
+                raise ValueError(f"param group {group_index}: params[{index}] has placement {placement!r} on mesh "
+                                 f"dimension {dim}; a parameter must be sharded or replicated, not partial")
+            dims.append(dim)
+        this = Sharding(param.device_mesh, tuple(dims))
+        if first is None:
+            first = this
+        elif this.mesh != first.mesh:
+            raise ValueError(f"param group {group_index}: params[{index}] is on device mesh {this.mesh} but params[0] "
+                             f"is on {first.mesh}; put parameters of different meshes in different param groups")
+        elif this.shard_dims != first.shard_dims:
+            raise ValueError(f"param group {group_index}: params[{index}] is sharded over mesh dimensions "
+                             f"{list(this.shard_dims)} but params[0] over {list(first.shard_dims)}; a group's norms are "
+                             f"reduced over one set of processes, so put them in different param groups")
+    return first
+
+
+def backend_for_shards(backend: str, *, requested: str, layerwise: bool) -> str:
+    """The backend a sharded group runs: layer-wise optimizers (LARS, LAMB) use ``"foreach"``.
+
+    The foreach path batches all trust-ratio norms of a bucket into one reduction. The reference path
+    would run one collective per tensor (it stays available when asked for by name, as the oracle);
+    the fused kernels compute norms inside the kernel, on the local shard only, so they cannot be used.
+    """
+    if layerwise and backend != "foreach" and requested != "reference":
+        return "foreach"
+    return backend
+
+
+def on_local_shards(update: Callable[..., None], sharding: Sharding) -> Callable[..., None]:
+    """Wrap a backend function so that it runs on the local shards of a sharded group.
+
+    Every list argument with one entry per parameter (params, grads, state) is replaced by the local
+    shards; state tensors a backend creates (a first momentum buffer) are wrapped back into DTensors
+    laid out like their parameter. Norms taken inside are summed across the shards (``_norms``).
+    """
+
+    def update_local_shards(params: list[torch.Tensor], grads: list[torch.Tensor], **kwargs: Any) -> None:
+        per_param = {name: value for name, value in kwargs.items() if isinstance(value, list) and len(value) == len(params)}
+        locals_ = {name: [None if t is None else local(t) for t in value] for name, value in per_param.items()}
+        with summed_across(sharding.sum_across_shards_):
+            update([local(p) for p in params], [local(g) for g in grads], **{**kwargs, **locals_})
+        for name, value in per_param.items():
+            for i, (before, after) in enumerate(zip(value, locals_[name])):
+                if after is None or (before is not None and local(before) is after):
+                    continue
+                param = params[i]
+                if before is not None and not is_sharded(before) or after.shape != local(param).shape:
+                    value[i] = after  # a plain tensor (a step counter) replaced by another
+                else:
+                    value[i] = type(param).from_local(after, param.device_mesh, param.placements, run_check=False,
+                                                      shape=param.shape, stride=param.stride())
+
+    return update_local_shards
+
+
+def total_grad_norm(
+    norm_of: Callable[[list[torch.Tensor]], torch.Tensor],
+    parts: list[tuple[Sharding | None, list[torch.Tensor]]],
+    process_group: Any = None,
+) -> torch.Tensor:
+    """The L2 norm of all gradients of all groups, each sharded tensor counted whole.
+
+    ``norm_of`` is the local norm (``thalweg._base.global_grad_norm``); ``parts`` pairs each group's
+    :class:`Sharding` (None: plain) with its gradients. Squares of the local norms are summed with one
+    all_reduce per distinct sharding (one per step under FSDP2), and with one more over
+    ``process_group`` (ZeRO: each process holds some whole parameters).
+    """
+    if process_group is None and all(sharding is None for sharding, _ in parts):
+        grads = [g for _, group_grads in parts for g in group_grads]
+        return norm_of(grads)
+    by_sharding: dict[Sharding | None, list[torch.Tensor]] = {}
+    for sharding, grads in parts:
+        by_sharding.setdefault(sharding, []).extend(local(g) for g in grads)
+    device, dtype = None, torch.float32
+    squares = []
+    for sharding, grads in by_sharding.items():
+        if not grads:
+            continue
+        square = norm_of(grads).square()
+        if sharding is not None:
+            square = square.reshape(1)
+            sharding.sum_across_shards_(square)
+        squares.append(square.reshape(()))
+        device = device or grads[0].device
+        dtype = torch.promote_types(dtype, square.dtype)
+    if device is None:  # this process holds no gradient (a ZeRO partition left unused)
+        device = torch.device("cuda", torch.cuda.current_device()) if _backend_wants_cuda(process_group) else torch.device("cpu")
+    total = torch.zeros((1,), device=device, dtype=dtype)
+    for square in squares:
+        total += square.to(device=device, dtype=dtype)
+    if process_group is not None:
+        torch.distributed.all_reduce(total, group=process_group)
+    return total.sqrt().reshape(())
+
+
+def _backend_wants_cuda(process_group: Any) -> bool:
+    return process_group is not None and torch.distributed.get_backend(process_group) == "nccl"
+
+
+def reduce_grad_norm_over(optimizer: Any, process_group: Any = None) -> None:
+    """Make ``max_grad_norm``/``skip_nonfinite`` use the norm of the gradients of all processes' parameters.
+
+    For ``ZeroRedundancyOptimizer``: each process steps a thalweg optimizer over its own partition of
+    the parameters, so the gradient norm it sees is its partition's. Pass the ZeRO wrapper (its process
+    group is used) or a thalweg optimizer and a process group; the step then sums the squared norms of
+    the partitions with one all_reduce. Every process must step (they do under ZeRO).
+
+        zero = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=thalweg.LAMB, lr=2e-3, max_grad_norm=1.0)
+        thalweg.distributed.reduce_grad_norm_over(zero)
+    """
+    inner = getattr(optimizer, "optim", optimizer)
+    if process_group is None:
+        process_group = getattr(optimizer, "process_group", None) or torch.distributed.group.WORLD
+    from ._base import Optimizer
+
+    if not isinstance(inner, Optimizer):
+        raise TypeError(f"optimizer must be a thalweg optimizer or a ZeroRedundancyOptimizer around one, got {type(inner).__name__}")
+    inner.grad_norm_process_group = process_group
+
+
+__all__ = ["Sharding", "backend_for_shards", "group_sharding", "is_sharded", "local", "norm_sum", "on_local_shards",
+           "reduce_grad_norm_over", "summed_across", "total_grad_norm"]

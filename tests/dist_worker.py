@@ -1,0 +1,317 @@
+"""One rank of the distributed checks (run by tests/test_distributed.py, torchrun-style environment).
+
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/dist_worker.py OUT_DIR
+
+Every rank builds the same small model from the same seed, runs the single-process reference on the
+whole global batch locally, then the same steps under FSDP2, DDP and ZeroRedundancyOptimizer (each
+rank on its half of the batch), DCP save/resume, the naive per-shard norm and the bad-input checks.
+Each check is recorded in OUT_DIR/rank{R}.json (an error message instead of a crash), so that one
+process launch serves all tests and a failing check fails only its own test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+import thalweg
+import thalweg.distributed
+
+STEPS = 4
+GLOBAL_BATCH = 8
+# max_grad_norm is below the gradients' norm on the first steps, so clipping (and its global norm) acts.
+MAX_GRAD_NORM = 0.3
+# Hyper-parameters that exercise each optimizer's weight decay, momentum and trust ratio.
+OPTIMIZERS = {
+    "sgd": (thalweg.SGD, dict(lr=0.1, weight_decay=1e-2)),
+    "momentum": (thalweg.Momentum, dict(lr=0.05, weight_decay=1e-2, nesterov=True)),
+    "adam": (thalweg.Adam, dict(lr=1e-2, weight_decay=1e-2)),
+    "adamw": (thalweg.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "rmsprop": (thalweg.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True, weight_decay=1e-2)),
+    "adagrad": (thalweg.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=1e-2)),
+    "lars": (thalweg.LARS, dict(lr=0.5, weight_decay=1e-3, trust_coefficient=0.02)),
+    "lamb": (thalweg.LAMB, dict(lr=1e-2, weight_decay=0.01)),
+}
+
+
+def make_model(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    # 5 and 3 output rows do not split evenly over 2 processes: FSDP2's uneven shards are covered.
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 6, generator=generator, dtype=torch.float64).to(dtype)
+    y = torch.randn(GLOBAL_BATCH, 3, generator=generator, dtype=torch.float64).to(dtype)
+    return x, y
+
+
+def half(tensor: torch.Tensor) -> torch.Tensor:
+    rows = GLOBAL_BATCH // dist.get_world_size()
+    return tensor[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
+def param_groups(name: str, model: nn.Module) -> list[dict]:
+    """Weights in the default group, biases without decay (and, for LARS/LAMB, without trust ratio)."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    no_decay = dict(weight_decay=0.0, trust_ratio=False) if name in ("lars", "lamb") else dict(weight_decay=0.0)
+    return [{"params": weights}, {"params": biases, **no_decay}]
+
+
+def make_optimizer(name: str, model: nn.Module, **extra) -> thalweg.Optimizer:
+    cls, kwargs = OPTIMIZERS[name]
+    return cls(param_groups(name, model), **kwargs, max_grad_norm=MAX_GRAD_NORM, **extra)
+
+
+def train(model: nn.Module, optimizer, dtype: torch.dtype, steps: range, *, sharded_batch: bool) -> list[float]:
+    """Run ``steps``; returns the gradient norms the optimizer clipped with (as floats)."""
+    grad_norms = []
+    for step in steps:
+        x, y = batch(step, dtype)
+        if sharded_batch:
+            x, y = half(x), half(y)
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        inner = getattr(optimizer, "optim", optimizer)
+        grad_norms.append(float(inner.last_grad_norm) if inner.last_grad_norm is not None else float("nan"))
+    return grad_norms
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n.replace("module.", ""): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def relative_error(params: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """Largest ‖a − b‖ / ‖b‖ over the tensors."""
+    return max(float((params[n] - expected[n]).norm() / expected[n].norm()) for n in expected)
+
+
+def fsdp2(model: nn.Module, mesh) -> nn.Module:
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def single_run(name: str, dtype: torch.dtype, **extra):
+    model = make_model(dtype)
+    optimizer = make_optimizer(name, model, **extra)
+    norms = train(model, optimizer, dtype, range(STEPS), sharded_batch=False)
+    return full_params(model), norms
+
+
+def compare(name: str, dtype: torch.dtype, model: nn.Module, optimizer, expected) -> dict:
+    norms = train(model, optimizer, dtype, range(STEPS), sharded_batch=True)
+    params = full_params(model)
+    expected_params, expected_norms = expected
+    norm_error = max(abs(a - b) / b for a, b in zip(norms, expected_norms))
+    return {"param_rel_error": relative_error(params, expected_params), "grad_norm_rel_error": norm_error}
+
+
+@contextlib.contextmanager
+def counting_all_reduces(counter: list[int]):
+    original = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        counter.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield
+    finally:
+        dist.all_reduce = original
+
+
+def check_equivalence(record, mesh) -> None:
+    for dtype in (torch.float64, torch.float32):
+        dtype_name = str(dtype).removeprefix("torch.")
+        for name in OPTIMIZERS:
+            expected = single_run(name, dtype)
+
+            def fsdp2_run(**extra):
+                model = fsdp2(make_model(dtype), mesh)
+                return compare(name, dtype, model, make_optimizer(name, model, **extra), expected)
+
+            def ddp_run():
+                model = DistributedDataParallel(make_model(dtype))
+                return compare(name, dtype, model, make_optimizer(name, model), expected)
+
+            def zero_run():
+                model = DistributedDataParallel(make_model(dtype))
+                cls, kwargs = OPTIMIZERS[name]
+                zero = ZeroRedundancyOptimizer(param_groups(name, model), optimizer_class=cls, **kwargs,
+                                               max_grad_norm=MAX_GRAD_NORM)
+                thalweg.distributed.reduce_grad_norm_over(zero)
+                return compare(name, dtype, model, zero, expected)
+
+            record(f"fsdp2/{name}/{dtype_name}", fsdp2_run)
+            record(f"ddp/{name}/{dtype_name}", ddp_run)
+            record(f"zero/{name}/{dtype_name}", zero_run)
+            if name in ("lars", "lamb"):
+                record(f"fsdp2-reference/{name}/{dtype_name}", lambda: fsdp2_run(backend="reference"))
+                record(f"fsdp2-foreach/{name}/{dtype_name}", lambda: fsdp2_run(backend="foreach"))
+
+
+def check_naive_norm_differs(record, mesh) -> None:
+    """The same FSDP2 run with the cross-shard sums switched off: per-shard norms, a different answer."""
+    for name in ("lars", "lamb"):
+        expected = single_run(name, torch.float64)
+
+        def naive():
+            original = thalweg.distributed.Sharding.sum_across_shards_
+            thalweg.distributed.Sharding.sum_across_shards_ = lambda self, values: None
+            try:
+                model = fsdp2(make_model(torch.float64), mesh)
+                return compare(name, torch.float64, model, make_optimizer(name, model), expected)
+            finally:
+                thalweg.distributed.Sharding.sum_across_shards_ = original
+
+        record(f"naive/{name}/float64", naive)
+
+    # ZeRO without reduce_grad_norm_over clips each partition by its own norm: the documented limitation.
+    def zero_unreduced():
+        model = DistributedDataParallel(make_model(torch.float64))
+        cls, kwargs = OPTIMIZERS["lamb"]
+        zero = ZeroRedundancyOptimizer(param_groups("lamb", model), optimizer_class=cls, **kwargs, max_grad_norm=MAX_GRAD_NORM)
+        return compare("lamb", torch.float64, model, zero, single_run("lamb", torch.float64))
+
+    record("naive/zero-unreduced-grad-norm/float64", zero_unreduced)
+
+
+def check_collectives(record, mesh) -> None:
+    """All-reduces per LAMB step under FSDP2: one for the clipping norm, one for the weight group's trust ratios."""
+
+    def count():
+        model = fsdp2(make_model(torch.float32), mesh)
+        optimizer = make_optimizer("lamb", model)
+        x, y = batch(0, torch.float32)
+        nn.functional.mse_loss(model(half(x)), half(y)).backward()
+        calls: list[int] = []
+        with counting_all_reduces(calls):
+            optimizer.step()
+        return {"all_reduces": len(calls)}
+
+    record("collectives/lamb", count)
+
+
+def check_dcp(record, mesh, out_dir: str) -> None:
+    """Save after 2 steps on 2 processes, resume into a fresh model and optimizer, run 2 more: as if never stopped."""
+    for dtype in (torch.float64, torch.float32):
+        dtype_name = str(dtype).removeprefix("torch.")
+        for name in OPTIMIZERS:
+            def run():
+                path = os.path.join(out_dir, f"ckpt-{name}-{dtype_name}")
+                model = fsdp2(make_model(dtype), mesh)
+                optimizer = make_optimizer(name, model)
+                train(model, optimizer, dtype, range(0, 2), sharded_batch=True)
+                dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+                         checkpoint_id=path)
+                train(model, optimizer, dtype, range(2, STEPS), sharded_batch=True)
+                uninterrupted = full_params(model)
+
+                resumed = fsdp2(make_model(dtype, seed=1), mesh)
+                optimizer2 = make_optimizer(name, resumed)
+                before = full_params(resumed)
+                # get_optimizer_state_dict materialises empty state with a step at lr=0 and zero grads.
+                state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, optimizer2)}
+                materialise_change = max(float((p - before[n]).abs().max()) for n, p in full_params(resumed).items())
+                dcp.load(state, checkpoint_id=path)
+                set_model_state_dict(resumed, state["model"])
+                set_optimizer_state_dict(resumed, optimizer2, state["optim"])
+                train(resumed, optimizer2, dtype, range(2, STEPS), sharded_batch=True)
+                after = full_params(resumed)
+                return {"max_abs_diff": max(float((after[n] - p).abs().max()) for n, p in uninterrupted.items()),
+                        "materialise_change": materialise_change}
+
+            record(f"dcp/{name}/{dtype_name}", run)
+
+
+def check_bad_input(record, mesh) -> None:
+    def mixed():
+        model = make_model(torch.float32)
+        fully_shard(model[0], mesh=mesh)  # model[2] stays plain
+        optimizer = thalweg.LAMB(model.parameters())
+        x, y = batch(0, torch.float32)
+        nn.functional.mse_loss(model(half(x)), half(y)).backward()
+        return _error_of(optimizer.step)
+
+    def two_meshes():
+        other = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("dp", "tp"))
+        a = nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+        b = nn.Parameter(distribute_tensor(torch.ones(4, 3), other, [Shard(0), Replicate()]))
+        optimizer = thalweg.LARS([a, b], lr=0.1)
+        for p in (a, b):
+            p.grad = torch.ones_like(p)
+        return _error_of(optimizer.step)
+
+    record("bad-input/mixed", mixed)
+    record("bad-input/two-meshes", two_meshes)
+
+
+def _error_of(fn) -> dict:
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
+        return {"error_type": type(error).__name__, "message": str(error)}
+    return {"error_type": None, "message": ""}
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results: dict[str, dict] = {}
+
+    def record(key: str, fn) -> None:
+        start = time.perf_counter()
+        try:
+            results[key] = fn()
+        except Exception:  # noqa: BLE001 - recorded for the test that owns the check
+            results[key] = {"exception": traceback.format_exc()}
+        results[key]["seconds"] = time.perf_counter() - start
+
+    checks = {"equivalence": lambda: check_equivalence(record, mesh),
+              "naive": lambda: check_naive_norm_differs(record, mesh),
+              "collectives": lambda: check_collectives(record, mesh),
+              "dcp": lambda: check_dcp(record, mesh, out_dir),
+              "bad-input": lambda: check_bad_input(record, mesh)}
+    for check_name, check in checks.items():
+        if only is None or check_name in only:
+            check()
+            dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

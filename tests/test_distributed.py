@@ -1,0 +1,199 @@
+"""Every optimizer under FSDP2, DDP, ZeroRedundancyOptimizer and DCP equals the single-process run.
+
+Process start-up is the cost (importing torch twice), so ONE launch of two gloo processes on loopback
+(tests/dist_worker.py, torchrun-style environment) runs every check and writes its results; the tests
+below read them, one test per check. Under pytest-xdist the workers share that launch (a file lock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import thalweg
+import thalweg.distributed
+from thalweg.optim import _norms
+
+pytestmark = pytest.mark.timeout(400)
+
+WORLD_SIZE = 2
+LAUNCH_TIMEOUT_S = 300
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lars", "lamb")
+DTYPES = ("float64", "float32")
+# The issue asks for 1e-5 (float64) and 1e-4 (float32); measured errors are ~1e-16 and ~2e-7.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available in this build")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(out_dir: Path) -> tuple[int, str]:
+    """Start the ranks, wait at most LAUNCH_TIMEOUT_S, kill what is left; returns (worst exit code, logs)."""
+    env = {**os.environ, "WORLD_SIZE": str(WORLD_SIZE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parent), os.environ.get("PYTHONPATH")]))}
+    procs = []
+    for rank in range(WORLD_SIZE):
+        log = open(out_dir / f"log{rank}.txt", "w")
+        procs.append((subprocess.Popen([sys.executable, str(WORKER), str(out_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                       env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}), log))
+    codes = []
+    try:
+        for proc, _ in procs:
+            try:
+                codes.append(proc.wait(timeout=LAUNCH_TIMEOUT_S))
+            except subprocess.TimeoutExpired:
+                codes.append(-9)
+                break
+    finally:
+        for proc, log in procs:  # only the processes started here
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    logs = "\n".join((out_dir / f"log{rank}.txt").read_text()[-3000:] for rank in range(WORLD_SIZE))
+    return max(codes, key=abs), logs
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> list[dict]:
+    """The per-rank results of the one launch, shared by all xdist workers of this session."""
+    # Under xdist each worker's basetemp is a child of this session's directory; alone, it is that directory.
+    session_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session_dir = session_dir.parent
+    shared = session_dir / "thalweg-distributed"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "done.json"
+        if not done.exists():
+            for attempt in range(2):  # a second try only if the free port was taken in between
+                code, logs = _launch(shared)
+                if code == 0 or "address already in use" not in logs.lower():
+                    break
+            done.write_text(json.dumps({"code": code, "logs": logs}))
+        status = json.loads(done.read_text())
+    if status["code"] != 0:
+        pytest.fail(f"the distributed worker failed (exit code {status['code']}):\n{status['logs']}")
+    return [json.loads((shared / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+
+def _result(results: list[dict], key: str) -> list[dict]:
+    for rank_results in results:
+        entry = rank_results.get(key)
+        assert entry is not None, f"the worker recorded no result for {key}"
+        assert "exception" not in entry, f"{key} raised:\n{entry['exception']}"
+    return [rank_results[key] for rank_results in results]
+
+
+CASES = [(mode, name, dtype) for mode in ("fsdp2", "ddp", "zero") for name in OPTIMIZERS for dtype in DTYPES]
+CASES += [(mode, name, dtype) for mode in ("fsdp2-reference", "fsdp2-foreach") for name in ("lars", "lamb") for dtype in DTYPES]
+
+
+@needs_gloo
+@pytest.mark.parametrize("mode,name,dtype", CASES, ids=["/".join(case) for case in CASES])
+def test_matches_single_process(results, mode, name, dtype):
+    """Params after 4 clipped steps, and the clipping norm at every step, equal the single-process run on the global batch."""
+    for entry in _result(results, f"{mode}/{name}/{dtype}"):
+        assert entry["param_rel_error"] <= TOLERANCE[dtype], entry
+        assert entry["grad_norm_rel_error"] <= TOLERANCE[dtype], entry
+
+
+@needs_gloo
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_per_shard_norms_would_be_wrong(results, name):
+    """With the cross-shard sum switched off, the comparison above fails by orders of magnitude."""
+    for entry in _result(results, f"naive/{name}/float64"):
+        assert entry["param_rel_error"] > 1e-3, entry
+        assert entry["grad_norm_rel_error"] > 1e-2, entry
+
+
+@needs_gloo
+def test_zero_without_reduce_grad_norm_over_clips_per_partition(results):
+    """The documented ZeRO limitation is real: without reduce_grad_norm_over each rank sees its partition's norm."""
+    for entry in _result(results, "naive/zero-unreduced-grad-norm/float64"):
+        assert entry["grad_norm_rel_error"] > 1e-2, entry
+
+
+@needs_gloo
+def test_one_all_reduce_per_norm_use(results):
+    """A LAMB step under FSDP2 issues 2 all-reduces: the clipping norm, and all trust-ratio norms of the weight group."""
+    for entry in _result(results, "collectives/lamb"):
+        assert entry["all_reduces"] == 2, entry
+
+
+@needs_gloo
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dcp_resume_is_exact(results, name, dtype):
+    """Save after 2 steps, resume a fresh model and optimizer, 2 more steps: bitwise the uninterrupted run;
+    DCP's materialising step (lr=0, zero grads) leaves the parameters untouched."""
+    for entry in _result(results, f"dcp/{name}/{dtype}"):
+        assert entry["materialise_change"] == 0.0, entry
+        assert entry["max_abs_diff"] == 0.0, entry
+
+
+@needs_gloo
+@pytest.mark.parametrize("case,words", [("mixed", ["param group 0", "mixes sharded (DTensor) and plain"]),
+                                        ("two-meshes", ["param group 0", "device mesh"])])
+def test_bad_sharding_is_a_value_error(results, case, words):
+    for entry in _result(results, f"bad-input/{case}"):
+        assert entry["error_type"] == "ValueError", entry
+        for word in words:
+            assert word in entry["message"], entry
+
+
+# -- without processes -----------------------------------------------------------------------------
+
+
+def test_plain_groups_have_no_sharding():
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    assert thalweg.distributed.group_sharding(0, params) is None
+    assert thalweg.distributed.local(params[0]) is params[0]
+
+
+def test_norms_together_equals_separate_norms():
+    a = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    b = [torch.randn(2, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)]
+    together = _norms.norms_together(a, b)
+    assert torch.equal(together[0], _norms.norms(a)) and torch.equal(together[1], _norms.norms(b))
+    assert torch.equal(together[0], torch.stack([t.norm() for t in a]))
+
+
+def test_norms_use_the_cross_process_sum_only_inside_summed_across():
+    tensors = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
+    doubled = lambda squares: squares.mul_(2)  # noqa: E731 - stands in for an all_reduce over 2 equal shards
+    with thalweg.distributed.summed_across(doubled):
+        inside = _norms.norms(tensors)
+        single = _norms.norm(tensors[0])
+    torch.testing.assert_close(inside, torch.tensor([5.0, 1.0]) * 2**0.5)
+    torch.testing.assert_close(single, torch.tensor(5.0 * 2**0.5))
+    assert torch.equal(_norms.norms(tensors), torch.tensor([5.0, 1.0]))
+
+
+def test_backend_for_shards_routes_layerwise_to_foreach():
+    route = thalweg.distributed.backend_for_shards
+    assert route("fused", requested="auto", layerwise=True) == "foreach"
+    assert route("reference", requested="auto", layerwise=True) == "foreach"
+    assert route("reference", requested="reference", layerwise=True) == "reference"
+    assert route("fused", requested="fused", layerwise=False) == "fused"
+
+
+def test_reduce_grad_norm_over_rejects_other_optimizers():
+    with pytest.raises(TypeError, match="thalweg optimizer"):
+        thalweg.distributed.reduce_grad_norm_over(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]), process_group=object())
