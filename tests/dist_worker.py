@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import thalweg
 import thalweg.distributed
+from thalweg import _backends
 
 STEPS = 4
 GLOBAL_BATCH = 8
@@ -176,6 +177,9 @@ def check_equivalence(record, mesh) -> None:
             if name in ("lars", "lamb"):
                 record(f"fsdp2-reference/{name}/{dtype_name}", lambda: fsdp2_run(backend="reference"))
                 record(f"fsdp2-foreach/{name}/{dtype_name}", lambda: fsdp2_run(backend="foreach"))
+            # Elementwise fused kernels run on the local shards; LARS/LAMB are routed to foreach.
+            if _backends.fused_unavailable_reason(torch.device("cpu")) is None:
+                record(f"fsdp2-fused/{name}/{dtype_name}", lambda: fsdp2_run(backend="fused"))
 
 
 def check_naive_norm_differs(record, mesh) -> None:

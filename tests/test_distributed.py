@@ -20,6 +20,7 @@ import torch
 
 import thalweg
 import thalweg.distributed
+from thalweg import _backends
 from thalweg.optim import _norms
 
 pytestmark = pytest.mark.timeout(400)
@@ -110,6 +111,19 @@ CASES += [(mode, name, dtype) for mode in ("fsdp2-reference", "fsdp2-foreach") f
 def test_matches_single_process(results, mode, name, dtype):
     """Params after 4 clipped steps, and the clipping norm at every step, equal the single-process run on the global batch."""
     for entry in _result(results, f"{mode}/{name}/{dtype}"):
+        assert entry["param_rel_error"] <= TOLERANCE[dtype], entry
+        assert entry["grad_norm_rel_error"] <= TOLERANCE[dtype], entry
+
+
+@needs_gloo
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_backend_on_local_shards(results, name, dtype):
+    """backend="fused" under FSDP2: the kernels see plain local shards (LARS/LAMB are routed to foreach)."""
+    reason = _backends.fused_unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"backend='fused' unavailable on CPU: {reason}")
+    for entry in _result(results, f"fsdp2-fused/{name}/{dtype}"):
         assert entry["param_rel_error"] <= TOLERANCE[dtype], entry
         assert entry["grad_norm_rel_error"] <= TOLERANCE[dtype], entry
 
