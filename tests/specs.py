@@ -164,6 +164,9 @@ class Spec:
     group_only: tuple[str, ...] = ()            # option keys that live in param groups, not the constructor
     nonneg: tuple[str, ...] = ("lr", "eps", "weight_decay")  # float arguments that must be finite and >= 0
     flags: tuple[str, ...] = ("maximize",)      # boolean arguments
+    # options the counterpart reads from its constructor only, ignoring a param group's value (torch
+    # 2.13's Adagrad fills every group's ``sum`` with the constructor's initial_accumulator_value)
+    counterpart_ctor_only: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # test ids
         return self.name
@@ -214,7 +217,7 @@ SPECS: list[Spec] = [
          dict(lr=_lr(0.3), lr_decay=st.floats(1e-3, 0.5), initial_accumulator_value=st.floats(1e-3, 1.0),
               eps=st.floats(1e-10, 1e-3), weight_decay=st.floats(1e-4, 0.3)),
          lambda c: {"step", "sum"},
-         train_lr=5e-2, cycle_momentum=None, sparse=True,
+         train_lr=5e-2, cycle_momentum=None, sparse=True, counterpart_ctor_only=("initial_accumulator_value",),
          nonneg=("lr", "eps", "weight_decay", "lr_decay", "initial_accumulator_value")),
     Spec("lars", thalweg.LARS, PaperLARS, False,
          [c for c in _grid(lr=[1.0], momentum=[0.0, 0.9], nesterov=[False, True], weight_decay=[0.0, 1e-2],

@@ -1,0 +1,107 @@
+"""Issue 2, point 3: every backend against the reference backend (and against torch / the paper), on
+torch.optim's own edge cases: a None grad for some steps, a layer frozen then unfrozen (different step
+counts per tensor), zero-size parameters, an empty group beside full ones, groups with different
+hyper-parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import thalweg
+from specs import SPECS, Spec, assert_same_state, clone_params, grad_stream, make_params, run
+
+SHAPES = [(3, 5), (5,), (0,), (2, 0, 3), (), (7,), (4, 4)]
+FROZEN, SOMETIMES_NONE = 5, 1  # indices into SHAPES
+
+
+def none_at(step: int, index: int) -> bool:
+    # param 5 frozen for the first 10 steps, then trained; param 1 skips steps 2-4.
+    return (index == FROZEN and step < 10) or (index == SOMETIMES_NONE and 2 <= step <= 4)
+
+
+def groups_for(spec: Spec, params, *, counterpart: bool = False):
+    """Three groups: two with different option combinations from the spec's grid, and an empty one between.
+
+    For the counterpart, options it reads from its constructor only are made equal in both groups.
+    """
+    first, second = spec.grid[-1], spec.grid[len(spec.grid) // 2]
+    assert first != second
+    if counterpart:
+        second = {**second, **{k: first[k] for k in spec.counterpart_ctor_only}}
+    return [{"params": params[:2], **first},
+            {"params": [], **first},
+            {"params": params[2:], **second, "lr": second["lr"] * 0.3}]
+
+
+def edge_case_run(spec, make, dtype, *, counterpart=False):
+    params = make_params(SHAPES, dtype, 5, zero_first=False)
+    grads = list(grad_stream(SHAPES, dtype, 5, 25))
+    optimizer = run(lambda ps: make(groups_for(spec, ps, counterpart=counterpart)), params, grads, none_at=none_at)
+    return optimizer, params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_backend_matches_reference_on_edge_cases(spec, backend, dtype):
+    reference, reference_params = edge_case_run(spec, lambda g: spec.cls(g, **spec.required, backend="reference"), dtype)
+    ours, params = edge_case_run(spec, lambda g: spec.cls(g, **spec.required, backend=backend), dtype)
+    assert_same_state(ours, reference, params, reference_params)
+    # The frozen-then-unfrozen tensor has fewer steps than its neighbours.
+    state = ours.state_dict()["state"]
+    if "step" in state.get(0, {}):
+        assert float(state[FROZEN]["step"]) == 15 and float(state[0]["step"]) == 25
+        assert float(state[SOMETIMES_NONE]["step"]) == 22
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_backend_matches_counterpart_on_edge_cases(spec, backend):
+    ctor = {**spec.required, **{k: spec.grid[-1][k] for k in spec.counterpart_ctor_only}}
+    counterpart, twin = edge_case_run(spec, lambda g: spec.counterpart(g, **ctor), torch.float64, counterpart=True)
+    ours, params = edge_case_run(spec, lambda g: spec.cls(g, **ctor, backend=backend), torch.float64, counterpart=True)
+    assert_same_state(ours, counterpart, params, twin)
+
+
+def test_params_without_any_grad_leave_no_state_and_do_not_move(backend):
+    spec_params = make_params([(3,), (2,)], torch.float32, 0)
+    before = clone_params(spec_params)
+    optimizer = thalweg.Adam(spec_params, lr=0.1, backend=backend)
+    spec_params[0].grad = torch.ones(3)
+    optimizer.step()
+    assert torch.equal(spec_params[1], before[1])
+    assert spec_params[1] not in optimizer.state or not optimizer.state[spec_params[1]]
+    assert not torch.equal(spec_params[0], before[0])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_auto_backend_is_a_concrete_backend_and_matches_reference(spec):
+    optimizer = spec.cls(make_params([(3,)], torch.float32, 0), **spec.required)
+    assert optimizer.backend_for(torch.device("cpu")) in ("reference", "foreach", "fused")
+    auto, auto_params = edge_case_run(spec, lambda g: spec.cls(g, **spec.required), torch.float32)
+    reference, reference_params = edge_case_run(spec, lambda g: spec.cls(g, **spec.required, backend="reference"), torch.float32)
+    assert_same_state(auto, reference, auto_params, reference_params)
+
+
+@pytest.mark.parametrize("keywords, expected", [
+    (dict(foreach=True), "foreach"),
+    (dict(foreach=False), "reference"),
+    (dict(fused=True), "fused"),
+    (dict(backend="foreach", foreach=True), "foreach"),
+])
+def test_torch_style_foreach_and_fused_keywords_pick_the_backend(keywords, expected):
+    optimizer = thalweg.Adam(make_params([(3,)], torch.float32, 0), **keywords)
+    assert optimizer.backend == expected
+
+
+def test_fused_false_keeps_auto_off_the_fused_path():
+    optimizer = thalweg.Adam(make_params([(3,)], torch.float32, 0), fused=False)
+    assert optimizer.backend_for(torch.device("cpu")) != "fused"
+
+
+def test_adagrad_honours_a_group_initial_accumulator_value():
+    # Deliberate difference from torch 2.13, which fills every group's sum with the constructor's value.
+    first, second = make_params([(3,)], torch.float32, 0), make_params([(2,)], torch.float32, 1)
+    optimizer = thalweg.Adagrad([{"params": first}, {"params": second, "initial_accumulator_value": 0.5}],
+                                initial_accumulator_value=0.1)
+    assert torch.equal(optimizer.state[first[0]]["sum"], torch.full((3,), 0.1))
+    assert torch.equal(optimizer.state[second[0]]["sum"], torch.full((2,), 0.5))
