@@ -141,7 +141,8 @@ def _adagrad_sparse_row_update(param: torch.Tensor, grad: torch.Tensor, state_su
     indices, values = grad._indices(), grad._values()
 
     def sparse_like(new_values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_coo_tensor(indices, new_values, grad.shape)
+        # Built from a coalesced gradient: the invariants hold, checking them would only cost time.
+        return torch.sparse_coo_tensor(indices, new_values, grad.shape, check_invariants=False, is_coalesced=True)
 
     state_sum.add_(sparse_like(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
