@@ -1,0 +1,147 @@
+"""Issue 2, point 6: the torch.optim machinery around an optimizer — GradScaler, closures,
+add_param_group, step hooks, a torch.compile'd model, zero_grad."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import thalweg
+from specs import SPECS, TORCH_SPECS, assert_same_state, clone_params, grad_stream, make_params
+
+
+def small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def batches(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=repr)
+def test_grad_scaler_steps_like_torch_and_skips_inf_steps(spec, backend):
+    def train(make):
+        model = small_model()
+        optimizer = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+        scales = []
+        for step, (x, y) in enumerate(batches(12)):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            if step == 5:
+                model[0].weight.grad[0, 0] = float("inf")  # this step must be skipped, the scale halved
+            before = [p.detach().clone() for p in model.parameters()]
+            scaler.step(optimizer)
+            scaler.update()
+            if step == 5:
+                assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "inf step was taken"
+            scales.append(scaler.get_scale())
+        return model, optimizer, scales
+
+    combo = spec.grid[-1]
+    ours_model, ours, our_scales = train(lambda ps: spec.build(spec.cls, ps, combo, backend=backend))
+    torch_model, theirs, their_scales = train(lambda ps: spec.build(spec.counterpart, ps, combo))
+    assert our_scales == their_scales and our_scales[5] == our_scales[4] / 2
+    assert_same_state(ours, theirs, list(ours_model.parameters()), list(torch_model.parameters()))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_step_with_closure_returns_the_loss_and_equals_a_plain_step(spec, backend):
+    with_closure_model, plain_model = small_model(), small_model()
+    with_closure = spec.cls(with_closure_model.parameters(), **{**spec.required, "lr": spec.train_lr}, backend=backend)
+    plain = spec.cls(plain_model.parameters(), **{**spec.required, "lr": spec.train_lr}, backend=backend)
+    for x, y in batches(5):
+        def closure():
+            with_closure.zero_grad()
+            loss = torch.nn.functional.cross_entropy(with_closure_model(x), y)
+            loss.backward()
+            return loss
+
+        returned = with_closure.step(closure)
+        plain.zero_grad()
+        expected = torch.nn.functional.cross_entropy(plain_model(x), y)
+        expected.backward()
+        plain.step()
+        assert isinstance(returned, torch.Tensor) and torch.equal(returned, expected)
+    assert_same_state(with_closure, plain, list(with_closure_model.parameters()), list(plain_model.parameters()), exact=True)
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=repr)
+def test_add_param_group_trains_the_new_group_like_torch(spec, backend):
+    def train(make):
+        params = make_params([(3, 5), (7,)], torch.float32, 2)
+        optimizer = make(params[:1])
+        grads = list(grad_stream([(3, 5), (7,)], torch.float32, 2, 20))
+        for step, grad_list in enumerate(grads):
+            if step == 8:
+                optimizer.add_param_group({"params": params[1], "lr": 0.02})
+            for param, grad in zip(params, grad_list):
+                param.grad = grad.clone()
+            optimizer.step()
+        return optimizer, params
+
+    combo = spec.grid[-1]
+    ours, params = train(lambda ps: spec.build(spec.cls, ps, combo, backend=backend))
+    theirs, twin = train(lambda ps: spec.build(spec.counterpart, ps, combo))
+    assert len(ours.param_groups) == 2 and ours.param_groups[1]["lr"] == 0.02
+    assert ours.param_groups[1].keys() - {"params"} == ours.defaults.keys()  # the new group got every default
+    assert_same_state(ours, theirs, params, twin)
+
+
+def test_step_hooks_fire_in_order_around_the_step():
+    params = make_params([(3,)], torch.float32, 0)
+    optimizer = thalweg.LAMB(params, lr=0.1)
+    events = []
+    pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: events.append(("pre", opt, params[0].clone())))
+    post = optimizer.register_step_post_hook(lambda opt, args, kwargs: events.append(("post", opt, params[0].clone())))
+    global_pre = register_optimizer_step_pre_hook(lambda opt, args, kwargs: events.append(("global", opt, None)))
+    try:
+        params[0].grad = torch.ones(3)
+        optimizer.step()
+    finally:
+        pre.remove(), post.remove(), global_pre.remove()
+    assert [e[0] for e in events] == ["global", "pre", "post"]
+    assert all(e[1] is optimizer for e in events)
+    assert not torch.equal(events[1][2], events[2][2])  # pre saw the weights before the update, post after
+    params[0].grad = torch.ones(3)
+    optimizer.step()
+    assert len(events) == 3  # removed hooks stay removed
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none):
+    params = make_params([(3,), (2, 2)], torch.float32, 0)
+    optimizer = thalweg.AdamW(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.zero_grad(set_to_none=set_to_none)
+    for p in params:
+        assert (p.grad is None) if set_to_none else torch.equal(p.grad, torch.zeros_like(p))
+    optimizer.zero_grad()  # torch's default: set_to_none=True
+    assert all(p.grad is None for p in params)
+
+
+def test_compiled_model_trains_like_the_eager_one():
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError as error:  # pragma: no cover
+        pytest.skip(f"torch.compile unavailable: {error}")
+    eager = small_model()
+    compiled_source = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_source, backend="aot_eager", fullgraph=True)
+    eager_opt = thalweg.Adam(eager.parameters(), lr=0.01)
+    compiled_opt = thalweg.Adam(compiled.parameters(), lr=0.01)
+    for x, y in batches(5):
+        for model, optimizer in ((eager, eager_opt), (compiled, compiled_opt)):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(compiled_source.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert compiled_opt.state[next(compiled.parameters())]["step"] == 5
