@@ -56,15 +56,16 @@ OPTIMIZERS = {
 
 
 def make_model(dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    # 5 and 3 output rows do not split evenly over 2 processes: FSDP2's uneven shards are covered.
+    # 5 and 3 output rows do not split evenly over 2 processes, and the 1-row head leaves rank 1 an
+    # empty shard: FSDP2's uneven and empty shards are covered.
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).to(dtype)
 
 
 def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(GLOBAL_BATCH, 6, generator=generator, dtype=torch.float64).to(dtype)
-    y = torch.randn(GLOBAL_BATCH, 3, generator=generator, dtype=torch.float64).to(dtype)
+    y = torch.randn(GLOBAL_BATCH, 1, generator=generator, dtype=torch.float64).to(dtype)
     return x, y
 
 
@@ -115,6 +116,7 @@ def relative_error(params: dict[str, torch.Tensor], expected: dict[str, torch.Te
 def fsdp2(model: nn.Module, mesh) -> nn.Module:
     fully_shard(model[0], mesh=mesh)
     fully_shard(model[2], mesh=mesh)
+    fully_shard(model[4], mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 
@@ -224,6 +226,24 @@ def check_collectives(record, mesh) -> None:
     record("collectives/lamb", count)
 
 
+def check_skip_nonfinite(record, mesh) -> None:
+    """An inf in one rank's shard only: every rank skips the step (the norm is global), nothing changes."""
+
+    def run():
+        model = fsdp2(make_model(torch.float32), mesh)
+        optimizer = make_optimizer("lamb", model, skip_nonfinite=True)
+        x, y = batch(0, torch.float32)
+        nn.functional.mse_loss(model(half(x)), half(y)).backward()
+        before = full_params(model)
+        if dist.get_rank() == 0:
+            model[0].weight.grad.to_local()[0, 0] = float("inf")
+        optimizer.step()
+        changed = max(float((p - before[n]).abs().max()) for n, p in full_params(model).items())
+        return {"skipped_steps": optimizer.skipped_steps, "param_change": changed}
+
+    record("skip-nonfinite/lamb", run)
+
+
 def check_dcp(record, mesh, out_dir: str) -> None:
     """Save after 2 steps on 2 processes, resume into a fresh model and optimizer, run 2 more: as if never stopped."""
     for dtype in (torch.float64, torch.float32):
@@ -259,7 +279,7 @@ def check_dcp(record, mesh, out_dir: str) -> None:
 def check_bad_input(record, mesh) -> None:
     def mixed():
         model = make_model(torch.float32)
-        fully_shard(model[0], mesh=mesh)  # model[2] stays plain
+        fully_shard(model[0], mesh=mesh)  # the other layers stay plain
         optimizer = thalweg.LAMB(model.parameters())
         x, y = batch(0, torch.float32)
         nn.functional.mse_loss(model(half(x)), half(y)).backward()
@@ -306,6 +326,7 @@ def main() -> None:
     checks = {"equivalence": lambda: check_equivalence(record, mesh),
               "naive": lambda: check_naive_norm_differs(record, mesh),
               "collectives": lambda: check_collectives(record, mesh),
+              "skip-nonfinite": lambda: check_skip_nonfinite(record, mesh),
               "dcp": lambda: check_dcp(record, mesh, out_dir),
               "bad-input": lambda: check_bad_input(record, mesh)}
     for check_name, check in checks.items():

@@ -152,6 +152,12 @@ def test_one_all_reduce_per_norm_use(results):
 
 
 @needs_gloo
+def test_nonfinite_grad_on_one_shard_skips_on_every_rank(results):
+    for entry in _result(results, "skip-nonfinite/lamb"):
+        assert entry["skipped_steps"] == 1 and entry["param_change"] == 0.0, entry
+
+
+@needs_gloo
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dcp_resume_is_exact(results, name, dtype):
