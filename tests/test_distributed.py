@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,11 @@ def _launch(out_dir: Path) -> tuple[int, str]:
         procs.append((subprocess.Popen([sys.executable, str(WORKER), str(out_dir)], stdout=log, stderr=subprocess.STDOUT,
                                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}), log))
     codes = []
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
         for proc, _ in procs:
             try:
-                codes.append(proc.wait(timeout=LAUNCH_TIMEOUT_S))
+                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 codes.append(-9)
                 break
