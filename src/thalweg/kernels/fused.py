@@ -190,7 +190,7 @@ class _Cpu:
     def adam(bucket, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize) -> None:
         kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 5)
         w1 = compute(1 - beta1)
-        hp = np.array([w1, compute(1) - w1, beta2, 1 - beta2, eps, weight_decay, 1 - lr * weight_decay, 0.5],
+        hp = np.array([w1, w1 - compute(1), beta2, 1 - beta2, eps, weight_decay, 1 - lr * weight_decay, 0.5],
                       dtype=compute)
         hp64 = np.array([lr, beta1, beta2], dtype=np.float64)
         mode = 0 if weight_decay == 0 else 2 if decoupled else 1
@@ -201,7 +201,7 @@ class _Cpu:
     def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, maximize, trust_ratio) -> None:
         kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 4)
         w1 = compute(1 - beta1)
-        hp = np.array([w1, compute(1) - w1, beta2, 1 - beta2, eps, weight_decay, 0.5], dtype=compute)
+        hp = np.array([w1, w1 - compute(1), beta2, 1 - beta2, eps, weight_decay, 0.5], dtype=compute)
         hp64 = np.array([lr, beta1, beta2, 1.0 if bias_correction else 0.0], dtype=np.float64)
         with kernels.LOCK:
             kernels.lamb(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0,
@@ -211,8 +211,7 @@ class _Cpu:
     def rmsprop(bucket, *, lr, alpha, eps, weight_decay, momentum, centered, maximize) -> None:
         kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 5)
         w = compute(1 - alpha)
-        # alpha doubles as lerp's (1 - weight) for grad_avg: equal up to one rounding, and only used when alpha <= 0.5
-        hp = np.array([-lr, alpha, w, eps, weight_decay, momentum, 0.5], dtype=compute)
+        hp = np.array([-lr, alpha, w, eps, weight_decay, momentum, 0.5, w - compute(1)], dtype=compute)
         with kernels.LOCK:
             kernels.rmsprop(ptrs, steps, chunks, hp, like, step_like, bool(maximize), weight_decay != 0, bool(centered),
                             momentum > 0)

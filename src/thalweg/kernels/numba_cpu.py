@@ -28,6 +28,7 @@ import threading
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload, register_jitable
 
@@ -116,12 +117,27 @@ def _store_impl(array, i, value):
     return store
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c with one rounding: what torch's vectorised CPU kernels compute for ``add(x, alpha=)``
+    and ``lerp``, so the fused step rounds as the reference does."""
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        kind = args[0].type
+        fma = builder.module.declare_intrinsic("llvm.fma", [kind], ir.FunctionType(kind, [kind, kind, kind]))
+        return builder.call(fma, args)
+
+    return a(a, b, c), codegen
+
+
 @register_jitable
-def _lerp(start, end, weight, one_minus_weight, half):
-    """torch.lerp's formula (ATen Lerp.h), which switches form at weight 0.5 for accuracy."""
+def _lerp(start, end, weight, weight_minus_one, half):
+    """torch.lerp (ATen Lerp.h lerp_vec): an fma that switches form at weight 0.5 for accuracy."""
     if weight < half:
-        return start + weight * (end - start)
-    return end - (end - start) * one_minus_weight
+        return _fma(weight, end - start, start)
+    return _fma(weight_minus_one, end - start, end)
 
 
 @register_jitable
@@ -167,19 +183,19 @@ def sgd(ptrs, chunks, hp, coef, like, maximize, weight_decay_on, momentum_on, ne
             if maximize:
                 gi = -gi
             if weight_decay_on:
-                gi = gi + weight_decay * pi
+                gi = _fma(pi, weight_decay, gi)
             gi = gi * scale
             if momentum_on:
                 if new_buffer:
                     bi = gi
                 else:
-                    bi = _load(b, i) * momentum + undampened * gi
+                    bi = _fma(gi, undampened, _load(b, i) * momentum)
                 _store(b, i, bi)
                 if nesterov:
-                    gi = gi + momentum * bi
+                    gi = _fma(bi, momentum, gi)
                 else:
                     gi = bi
-            _store(p, i, pi + neg_lr * gi)
+            _store(p, i, _fma(gi, neg_lr, pi))
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCE)
@@ -219,7 +235,7 @@ def lars(ptrs, chunks, hp, hp64, coef, like, maximize, weight_decay_on, momentum
 def adam(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_mode, amsgrad):
     """Adam/AdamW. Roles: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad).
 
-    ``hp = (1-β1, β1, β2, 1-β2, eps, weight_decay, 1 - lr·weight_decay, 0.5)``; ``hp64 = (lr, β1, β2)``.
+    ``hp = (1-β1, -β1, β2, 1-β2, eps, weight_decay, 1 - lr·weight_decay, 0.5)``; ``hp64 = (lr, β1, β2)``.
     ``weight_decay_mode``: 0 none, 1 L2 in the gradient (Adam), 2 decoupled (AdamW).
     """
     counts = _increment_steps(steps, step_like)
@@ -227,7 +243,7 @@ def adam(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
     for t in range(counts.shape[0]):
         coef[t, 0] = -hp64[0] / (1 - hp64[1] ** counts[t])
         coef[t, 1] = math.sqrt(1 - hp64[2] ** counts[t])
-    w1, beta1, beta2, w2, eps, weight_decay, decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
+    w1, w1_minus_one, beta2, w2, eps, weight_decay, decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
     for c in prange(chunks.shape[0]):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
@@ -239,17 +255,17 @@ def adam(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
             if maximize:
                 gi = -gi
             if weight_decay_mode == 1:
-                gi = gi + weight_decay * pi
+                gi = _fma(pi, weight_decay, gi)
             elif weight_decay_mode == 2:
                 pi = pi * decay
-            mi = _lerp(_load(m, i), gi, w1, beta1, half)
+            mi = _lerp(_load(m, i), gi, w1, w1_minus_one, half)
             vi = _load(v, i) * beta2 + w2 * gi * gi
             _store(m, i, mi)
             _store(v, i, vi)
             if amsgrad:
                 vi = max(_load(vmax, i), vi)
                 _store(vmax, i, vi)
-            _store(p, i, pi + step_size * (mi / (np.sqrt(vi) / correction2_sqrt + eps)))
+            _store(p, i, pi + step_size * mi / (np.sqrt(vi) / correction2_sqrt + eps))
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCE)
@@ -258,7 +274,7 @@ def lamb(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
 
     Pass 1 reads g, m, v, w and writes m, v (24 B/element in float32) and sums ‖w‖², ‖r‖² per chunk;
     pass 2 recomputes r from m, v, w and writes w (16 B): 40 B/element, against 28 for Adam, instead
-    of a scratch tensor for r. ``hp = (1-β1, β1, β2, 1-β2, eps, weight_decay, 0.5)``;
+    of a scratch tensor for r. ``hp = (1-β1, -β1, β2, 1-β2, eps, weight_decay, 0.5)``;
     ``hp64 = (lr, β1, β2, bias_correction)``.
     """
     counts = _increment_steps(steps, step_like)
@@ -272,7 +288,7 @@ def lamb(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
             coef[t, 0] = 1.0
             coef[t, 1] = 1.0
         coef[t, 2] = -hp64[0]
-    w1, beta1, beta2, w2, eps, weight_decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]
+    w1, w1_minus_one, beta2, w2, eps, weight_decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]
     partial = np.zeros((chunks.shape[0], 2))
     for c in prange(chunks.shape[0]):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
@@ -285,7 +301,7 @@ def lamb(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
             gi = _load(g, i)
             if maximize:
                 gi = -gi
-            mi = _lerp(_load(m, i), gi, w1, beta1, half)
+            mi = _lerp(_load(m, i), gi, w1, w1_minus_one, half)
             vi = _load(v, i) * beta2 + w2 * gi * gi
             _store(m, i, mi)
             _store(v, i, vi)
@@ -296,7 +312,7 @@ def lamb(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
                 pi = _load(p, i)
                 ri = (mi / correction1) / (np.sqrt(vi) / correction2_sqrt + eps)
                 if weight_decay_on:
-                    ri = ri + weight_decay * pi
+                    ri = _fma(pi, weight_decay, ri)
                 weight_sq += np.float64(pi) * np.float64(pi)
                 update_sq += np.float64(ri) * np.float64(ri)
         partial[c, 0] = weight_sq
@@ -316,8 +332,8 @@ def lamb(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
             pi = _load(p, i)
             ri = (_load(m, i) / correction1) / (np.sqrt(_load(v, i)) / correction2_sqrt + eps)
             if weight_decay_on:
-                ri = ri + weight_decay * pi
-            _store(p, i, pi + scale * ri)
+                ri = _fma(pi, weight_decay, ri)
+            _store(p, i, _fma(ri, scale, pi))
 
 
 # -- RMSprop / Adagrad -----------------------------------------------------------------------------
@@ -327,10 +343,10 @@ def lamb(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
 def rmsprop(ptrs, steps, chunks, hp, like, step_like, maximize, weight_decay_on, centered, momentum_on):
     """RMSprop. Roles: param, grad, square_avg, grad_avg (centered), momentum_buffer (momentum).
 
-    ``hp = (-lr, α, 1-α, eps, weight_decay, momentum, 0.5)``.
+    ``hp = (-lr, α, 1-α, eps, weight_decay, momentum, 0.5, -α)``.
     """
     _increment_steps(steps, step_like)
-    neg_lr, alpha, w, eps, weight_decay, momentum, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]
+    neg_lr, alpha, w, eps, weight_decay, momentum, half, w_minus_one = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
     for c in prange(chunks.shape[0]):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g, sq = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
@@ -341,11 +357,11 @@ def rmsprop(ptrs, steps, chunks, hp, like, step_like, maximize, weight_decay_on,
             if maximize:
                 gi = -gi
             if weight_decay_on:
-                gi = gi + weight_decay * pi
+                gi = _fma(pi, weight_decay, gi)
             si = _load(sq, i) * alpha + w * gi * gi
             _store(sq, i, si)
             if centered:
-                ai = _lerp(_load(ga, i), gi, w, alpha, half)
+                ai = _lerp(_load(ga, i), gi, w, w_minus_one, half)
                 _store(ga, i, ai)
                 denom = np.sqrt(si - ai * ai) + eps
             else:
@@ -353,9 +369,9 @@ def rmsprop(ptrs, steps, chunks, hp, like, step_like, maximize, weight_decay_on,
             if momentum_on:
                 bi = _load(b, i) * momentum + gi / denom
                 _store(b, i, bi)
-                _store(p, i, pi + neg_lr * bi)
+                _store(p, i, _fma(bi, neg_lr, pi))
             else:
-                _store(p, i, pi + neg_lr * (gi / denom))
+                _store(p, i, pi + neg_lr * gi / denom)
 
 
 @njit(parallel=True, cache=True)
@@ -376,10 +392,10 @@ def adagrad(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_dec
             if maximize:
                 gi = -gi
             if weight_decay_on:
-                gi = gi + weight_decay * pi
+                gi = _fma(pi, weight_decay, gi)
             si = _load(s, i) + gi * gi
             _store(s, i, si)
-            _store(p, i, pi + neg_lr * (gi / (np.sqrt(si) + eps)))
+            _store(p, i, pi + neg_lr * gi / (np.sqrt(si) + eps))
 
 
 # -- global gradient norm ----------------------------------------------------------------------------

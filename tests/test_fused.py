@@ -1,0 +1,226 @@
+"""backend="fused" against the reference backend: params and every state tensor, every option.
+
+The reference backend (torch.optim's for-loop math) is the ground truth. Each case runs 25 steps on a
+mix of shapes (0-d, empty, odd sizes, tensors larger than one 64k chunk) where some tensors get no
+gradient on some steps, so step counts differ per tensor (a frozen-then-unfrozen layer).
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import thalweg
+from thalweg import _backends
+from thalweg.kernels import _host
+
+pytestmark = pytest.mark.skipif(
+    _backends.fused_unavailable_reason(torch.device("cpu")) is not None,
+    reason=f"backend='fused' unavailable on CPU: {_backends.fused_unavailable_reason(torch.device('cpu'))}",
+)
+
+SHAPES = [(3, 5), (), (0,), (7,), (70_001,), (2, 3, 4), (1,), (65_536,)]
+
+CASES = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3, maximize=True)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=0.01, betas=(0.3, 0.4), maximize=True)),  # betas < 0.5: lerp's other form
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, centered=True)),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.9, alpha=0.3, maximize=True)),
+    ("Adagrad", dict(lr=0.1)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.1, maximize=True)),
+    ("LARS", dict(lr=0.5)),
+    ("LARS", dict(lr=0.5, momentum=0, weight_decay=0.01)),
+    ("LARS", dict(lr=0.5, nesterov=True, weight_decay=0.01, maximize=True)),
+    ("LARS", dict(lr=0.5, trust_ratio=False)),
+    ("LAMB", dict(lr=0.01)),
+    ("LAMB", dict(lr=0.01, bias_correction=False, weight_decay=0)),
+    ("LAMB", dict(lr=0.01, maximize=True, trust_ratio=False)),
+]
+
+
+def _run(name, options, backend, dtype, shapes=SHAPES, steps=25, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_() for shape in shapes]
+    options = dict(options)
+    group = {"params": params}
+    if "trust_ratio" in options:
+        group["trust_ratio"] = options.pop("trust_ratio")
+    optimizer = getattr(thalweg, name)([group], backend=backend, **options)
+    for step in range(steps):
+        for i, param in enumerate(params):
+            # no gradient on some steps: step counts differ per tensor
+            skip = (step + i) % 4 == 0 and i % 2 == 0
+            param.grad = None if skip else torch.randn(param.shape, generator=generator, dtype=torch.float64).to(dtype)
+        optimizer.step()
+    return params, optimizer
+
+
+def _assert_same(ref_params, ref_opt, fused_params, fused_opt, rtol):
+    def close(actual, expected, what):
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
+
+    for i, (expected, actual) in enumerate(zip(ref_params, fused_params)):
+        close(actual.detach(), expected.detach(), f"param {i}")
+        ref_state, fused_state = ref_opt.state[expected], fused_opt.state[actual]
+        assert ref_state.keys() == fused_state.keys(), f"param {i}: state keys differ"
+        for key in ref_state:
+            assert fused_state[key].dtype == ref_state[key].dtype, f"param {i} state {key}: dtype"
+            close(fused_state[key], ref_state[key], f"param {i} state {key}")
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"])
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o in CASES])
+def test_fused_matches_reference(name, options, dtype, rtol):
+    ref = _run(name, options, "reference", dtype)
+    fused = _run(name, options, "fused", dtype)
+    _assert_same(*ref, *fused, rtol=rtol)
+    # the case really moved the parameters (a kernel that does nothing would fail above, but say so)
+    start = _run(name, options, "reference", dtype, steps=0)[0]
+    assert any((a - b).abs().max() > 0 for a, b in zip(fused[0], start) if a.numel())
+
+
+@pytest.mark.parametrize("name,options", CASES[::3], ids=[n for n, _ in CASES[::3]])
+def test_fused_bfloat16_close_to_reference(name, options):
+    """bf16: the kernel rounds once per stored value, the reference once per torch op: a few bf16 ulps apart."""
+    ref = _run(name, options, "reference", torch.bfloat16, steps=5)
+    fused = _run(name, options, "fused", torch.bfloat16, steps=5)
+    for expected, actual in zip(ref[0], fused[0]):
+        scale = expected.float().abs().max().item() if expected.numel() else 0.0
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=5e-2 * max(scale, 1e-30))
+
+
+def test_bfloat16_rounding_is_round_to_nearest_even():
+    """Plain SGD is one torch op (fp32 math, one rounding): the kernel must match it bit for bit.
+
+    Powers of two for lr keep lr·g exact, so only the final float32 -> bfloat16 rounding is compared.
+    """
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32)
+    values = bits.to(torch.int16).view(torch.bfloat16)
+    values = values[torch.isfinite(values)]
+    for lr in (1.0, 0.5, 0.25):
+        params = [values.clone().requires_grad_() for _ in range(2)]
+        grads = [values.roll(1), values.flip(0)]
+        expected = [p.detach().clone() for p in params]
+        for p, g in zip(expected, grads):
+            p.add_(g, alpha=-lr)
+        _backends.lookup("sgd", "fused", torch.device("cpu"))(
+            [p.detach() for p in params], grads, momentum_buffers=[], lr=lr, momentum=0.0, dampening=0.0,
+            weight_decay=0.0, nesterov=False, maximize=False)
+        for p, e in zip(params, expected):
+            same = (p.detach().view(torch.int16) == e.view(torch.int16)) | (p.detach().isnan() & e.isnan())
+            assert bool(same.all()), f"lr={lr}: {(~same).sum().item()} values rounded differently"
+
+
+def test_many_tensors_one_call_and_mixed_dtypes():
+    """2000 tensors in two dtypes plus unsupported ones (float16, strided) in the same group."""
+    shapes = [(i % 37 + 1,) for i in range(200)]
+    for name, options in [("Adam", dict(lr=0.01, weight_decay=0.1)), ("LAMB", dict(lr=0.01)), ("LARS", dict(lr=0.5))]:
+        results = []
+        for backend in ("reference", "fused"):
+            generator = torch.Generator().manual_seed(1)
+            params = [torch.randn(s, generator=generator).to(torch.float64 if i % 3 == 0 else torch.float32).requires_grad_()
+                      for i, s in enumerate(shapes)]
+            params.append(torch.randn(8, generator=generator).half().requires_grad_())
+            params.append(torch.randn(6, 4, generator=generator).t().detach().requires_grad_())  # non-contiguous
+            optimizer = getattr(thalweg, name)(params, backend=backend, **options)
+            for _ in range(5):
+                for p in params:
+                    grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+                    p.grad = grad.t().contiguous().t() if not p.is_contiguous() else grad
+                optimizer.step()
+            results.append((params, optimizer))
+        _assert_same(*results[0], *results[1], rtol=1e-5)
+
+
+def test_adagrad_sparse_gradients_fall_back():
+    results = []
+    for backend in ("reference", "fused"):
+        generator = torch.Generator().manual_seed(2)
+        embedding = torch.randn(50, 4, generator=generator, requires_grad=True)
+        dense = torch.randn(9, generator=generator, requires_grad=True)
+        optimizer = thalweg.Adagrad([embedding, dense], lr=0.1, backend=backend)
+        for _ in range(5):
+            rows = torch.randint(0, 50, (7,), generator=generator)
+            embedding.grad = torch.sparse_coo_tensor(rows[None], torch.randn(7, 4, generator=generator), (50, 4))
+            dense.grad = torch.randn(9, generator=generator)
+            optimizer.step()
+        results.append(([embedding, dense], optimizer))
+    _assert_same(*results[0], *results[1], rtol=1e-5)
+
+
+def test_state_dict_round_trip_between_backends():
+    """A checkpoint written by the reference backend resumes under the fused one (same state names)."""
+    params, optimizer = _run("Adam", dict(lr=0.01, amsgrad=True), "reference", torch.float32, steps=10)
+    clone = [p.detach().clone().requires_grad_() for p in params]
+    fused = thalweg.Adam(clone, lr=0.01, amsgrad=True, backend="fused")
+    fused.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # state_dict() shares tensors
+    for p, c in zip(params, clone):
+        g = torch.randn(p.shape)
+        p.grad, c.grad = g, g.clone()
+    optimizer.step()
+    fused.step()
+    _assert_same(params, optimizer, clone, fused, rtol=1e-5)
+
+
+@given(sizes=st.lists(st.integers(0, 200_000), min_size=1, max_size=6), chunk=st.sampled_from([1, 7, 1 << 16]))
+def test_chunk_table_covers_every_element_once(sizes, chunk):
+    tensors = [torch.empty(n) for n in sizes]
+    table = _host.chunk_table(tensors, chunk)
+    covered = np.zeros(sum(sizes) if sizes else 0, dtype=np.int64) if chunk > 1 or sum(sizes) < 50_000 else None
+    if covered is None:
+        return
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    for tensor, start, stop in table:
+        assert 0 <= start < stop <= sizes[tensor] and stop - start <= chunk
+        covered[offsets[tensor] + start: offsets[tensor] + stop] += 1
+    assert (covered == 1).all()
+
+
+def test_missing_numba_gives_install_hint(monkeypatch):
+    import thalweg.kernels as kernels
+
+    real_import = builtins.__import__
+
+    def fail_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("No module named 'numba'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fail_numba)
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.delitem(sys.modules, "numba", raising=False)
+    reason = kernels.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "pip install" in reason and "numba" in reason
+    with pytest.raises(RuntimeError, match="pip install"):
+        _backends.lookup("adam", "fused", torch.device("cpu"))
+    assert _backends.auto_backend(torch.device("cpu")) == "reference"
+
+
+def test_import_thalweg_without_numba_or_triton():
+    code = (
+        "import sys; sys.modules['numba'] = None; sys.modules['triton'] = None\n"
+        "import torch, thalweg\n"
+        "p = torch.zeros(3, requires_grad=True); p.grad = torch.ones(3)\n"
+        "thalweg.Adam([p]).step()\n"  # auto falls back to the reference path
+        "try:\n    thalweg.Adam([p], backend='fused').step()\nexcept RuntimeError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "pip install" in out.stdout
