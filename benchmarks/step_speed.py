@@ -1,0 +1,160 @@
+"""Optimizer step speed: every optimizer x backend x layout, against torch.optim and memory bandwidth.
+
+    python benchmarks/step_speed.py            # full run, writes benchmarks/results/<device>-<date>.{json,md}
+    python benchmarks/step_speed.py --quick    # smoke run: small layouts, few repeats
+
+Layouts: (a) 32 tensors of 1M float32, (b) 2000 tensors of 1000, (c) a small GPT-style transformer.
+Per cell: ms/step (median of repeats after warm-up), effective GB/s (floor bytes / time; floor bytes
+per float32 element below), its share of the copy bandwidth measured in the same run (``copy_`` of
+256 MB, bytes read + written), and the speed-up over torch.optim's fastest mode (for-loop, foreach,
+fused) or, for LARS/LAMB, over pytorch-optimizer's (``pip install pytorch-optimizer``; skipped if absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+import thalweg
+
+# Minimum bytes per float32 element each step must move (read + write), fused in one pass.
+FLOOR = {"sgd": 12, "momentum": 20, "adam": 28, "rmsprop": 20, "adagrad": 20,
+         "lars": 28,   # norm pass reads w, g (8) + SGD-momentum pass (20)
+         "lamb": 40}   # pass 1 reads g, m, v, w, writes m, v (24); pass 2 reads m, v, w, writes w (16)
+
+OPTIMIZERS = {
+    "sgd": (thalweg.SGD, dict(lr=0.01), torch.optim.SGD),
+    "momentum": (thalweg.SGD, dict(lr=0.01, momentum=0.9), torch.optim.SGD),
+    "adam": (thalweg.Adam, dict(lr=1e-3), torch.optim.Adam),
+    "rmsprop": (thalweg.RMSprop, dict(lr=1e-3), torch.optim.RMSprop),
+    "adagrad": (thalweg.Adagrad, dict(lr=1e-2), torch.optim.Adagrad),
+    "lars": (thalweg.LARS, dict(lr=0.1), None),
+    "lamb": (thalweg.LAMB, dict(lr=1e-3), None),
+}
+
+
+def gpt_shapes(vocab=8192, d=256, layers=4, context=256):
+    shapes = [(vocab, d), (context, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def layouts(quick):
+    if quick:
+        return {"a:4x256k": [(1 << 18,)] * 4, "b:200x1000": [(1000,)] * 200, "c:gpt-tiny": gpt_shapes(1024, 64, 2, 64)}
+    return {"a:32x1M": [(1 << 20,)] * 32, "b:2000x1000": [(1000,)] * 2000, "c:gpt-small": gpt_shapes()}
+
+
+def time_steps(optimizer, repeats, warmup=2):
+    for _ in range(warmup):
+        optimizer.step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_params(shapes):
+    params = [torch.randn(shape).requires_grad_() for shape in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def copy_bandwidth(repeats=5):
+    source = torch.randn(64 << 20)  # 256 MB, written first so no page is a shared zero page
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        times.append(time.perf_counter() - start)
+    return 2 * source.numel() * 4 / statistics.median(times) / 1e9
+
+
+def pytorch_optimizer_class(name):
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        return None
+    return {"lars": getattr(pytorch_optimizer, "LARS", None), "lamb": getattr(pytorch_optimizer, "Lamb", None)}.get(name)
+
+
+def run(quick):
+    repeats = 5 if quick else 7
+    bandwidth = copy_bandwidth()
+    rows = []
+    for layout, shapes in layouts(quick).items():
+        params = make_params(shapes)
+        elements = sum(p.numel() for p in params)
+        for name, (cls, options, torch_cls) in OPTIMIZERS.items():
+            cell = {"layout": layout, "optimizer": name, "elements": elements, "floor_bytes": FLOOR[name] * elements}
+            for backend in ("reference", "foreach", "fused"):
+                cell[backend] = time_steps(cls(params, backend=backend, **options), repeats) * 1e3
+            peers = {}
+            if torch_cls is not None:
+                for mode in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+                    try:
+                        peers[f"torch {next(iter(mode))}"] = time_steps(torch_cls(params, **options, **mode), repeats) * 1e3
+                    except (RuntimeError, TypeError) as error:  # a mode torch lacks for this optimizer
+                        peers[f"torch {next(iter(mode))}"] = None
+                        cell.setdefault("notes", []).append(str(error)[:80])
+            else:
+                peer = pytorch_optimizer_class(name)
+                if peer is not None:
+                    peer_options = dict(options)
+                    peers["pytorch-optimizer"] = time_steps(peer(params, **peer_options), repeats) * 1e3
+            cell["peers"] = peers
+            fastest = min((v for v in peers.values() if v is not None), default=None)
+            cell["gbps_fused"] = cell["floor_bytes"] / (cell["fused"] / 1e3) / 1e9
+            cell["copy_share"] = cell["gbps_fused"] / bandwidth
+            cell["vs_fastest_peer"] = None if fastest is None else fastest / cell["fused"]
+            cell["vs_torch_fused"] = (peers["torch fused"] / cell["fused"]) if peers.get("torch fused") else None
+            rows.append(cell)
+            print(f"{layout:12s} {name:9s} ref {cell['reference']:8.2f}  foreach {cell['foreach']:8.2f}  fused "
+                  f"{cell['fused']:8.2f} ms  {cell['gbps_fused']:6.1f} GB/s ({cell['copy_share']:.2f} of copy)  "
+                  f"x{cell['vs_fastest_peer'] or float('nan'):.2f} vs fastest peer", flush=True)
+    return {"copy_gbps": bandwidth, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "quick": quick, "rows": rows}
+
+
+def markdown(result):
+    lines = [f"copy bandwidth: {result['copy_gbps']:.1f} GB/s (read + write), torch {result['torch']}, "
+             f"{result['threads']} threads", "",
+             "| layout | optimizer | reference ms | foreach ms | fused ms | fused GB/s | share of copy | fastest peer ms "
+             "| fused speed-up vs fastest peer | vs torch fused |", "|" + "---|" * 10]
+    for r in result["rows"]:
+        fastest = min((v for v in r["peers"].values() if v is not None), default=None)
+        fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"| {r['layout']} | {r['optimizer']} | {r['reference']:.2f} | {r['foreach']:.2f} | {r['fused']:.2f} "
+                     f"| {r['gbps_fused']:.1f} | {r['copy_share']:.2f} | {fmt(fastest)} | {fmt(r['vs_fastest_peer'])} "
+                     f"| {fmt(r['vs_torch_fused'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small layouts, few repeats (smoke run)")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    result = run(args.quick)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"cpu-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(f"wrote {out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
