@@ -1,0 +1,180 @@
+"""Pure functions from results to numbers: rankings, recommendations, performance profiles.
+
+No drawing and no training here, so the report's tables and the tests share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+Runs = list[dict[str, Any]]
+
+PROFILE_TAUS = [1 + 3 * i / 60 for i in range(61)]  # tau from 1 to 4, as in AlgoPerf
+
+
+def optimizers_of(task: dict[str, Any]) -> list[str]:
+    """The task's optimizers, in the order they were run."""
+    return list(task["centres"])
+
+
+def best_runs(task: dict[str, Any], optimizer: str) -> Runs:
+    """The runs at the optimizer's best lr: seed 0 of the sweep plus the seed reruns."""
+    lr = task["best_lr"].get(optimizer)
+    if lr is None:
+        return []
+    return [r for r in task["runs"] if r["optimizer"] == optimizer and r["lr"] == lr
+            and (r["phase"] == "seed" or r["seed"] == 0)]
+
+
+def sweep_runs(task: dict[str, Any], optimizer: str) -> Runs:
+    return sorted((r for r in task["runs"] if r["optimizer"] == optimizer and r["phase"] == "sweep"),
+                  key=lambda r: r["lr"])
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(task: dict[str, Any], optimizer: str) -> dict[str, Any]:
+    """One optimizer's row on a task: median/min/max metric over seeds at its best lr, how often it
+    reached the target and how fast (median over seeds; a seed that misses counts as never), and how
+    many grid lrs diverged."""
+    runs = best_runs(task, optimizer)
+    metrics = [r["final_metric"] for r in runs if r["final_metric"] is not None and not r["diverged"]]
+    hits = [r for r in runs if r["steps_to_target"] is not None]
+    reached = bool(runs) and 2 * len(hits) > len(runs)  # most seeds reached it
+
+    def med_of(key: str) -> float | None:
+        if not reached:
+            return None
+        values = sorted(r[key] if r[key] is not None else math.inf for r in runs)
+        m = statistics.median(values)
+        return m if math.isfinite(m) else None
+
+    sweep = sweep_runs(task, optimizer)
+    return {
+        "optimizer": optimizer, "best_lr": task["best_lr"].get(optimizer), "seeds": len(runs),
+        "metric_median": _median(metrics), "metric_min": min(metrics) if metrics else None,
+        "metric_max": max(metrics) if metrics else None,
+        "diverged_seeds": sum(r["diverged"] for r in runs),
+        "reached": f"{len(hits)}/{len(runs)}", "reached_target": reached,
+        "steps_to_target": med_of("steps_to_target"), "time_to_target": med_of("time_to_target"),
+        "step_time_ms": (_median([r["step_time"] for r in runs if r["step_time"] is not None]) or math.nan) * 1e3,
+        "diverged_lrs": f"{sum(r['diverged'] for r in sweep)}/{len(sweep)}",
+        "good_lrs": good_lr_count(task, optimizer),
+    }
+
+
+def good_lr_count(task: dict[str, Any], optimizer: str) -> str:
+    """Robustness: how many grid lrs end within 10% of the task's best metric gap (for accuracy-like
+    metrics, within 2 points) -- a flat lr-sensitivity curve means less tuning."""
+    sweep = sweep_runs(task, optimizer)
+    values = [r["final_metric"] for r in task["runs"] if r["phase"] == "sweep" and r["final_metric"] is not None and not r["diverged"]]
+    if not values or not sweep:
+        return f"0/{len(sweep)}"
+    hib = task["higher_is_better"]
+    best = max(values) if hib else min(values)
+    ok = 0
+    for r in sweep:
+        m = r["final_metric"]
+        if m is None or r["diverged"]:
+            continue
+        if hib:
+            ok += m >= best - 0.02
+        else:
+            ok += m <= best + 0.1 * abs(best) + 1e-12
+    return f"{ok}/{len(sweep)}"
+
+
+def ranking(task: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of :func:`summarise`, best first: by median metric, then by steps to target."""
+    hib = task["higher_is_better"]
+
+    def key(row: dict[str, Any]) -> tuple[float, float]:
+        m = row["metric_median"]
+        primary = math.inf if m is None else (-m if hib else m)
+        return primary, row["steps_to_target"] if row["steps_to_target"] is not None else math.inf
+
+    rows = sorted((summarise(task, o) for o in optimizers_of(task)), key=key)
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+    return rows
+
+
+def recommendation(task: dict[str, Any]) -> dict[str, Any] | None:
+    """The top-ranked optimizer and lr, with the evidence in one sentence; None if every run diverged."""
+    rows = ranking(task)
+    if not rows or rows[0]["metric_median"] is None:
+        return None
+    top = rows[0]
+    runner = rows[1] if len(rows) > 1 and rows[1]["metric_median"] is not None else None
+    fmt = lambda v: f"{v:.4g}"  # noqa: E731
+    evidence = (f"median {task['metric']} {fmt(top['metric_median'])} over {top['seeds']} seed(s) "
+                f"(range {fmt(top['metric_min'])}-{fmt(top['metric_max'])}) at lr {top['best_lr']:.3g}; ")
+    if task["target"] is not None:
+        evidence += (f"target {task['target']:g} reached by {top['reached']} seeds"
+                     + (f", median {top['steps_to_target']:.0f} steps; " if top["steps_to_target"] is not None else "; "))
+    evidence += f"{top['good_lrs']} grid lrs within tolerance of the best"
+    if runner is not None:
+        evidence += f"; runner-up {runner['optimizer']} with {fmt(runner['metric_median'])}"
+    return {"optimizer": top["optimizer"], "lr": top["best_lr"], "evidence": evidence + "."}
+
+
+def profile(results: dict[str, Any], by: str = "time_to_target") -> dict[str, list[float]]:
+    """AlgoPerf-style performance profile: for each optimizer, the fraction of tasks on which it reaches
+    the target within tau x the fastest optimizer's time, for tau in :data:`PROFILE_TAUS`.
+
+    ``by`` is ``"time_to_target"`` (seconds: steps x median step time) or ``"steps_to_target"``.
+    Tasks without a target are left out; tasks no optimizer solves count against everyone.
+    """
+    tasks = [t for t in results["tasks"].values() if t["target"] is not None]
+    optimizers = all_optimizers(results)
+    ratios: dict[str, list[float]] = {o: [] for o in optimizers}
+    for task in tasks:
+        cost = {o: (summarise(task, o)[by] if o in task["centres"] else None) for o in optimizers}
+        finite = [c for c in cost.values() if c is not None]
+        best = min(finite) if finite else None
+        for o in optimizers:
+            c = cost[o]
+            ratios[o].append(math.inf if c is None or best is None else c / best if best > 0 else 1.0)
+    n = len(tasks)
+    return {o: [sum(r <= tau + 1e-12 for r in ratios[o]) / n if n else 0.0 for tau in PROFILE_TAUS] for o in optimizers}
+
+
+def all_optimizers(results: dict[str, Any]) -> list[str]:
+    seen: dict[str, None] = {}
+    for task in results["tasks"].values():
+        for o in optimizers_of(task):
+            seen.setdefault(o)
+    return list(seen)
+
+
+def summary_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Across tasks, per optimizer: wins, mean rank, targets reached, diverged lrs, and the area under
+    the time profile (normalised to 1 = fastest on every task), best first."""
+    optimizers = all_optimizers(results)
+    prof = profile(results)
+    stats = {o: {"optimizer": o, "wins": 0, "ranks": [], "targets": 0, "with_target": 0, "div": 0, "grid": 0}
+             for o in optimizers}
+    for task in results["tasks"].values():
+        for row in ranking(task):
+            s = stats[row["optimizer"]]
+            s["ranks"].append(row["rank"])
+            s["wins"] += row["rank"] == 1
+            if task["target"] is not None:
+                s["with_target"] += 1
+                s["targets"] += row["reached_target"]
+            d, g = map(int, row["diverged_lrs"].split("/"))
+            s["div"] += d
+            s["grid"] += g
+    rows = []
+    for o, s in stats.items():
+        area = sum(prof[o]) / len(PROFILE_TAUS) if prof[o] else 0.0
+        rows.append({"optimizer": o, "wins": s["wins"],
+                     "mean_rank": statistics.mean(s["ranks"]) if s["ranks"] else None,
+                     "targets": f"{s['targets']}/{s['with_target']}", "diverged_lrs": f"{s['div']}/{s['grid']}",
+                     "profile_score": area})
+    rows.sort(key=lambda r: (-r["profile_score"], r["mean_rank"] if r["mean_rank"] is not None else math.inf))
+    return rows

@@ -1,0 +1,85 @@
+"""``compare``: the arena protocol on the user's own model and data, with the same report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import protocol
+from .errors import ArenaError
+from .protocol import DEFAULT_BACKEND
+from .runner import check_positive, run_arena
+from .tasks import Problem, Task, batch_indices
+
+Split = Sequence[torch.Tensor]
+
+
+def _split(name: str, part: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(part, (tuple, list)) and len(part) == 2 and all(isinstance(t, torch.Tensor) for t in part)):
+        raise ArenaError(f"data's {name} part must be an (inputs, targets) pair of tensors, got {type(part).__name__}")
+    x, y = part
+    if len(x) != len(y) or len(x) == 0:
+        raise ArenaError(f"data's {name} inputs and targets must be non-empty and of equal length, got {len(x)} and {len(y)}")
+    return x, y
+
+
+def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+            data: tuple[Split, Split], optimizers: Sequence[str] | None = None, steps: int = 500, *,
+            batch_size: int = 64, seeds: int = 3,
+            metric_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], float] | None = None,
+            metric: str = "validation loss", higher_is_better: bool = False, target: float | None = None,
+            centres: dict[str, float] | None = None, eval_every: int | None = None, name: str = "custom",
+            out: str | Path = "thalweg-compare", progress: bool = True, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+    """Compare optimizers on your problem under the arena protocol and write the report to ``out``.
+
+    Args:
+        model_fn: builds a fresh model (called once per run, after ``torch.manual_seed(seed)``).
+        loss_fn: ``loss_fn(model(x), y)`` -> scalar training loss.
+        data: ``((x_train, y_train), (x_val, y_val))``.
+        optimizers: names from ``thalweg.names()`` (default: all).
+        steps: step budget per run; batches of ``batch_size`` drawn in seeded shuffled epochs.
+        metric_fn: ``metric_fn(model, x_val, y_val)`` -> float; default: ``loss_fn`` on the validation set.
+        higher_is_better, target: how to read the metric; ``target`` enables steps/time to target.
+        centres: lr-grid centre per optimizer (default: the arena's digits-MLP centres).
+        seeds: seeds at each optimizer's best lr.
+        backend: thalweg backend for every optimizer ("auto", "reference", "foreach", "fused").
+
+    Returns the results dict also saved as ``out/results.json``.
+
+    Example::
+
+        results = thalweg.arena.compare(lambda: nn.Linear(10, 2), F.cross_entropy,
+                                        ((x, y), (xv, yv)), optimizers=["sgd", "adam"], steps=200)
+    """
+    x_tr, y_tr = _split("training", data[0] if len(data) == 2 else None)
+    x_va, y_va = _split("validation", data[1])
+    check_positive("steps", steps, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    if metric_fn is None:
+        def metric_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+            return float(loss_fn(model(x), y))
+
+    def setup(seed: int, sparse: bool) -> Problem:
+        torch.manual_seed(seed)
+        model = model_fn()
+        batch = batch_indices(len(x_tr), batch_size, seed)
+
+        def loss(step: int) -> torch.Tensor:
+            idx = batch(step)
+            return loss_fn(model(x_tr[idx]), y_tr[idx])
+
+        def evaluate() -> float:
+            with torch.no_grad():
+                return float(metric_fn(model, x_va, y_va))
+
+        return Problem(model, loss, evaluate)
+
+    every = eval_every or max(1, steps // 20)
+    task = Task(name, f"User problem: {len(x_tr)} training / {len(x_va)} validation samples, batch {batch_size}.",
+                metric, higher_is_better, target, steps, steps, every, setup)
+    table = {name: {**protocol.DEFAULT_CENTRES, **(centres or {})}}
+    return run_arena([name], optimizers, seeds=seeds, out=out, progress=progress, extra_tasks={name: task},
+                     centres=table, backend=backend)

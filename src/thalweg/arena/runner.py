@@ -1,0 +1,101 @@
+"""``run_arena``: the protocol over several tasks, results saved after each task, then the report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+from . import protocol, report
+from .errors import ArenaError
+from .protocol import DEFAULT_BACKEND
+from .results import new_results, save_json
+from .tasks import QUICK_TASKS, TASKS, Task, get_task
+
+
+def check_optimizers(names: list[str]) -> list[str]:
+    """Validate optimizer names against ``thalweg.names()`` (ArenaError listing the valid ones)."""
+    import thalweg
+
+    valid = thalweg.names()
+    if not names:
+        raise ArenaError(f"no optimizers given; valid optimizers: {', '.join(valid)}")
+    for n in names:
+        if n not in valid:
+            raise ArenaError(f"unknown optimizer {n!r}; valid optimizers: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def check_positive(name: str, value: float, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (integer and int(value) != value):
+        kind = "a positive integer" if integer else "a positive number"
+        raise ArenaError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_backend(backend: str) -> None:
+    from thalweg._backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ArenaError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def partial_path(out: Path) -> Path:
+    """Where results accumulate while the arena runs: beside the report, not in it, so an interrupted
+    run leaves the previous report intact and its finished tasks on disk."""
+    return out.parent / f".{out.name}.results.partial.json"
+
+
+def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = None, seeds: int = 3,
+              budget: float = 1.0, quick: bool = False, out: str | Path = "arena-report",
+              progress: bool = True, created: str | None = None,
+              extra_tasks: dict[str, Task] | None = None,
+              centres: dict[str, dict[str, float]] | None = None, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+    """Run the arena protocol and write the report to ``out``; returns the results.
+
+    ``tasks`` default to every built-in task (``QUICK_TASKS`` with ``quick``); ``optimizers`` to
+    ``thalweg.names()``; ``budget`` scales every task's step budget; ``seeds`` is the number of seeds at
+    each optimizer's best lr. ``extra_tasks`` lets :func:`compare` run the user's own task, and
+    ``centres`` replaces the lr-centre table (:data:`protocol.CENTRES`); ``backend`` is passed to
+    every optimizer (thalweg's ``backend=``: auto, reference, foreach or fused).
+    """
+    import thalweg
+
+    known = dict(TASKS, **(extra_tasks or {}))
+    names = list(tasks) if tasks else (QUICK_TASKS if quick else list(TASKS))
+    task_objs = [known[n] if n in known else get_task(n) for n in dict.fromkeys(names)]
+    optimizers = check_optimizers(list(optimizers) if optimizers else thalweg.names())
+    check_positive("seeds", seeds, integer=True)
+    check_positive("budget", budget)
+    check_backend(backend)
+    out = report.check_writable(out)
+    multipliers = protocol.QUICK_GRID_MULTIPLIERS if quick else protocol.GRID_MULTIPLIERS
+    config = {"tasks": [t.name for t in task_objs], "optimizers": optimizers, "seeds": int(seeds),
+              "budget": float(budget), "quick": bool(quick), "grid_multipliers": list(multipliers), "backend": backend}
+    created = created or _dt.datetime.now().isoformat(timespec="seconds")
+    results = new_results(config, created)
+    partial = partial_path(out)
+    per_task = protocol.runs_per_task(len(optimizers), int(seeds), multipliers)
+    bar = _progress(len(task_objs) * per_task, progress)
+    try:
+        for task in task_objs:
+            if bar is not None:
+                bar.set_description(task.name)
+            steps = task.budget(quick, budget)
+            results["tasks"][task.name] = protocol.run_task(
+                task, optimizers, int(seeds), steps, multipliers, centres,
+                on_run=bar.update if bar is not None else None, backend=backend)
+            save_json(results, partial)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.write(results, out)
+    partial.unlink(missing_ok=True)
+    return results
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="run", leave=False, dynamic_ncols=True)

@@ -1,0 +1,184 @@
+"""The ``thalweg`` command: ``arena``, ``lr-find``, ``tune`` and ``report``.
+
+Bad input (unknown names, an unwritable directory, a zero budget) ends with one line on stderr and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (the full usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="thalweg", description="thalweg optimizers: benchmark arena and tuning tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    arena = sub.add_parser("arena", help="benchmark optimizers on the built-in tasks and write a report",
+                           description="Run every optimizer on the built-in tasks under one protocol (same lr grid "
+                                       "around each optimizer's centre, same step budget, best lr rerun with several "
+                                       "seeds) and write DIR/index.html, figures and results.json.")
+    arena.add_argument("--quick", action="store_true", help="4 tasks, short budgets (under 2 minutes on 2 cores)")
+    arena.add_argument("--out", default="arena-report", metavar="DIR", help="report directory (default: arena-report)")
+    arena.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to run (default: all, or the quick set)")
+    arena.add_argument("--optimizers", nargs="+", metavar="OPT", help="optimizers to compare (default: all)")
+    arena.add_argument("--seeds", type=_positive_int, default=3, metavar="N", help="seeds at each best lr (default 3)")
+    arena.add_argument("--budget", type=_positive_float, default=1.0, metavar="X",
+                       help="scale every task's step budget by X (default 1)")
+    arena.add_argument("--backend", default="reference", help="thalweg backend for every optimizer: reference "
+                       "(default: the same plain path for all, so timings compare algorithms), auto, foreach or fused")
+    arena.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    lrf = sub.add_parser("lr-find", help="LR range test: exponentially increasing lr, smoothed loss, suggested lr",
+                         description="Raise the lr exponentially each step on one task and plot the smoothed loss; "
+                                     "suggests the lr of steepest descent.")
+    lrf.add_argument("--task", required=True)
+    lrf.add_argument("--optimizer", required=True)
+    lrf.add_argument("--lr-min", type=_positive_float, help="first lr (default: 1e-4 x the arena centre)")
+    lrf.add_argument("--lr-max", type=_positive_float, help="last lr (default: 1e2 x the arena centre)")
+    lrf.add_argument("--steps", type=_positive_int, default=200, help="steps of the test (default 200)")
+    lrf.add_argument("--backend", default="reference", help="thalweg backend: reference (default), auto, foreach or fused")
+    lrf.add_argument("--out", default="lr-find", metavar="DIR", help="where the PNG and JSON go (default: lr-find)")
+
+    tune = sub.add_parser("tune", help="grid over lr x beta1/momentum and lr x weight decay, with heat-maps",
+                          description="Search lr x the momentum knob (beta1 or momentum; lr_decay for Adagrad), then "
+                                      "lr x weight decay at the best knob value; draws both heat-maps.")
+    tune.add_argument("--task", required=True)
+    tune.add_argument("--optimizer", required=True)
+    tune.add_argument("--budget", type=_positive_float, default=1.0, metavar="X", help="scale of the quick step budget")
+    tune.add_argument("--backend", default="reference", help="thalweg backend: reference (default), auto, foreach or fused")
+    tune.add_argument("--out", default="tune", metavar="DIR", help="where the PNG and JSON go (default: tune)")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    rep = sub.add_parser("report", help="redraw a report from DIR/results.json without retraining",
+                         description="Rebuild DIR/index.html and DIR/figures from DIR/results.json.")
+    rep.add_argument("dir", metavar="DIR")
+    rep.add_argument("--out", metavar="DIR2", help="write the redrawn report here instead of DIR")
+    return parser
+
+
+
+
+def _summary(results: dict[str, Any]) -> str:
+    from thalweg.arena import analysis
+
+    lines = [f"{'task':<22}{'recommendation':<16}{'lr':>10}  metric"]
+    for name, task in results["tasks"].items():
+        rec = analysis.recommendation(task)
+        if rec is None:
+            lines.append(f"{name:<22}{'(all diverged)':<16}")
+            continue
+        row = analysis.ranking(task)[0]
+        lines.append(f"{name:<22}{rec['optimizer']:<16}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})")
+    lines.append("")
+    lines.append(f"{'optimizer':<12}{'profile':>8}{'wins':>6}{'mean rank':>11}{'targets':>9}")
+    for row in analysis.summary_table(results):
+        mean_rank = "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}"
+        lines.append(f"{row['optimizer']:<12}{row['profile_score']:>8.2f}{row['wins']:>6}{mean_rank:>11}{row['targets']:>9}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "arena":
+        from thalweg.arena.runner import run_arena
+
+        results = run_arena(tasks=args.tasks, optimizers=args.optimizers, seeds=args.seeds, budget=args.budget,
+                            quick=args.quick, out=args.out, progress=not args.no_progress,
+                            backend=args.backend)
+        print(_summary(results))
+        print(f"\nreport: {args.out.rstrip('/')}/index.html")
+    elif args.command == "lr-find":
+        from thalweg.arena.lrfind import lr_find, write_lr_find
+
+        result = lr_find(args.task, args.optimizer, args.lr_min, args.lr_max, args.steps, backend=args.backend)
+        png = write_lr_find(result, args.out)
+        s = result["suggestion"]
+        if s["steepest"] is None:
+            print("loss diverged almost at once; lower --lr-min")
+        else:
+            print(f"suggested lr (steepest descent): {s['steepest']:.3g}   (min-loss lr / 10: {s['min_over_10']:.3g}; "
+                  f"arena centre {result['centre']:.3g})")
+        print(f"plot: {png}")
+    elif args.command == "tune":
+        from thalweg.arena.tuning import runs_needed, tune, write_tune
+
+        bar = None
+        if not args.no_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=runs_needed(args.optimizer) if args.optimizer in _names() else 0, unit="run", leave=False)
+        try:
+            result = tune(args.task, args.optimizer, budget=args.budget, on_run=bar.update if bar else None,
+                          backend=args.backend)
+        finally:
+            if bar is not None:
+                bar.close()
+        png = write_tune(result, args.out)
+        b = result["best"]
+        print("every setting diverged" if b is None else
+              f"best: lr {b['lr']:.3g}, {result['knob']} {b[result['knob']]:g}, weight decay {b['weight_decay']:g} -> "
+              f"{result['metric']} {b['metric']:.4g}")
+        print(f"heat-maps: {png}")
+    elif args.command == "report":
+        from thalweg.arena.report import redraw
+
+        print(f"report: {redraw(args.dir, args.out)}")
+    return 0
+
+
+def _names() -> list[str]:
+    import thalweg
+
+    return thalweg.names()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``thalweg`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from thalweg.arena.errors import ArenaError
+
+    try:
+        return _run(args)
+    except ArenaError as exc:
+        print(f"thalweg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"thalweg {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"thalweg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

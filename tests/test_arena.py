@@ -1,0 +1,279 @@
+"""The arena: protocol pieces, results -> report, redraw identity, compare(), and a tiny end-to-end run.
+
+Runs are kept tiny (a few steps, two optimizers, two tasks) so the file stays fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from thalweg.arena import analysis, protocol, report
+from thalweg.arena.errors import ArenaError
+from thalweg.arena.report import redraw
+from thalweg.arena.results import load
+from thalweg.arena.runner import run_arena
+from thalweg.arena.tasks import QUICK_TASKS, TASKS, batch_indices, get_task
+
+OPTS = ["sgd", "adam"]
+# The reference backend: these tests are about the arena, not about the fused kernels (tested elsewhere),
+# and it spares each test the kernels' first-call compilation.
+REF = "reference"
+TINY = dict(tasks=["rosenbrock", "logreg"], optimizers=OPTS, seeds=2, budget=0.05, progress=False,
+            created="2024-01-01T00:00:00", backend=REF)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("arena") / "report"
+    results = run_arena(out=out, **TINY)
+    return out, results
+
+
+# ---------------------------------------------------------------- protocol pieces
+
+
+def test_lr_grid_is_log_spaced_around_the_centre() -> None:
+    grid = protocol.lr_grid(1e-3)
+    assert grid == sorted(grid) and len(grid) == len(protocol.GRID_MULTIPLIERS)
+    assert 1e-3 in grid and grid[0] == pytest.approx(1e-4) and grid[-1] == pytest.approx(1e-2)
+    ratios = [b / a for a, b in zip(grid, grid[1:])]
+    assert all(r == pytest.approx(10**0.5, rel=1e-2) for r in ratios)
+    with pytest.raises(ArenaError, match="centre"):
+        protocol.lr_grid(0.0)
+
+
+def test_centre_table_covers_every_task_and_optimizer() -> None:
+    import thalweg
+
+    for task in TASKS:
+        for opt in thalweg.names():
+            assert protocol.centre_for(task, opt) == protocol.CENTRES[task][opt] > 0
+    # The large-batch task scales the small-batch centres up (square-root rule, batch ratio ~22).
+    assert protocol.CENTRES["digits-mlp-fullbatch"]["sgd"] == pytest.approx(protocol.CENTRES["digits-mlp"]["sgd"] * (1437 / 64) ** 0.5)
+
+
+def test_steps_to_target_first_hit_and_direction() -> None:
+    steps, values = [0, 10, 20, 30], [0.1, 0.5, 0.96, 0.97]
+    assert protocol.steps_to_target(steps, values, 0.95, True) == 20
+    assert protocol.steps_to_target(steps, values, 0.99, True) is None
+    assert protocol.steps_to_target(steps, [3.0, 2.0, math.nan, 0.5], 1.0, False) == 30
+    assert protocol.steps_to_target(steps, values, None, True) is None
+
+
+def test_divergence_detection() -> None:
+    assert protocol.is_diverged(math.nan, 1.0, 20)
+    assert protocol.is_diverged(math.inf, 1.0, 20)
+    assert protocol.is_diverged(25.0, 1.0, 20)
+    assert not protocol.is_diverged(15.0, 1.0, 20)
+    assert not protocol.is_diverged(0.01, 0.0, 20)  # a start at 0 loss is not an explosion of anything
+
+
+def test_diverging_run_is_a_result_not_a_crash() -> None:
+    run = protocol.run_one(get_task("rosenbrock"), "sgd", 1.0, 0, 50, backend=REF)
+    assert run["diverged"] and run["diverged_at"] is not None and run["diverged_at"] < 50
+    assert run["final_metric"] is None and run["steps_to_target"] is None
+    json.dumps(run, allow_nan=False)  # no inf/NaN leaks into the record
+    assert protocol.pick_best([run], False) is None
+
+
+def test_run_records_curve_evals_and_target() -> None:
+    task = get_task("rosenbrock")
+    run = protocol.run_one(task, "adam", 0.3, 0, 1000, backend=REF)
+    assert not run["diverged"] and run["steps_done"] == 1000
+    assert run["evals"]["step"][0] == 0 and run["evals"]["step"][-1] == 1000
+    assert run["final_metric"] < 1e-2  # Adam at lr 0.3 reaches the minimum (1, 1)
+    assert run["steps_to_target"] == protocol.steps_to_target(run["evals"]["step"], run["evals"]["metric"], task.target, False)
+    assert run["time_to_target"] == pytest.approx(run["steps_to_target"] * run["step_time"])
+    assert len(run["curve"]["loss"]) <= protocol.MAX_CURVE_POINTS
+    assert run["trajectory"][0] == list(task.setup(0, False).position())
+    assert run["trajectory"][-1][0] == pytest.approx(1.0, abs=0.1)
+
+
+def test_same_seed_same_run_and_seeds_differ() -> None:
+    task = get_task("digits-mlp")
+    a, b = (protocol.run_one(task, "adam", 1e-2, 0, 20, backend=REF) for _ in range(2))
+    c = protocol.run_one(task, "adam", 1e-2, 1, 20, backend=REF)
+    assert a["curve"]["loss"] == b["curve"]["loss"]
+    assert a["curve"]["loss"] != c["curve"]["loss"]
+
+
+def test_batches_are_seeded_epochs() -> None:
+    batch = batch_indices(10, 3, seed=0)
+    epoch = torch.cat([batch(i) for i in range(3)])
+    assert len(set(epoch.tolist())) == 9  # without replacement within an epoch
+    assert torch.equal(batch(4), batch_indices(10, 3, seed=0)(4))
+    assert not torch.equal(batch(0), batch_indices(10, 3, seed=1)(0))
+
+
+def test_sparse_task_gives_adagrad_sparse_gradients_only() -> None:
+    task = get_task("sparse-bag")
+    assert protocol.run_one(task, "adagrad", 0.1, 0, 3, backend=REF)["sparse_grads"] is True
+    assert protocol.run_one(task, "adam", 0.01, 0, 3, backend=REF)["sparse_grads"] is False
+    problem = task.setup(0, True)
+    problem.loss(0).backward()
+    assert problem.params.bag.weight.grad.is_sparse
+
+
+def test_downsample_keeps_means_and_last_step() -> None:
+    steps, values = protocol.downsample([float(i) for i in range(1000)], 100)
+    assert len(steps) == 100 and steps[-1] == 999
+    assert values[0] == pytest.approx(4.5)
+
+
+def test_threads_context_restores_setting() -> None:
+    before = torch.get_num_threads()
+    with protocol.threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_quick_set_has_the_required_kinds() -> None:
+    kinds = {TASKS[n].kind for n in QUICK_TASKS}
+    assert kinds == {"2d", "model"} and "logreg" in QUICK_TASKS and "sparse-bag" in QUICK_TASKS
+    assert any(n.startswith("digits") for n in QUICK_TASKS)
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def _fake_task(metric_by_opt: dict[str, list[float | None]], hits: dict[str, list[int | None]]) -> dict:
+    runs = []
+    for o, values in metric_by_opt.items():
+        for seed, (v, h) in enumerate(zip(values, hits[o])):
+            runs.append({"optimizer": o, "lr": 0.1, "seed": seed, "phase": "sweep" if seed == 0 else "seed",
+                         "diverged": v is None, "final_metric": v, "final_loss": v, "steps_to_target": h,
+                         "time_to_target": None if h is None else h * 0.001, "step_time": 0.001})
+    return {"name": "t", "metric": "acc", "higher_is_better": True, "target": 0.9,
+            "centres": {o: 0.1 for o in metric_by_opt}, "best_lr": {o: 0.1 for o in metric_by_opt}, "runs": runs}
+
+
+def test_ranking_recommendation_and_profile() -> None:
+    task = _fake_task({"sgd": [0.91, 0.92, 0.93], "adam": [0.95, 0.96, 0.94], "lamb": [0.5, 0.6, None]},
+                      {"sgd": [100, 120, None], "adam": [50, 60, 40], "lamb": [None, None, None]})
+    rows = analysis.ranking(task)
+    assert [r["optimizer"] for r in rows] == ["adam", "sgd", "lamb"]
+    assert rows[0]["metric_median"] == pytest.approx(0.95) and rows[0]["steps_to_target"] == 50
+    assert rows[1]["reached"] == "2/3" and rows[1]["steps_to_target"] == 120  # the miss counts as never
+    assert rows[2]["reached_target"] is False and rows[2]["diverged_seeds"] == 1
+    rec = analysis.recommendation(task)
+    assert rec["optimizer"] == "adam" and "runner-up sgd" in rec["evidence"]
+    prof = analysis.profile({"tasks": {"t": task}}, "steps_to_target")
+    taus = analysis.PROFILE_TAUS
+    assert prof["adam"][0] == 1.0  # fastest
+    assert prof["sgd"][taus.index(2.35)] == 0.0 and prof["sgd"][taus.index(2.4)] == 1.0  # 120/50 = 2.4
+    assert max(prof["lamb"]) == 0.0
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_contains_every_task_optimizer_and_figure(tiny_report: tuple[Path, dict]) -> None:
+    out, results = tiny_report
+    page = (out / "index.html").read_text()
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == sorted(["rosenbrock-curves.png", "rosenbrock-lr.png", "rosenbrock-trajectories.png",
+                              "logreg-curves.png", "logreg-lr.png", "profile.png"])
+    for name in figures:
+        png = (out / "figures" / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+        assert f'alt="{name}"' in page  # embedded as base64...
+        assert f'href="figures/{name}"' in page  # ...and linked to the file next to it
+    for task in TINY["tasks"]:
+        assert f'id="{task}"' in page
+        assert "Recommendation:" in page
+    for opt in OPTS:
+        assert f"<td>{opt}</td>" in page
+    assert len(re.findall(r"data:image/png;base64,", page)) == len(figures)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == results
+    assert set(saved["tasks"]) == set(TINY["tasks"])
+    for task in saved["tasks"].values():
+        # sweep (5 lrs) per optimizer + one extra seed at the best lr
+        assert len(task["runs"]) == len(OPTS) * (len(protocol.GRID_MULTIPLIERS) + 1)
+        assert {r["seed"] for r in task["runs"] if r["phase"] == "seed"} == {1}
+        assert set(task["best_lr"]) == set(OPTS)
+    assert not list(out.parent.glob(".*"))  # no temp dirs or partial results left behind
+
+
+def test_report_redraws_identically(tiny_report: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = tiny_report
+    redraw(out, tmp_path / "again")
+    assert (tmp_path / "again" / "index.html").read_text() == (out / "index.html").read_text()
+    for png in (out / "figures").iterdir():
+        assert (tmp_path / "again" / "figures" / png.name).read_bytes() == png.read_bytes()
+    assert load(tmp_path / "again") == load(out)
+
+
+def test_report_write_is_atomic(tiny_report: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, results = tiny_report
+    target = tmp_path / "r"
+    report.write(results, target)
+    before = (target / "index.html").read_text()
+    broken = dict(results, tasks={**results["tasks"], "rosenbrock": {**results["tasks"]["rosenbrock"], "kind": "2d", "name": "x"}})
+
+    from thalweg.arena import figures
+
+    def boom(task: dict) -> None:
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(figures, "lr_figure", boom)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        report.write(broken, target)
+    assert (target / "index.html").read_text() == before  # the old report is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # and no temp dir is left
+
+
+def test_report_refuses_a_foreign_non_empty_directory(tiny_report: tuple[Path, dict], tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ArenaError, match="not empty"):
+        report.write(tiny_report[1], tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- compare()
+
+
+def test_compare_on_user_model(tmp_path: Path) -> None:
+    from thalweg.arena import compare
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = (x[:, 0] - x[:, 1] > 0).long()
+    accuracy = lambda m, xv, yv: float((m(xv).argmax(1) == yv).float().mean())  # noqa: E731
+    results = compare(lambda: nn.Linear(5, 2), F.cross_entropy, ((x[:150], y[:150]), (x[150:], y[150:])),
+                      optimizers=["sgd", "adam"], steps=60, seeds=2, metric_fn=accuracy, metric="accuracy",
+                      higher_is_better=True, target=0.8, out=tmp_path / "cmp", progress=False, name="toy", backend=REF)
+    task = results["tasks"]["toy"]
+    assert set(task["best_lr"]) == {"sgd", "adam"}
+    assert analysis.recommendation(task)["optimizer"] in {"sgd", "adam"}
+    assert max(r["final_metric"] or 0 for r in task["runs"]) > 0.8  # a linearly separable toy is learnt
+    page = (tmp_path / "cmp" / "index.html").read_text()
+    assert 'id="toy"' in page and (tmp_path / "cmp" / "figures" / "toy-lr.png").exists()
+
+
+def test_compare_rejects_malformed_data(tmp_path: Path) -> None:
+    from thalweg.arena import compare
+
+    assert not isinstance(compare, type(sys))  # the function, not a submodule of the same name
+    with pytest.raises(ArenaError, match="training"):
+        compare(lambda: nn.Linear(2, 1), F.mse_loss, ((torch.ones(3, 2),), (torch.ones(3, 2), torch.ones(3))),
+                out=tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_import_thalweg_arena_is_light() -> None:
+    # (tqdm is left out: torch itself imports it, through torch.hub.)
+    code = ("import sys, thalweg, thalweg.arena; heavy = [m for m in ('matplotlib', 'sklearn') if m in sys.modules];"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
