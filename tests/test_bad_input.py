@@ -237,3 +237,19 @@ def test_a_sparse_grad_in_one_group_fails_the_step_and_changes_nothing(spec):
     if spec.sparse:  # accepted alone, refused with weight decay (it would touch every row)
         optimizer.param_groups[1]["weight_decay"] = 0.1
     assert_step_raises_and_changes_nothing(optimizer, params, RuntimeError, r"sparse gradients")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_an_unavailable_backend_fails_the_step_and_changes_nothing(spec, monkeypatch):
+    # e.g. backend="fused" on a machine without numba (or CUDA without triton): the error must come
+    # before any state is created or any gradient clipped.
+    from thalweg import _backends
+
+    monkeypatch.setattr(_backends, "fused_unavailable_reason", lambda device: "numba is missing (simulated)")
+    params = make_params([(3, 2), (4,)], torch.float32, 1)
+    optimizer = spec.cls(params, **spec.required, backend="fused", max_grad_norm=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert_step_raises_and_changes_nothing(optimizer, params, RuntimeError,
+                                           r"backend='fused' is not available for cpu tensors: numba is missing")
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params), "gradients were clipped by a failed step"

@@ -187,6 +187,19 @@ class Optimizer(torch.optim.Optimizer):
         if not grads and self.grad_norm_process_group is None:
             return loss
 
+        # Backends are resolved before anything is written, so an unavailable one (backend="fused"
+        # without numba or triton) fails the step with gradients, state and parameters as they were.
+        plan = []
+        for group, params, group_grads, sharding in work:
+            for device, device_params, device_grads in _split_by_device(params, group_grads):
+                backend = self.backend_for(device)
+                if sharding is None:
+                    update = _backends.lookup(self.algorithm, backend, device)
+                else:  # the backends see local shards; norms inside are summed across processes
+                    backend = distributed.backend_for_shards(backend, requested=self.backend, layerwise=self.layerwise)
+                    update = distributed.on_local_shards(_backends.lookup(self.algorithm, backend, device), sharding)
+                plan.append((group, device_params, device_grads, update))
+
         if self.max_grad_norm is not None or self.skip_nonfinite:
             # Sharded or partitioned gradients: local squared norms summed across processes, once.
             norm = distributed.total_grad_norm(global_grad_norm, [(sharding, g) for _, _, g, sharding in work],
@@ -200,17 +213,10 @@ class Optimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 clip_grads_(grads, norm, self.max_grad_norm)
 
-        for group, params, group_grads, sharding in work:
-            for device, device_params, device_grads in _split_by_device(params, group_grads):
-                for param in device_params:
-                    self._init_state(param, group)
-                backend = self.backend_for(device)
-                if sharding is None:
-                    update = _backends.lookup(self.algorithm, backend, device)
-                else:  # the backends see local shards; norms inside are summed across processes
-                    backend = distributed.backend_for_shards(backend, requested=self.backend, layerwise=self.layerwise)
-                    update = distributed.on_local_shards(_backends.lookup(self.algorithm, backend, device), sharding)
-                self._update(update, group, device_params, device_grads)
+        for group, device_params, device_grads, update in plan:
+            for param in device_params:
+                self._init_state(param, group)
+            self._update(update, group, device_params, device_grads)
         return loss
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
