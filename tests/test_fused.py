@@ -85,9 +85,18 @@ def _assert_same(ref_params, ref_opt, fused_params, fused_opt, rtol):
             close(fused_state[key], ref_state[key], f"param {i} state {key}")
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def kernel_build(request, monkeypatch):
+    """Both compilations of every kernel: small buckets run the serial one, large ones the parallel one."""
+    from thalweg.kernels import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "SERIAL_BELOW", 1 << 62 if request.param == "serial" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"])
 @pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o in CASES])
-def test_fused_matches_reference(name, options, dtype, rtol):
+def test_fused_matches_reference(name, options, dtype, rtol, kernel_build):
     ref = _run(name, options, "reference", dtype)
     fused = _run(name, options, "fused", dtype)
     _assert_same(*ref, *fused, rtol=rtol)

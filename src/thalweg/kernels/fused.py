@@ -151,6 +151,17 @@ def adagrad_fused(params, grads, *, state_sums, steps, lr, lr_decay, weight_deca
                                                      eps=eps, maximize=maximize)
 
 
+class _Kernels:
+    """The numba kernels sized for one bucket: ``kernels.adam`` is the serial or parallel build."""
+
+    def __init__(self, module, n_elements: int) -> None:
+        self.LOCK = module.LOCK
+        self._module, self._n_elements = module, n_elements
+
+    def __getattr__(self, name: str):
+        return self._module.kernel(name, self._n_elements)
+
+
 class _Cpu:
     """Launches the numba kernels on a CPU bucket: tables and scalars in, one kernel call out."""
 
@@ -162,9 +173,10 @@ class _Cpu:
         like = np.empty(1, dtype=storage)
         ptrs = _host.pointer_table(bucket.roles, n_roles)
         chunks = _host.chunk_table(bucket.roles[0])
+        n_elements = int(chunks[:, 2].sum() - chunks[:, 1].sum()) if len(chunks) else 0
         steps = np.fromiter((s.data_ptr() for s in bucket.steps), dtype=np.int64, count=len(bucket.steps))
         step_like = np.empty(1, dtype=np.float64 if bucket.steps and bucket.steps[0].dtype == torch.float64 else np.float32)
-        return numba_cpu, compute, like, ptrs, chunks, steps, step_like
+        return _Kernels(numba_cpu, n_elements), compute, like, ptrs, chunks, steps, step_like
 
     @staticmethod
     def sgd(bucket, *, new, scales, lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
