@@ -44,15 +44,26 @@ def fused_unavailable_reason(device: torch.device) -> str | None:
     return kernels.unavailable_reason(device)
 
 
-def auto_backend(device: torch.device, *, allow_fused: bool = True) -> str:
-    """The backend ``"auto"`` picks for tensors on ``device``.
+# Below this many tensors on CPU, SGD's for-loop (one in-place torch op per tensor, already a single
+# pass) beats the fused kernel's fixed cost; with more, per-tensor dispatch dominates and fusing wins
+# (benchmarks/results: 4 x 256k: 0.44 ms for-loop vs 0.63 fused; 2000 x 1000: 6.5 vs 4.9 ms).
+_SGD_FUSED_FROM_TENSORS = 32
 
-    Fused when its compiler is installed; otherwise torch.optim's own default for the device: the
-    for-loop on CPU (where ``foreach`` is slower, see NOTES.md) and ``foreach`` elsewhere.
+
+def auto_backend(device: torch.device, *, allow_fused: bool = True, algorithm: str | None = None,
+                 n_tensors: int | None = None) -> str:
+    """The backend ``"auto"`` picks for ``n_tensors`` tensors of ``algorithm`` on ``device``.
+
+    Fused when its compiler is installed and it is faster for the case (measured in
+    ``benchmarks/step_speed.py``); otherwise torch.optim's own default for the device: the for-loop
+    on CPU (where ``foreach`` is slower, see NOTES.md) and ``foreach`` elsewhere.
     """
-    if allow_fused and fused_unavailable_reason(device) is None:
-        return "fused"
-    return "reference" if device.type == "cpu" else "foreach"
+    default = "reference" if device.type == "cpu" else "foreach"
+    if not allow_fused or fused_unavailable_reason(device) is not None:
+        return default
+    if device.type == "cpu" and algorithm == "sgd" and n_tensors is not None and n_tensors < _SGD_FUSED_FROM_TENSORS:
+        return default
+    return "fused"
 
 
 def lookup(algorithm: str, backend: str, device: torch.device) -> Callable[..., None]:

@@ -159,10 +159,11 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def backend_for(self, device: torch.device) -> str:
-        """The backend this optimizer uses for tensors on ``device``."""
+    def backend_for(self, device: torch.device, n_tensors: int | None = None) -> str:
+        """The backend this optimizer uses for ``n_tensors`` tensors on ``device``."""
         if self.backend == "auto":
-            return _backends.auto_backend(device, allow_fused=self._auto_may_fuse)
+            return _backends.auto_backend(device, allow_fused=self._auto_may_fuse, algorithm=self.algorithm,
+                                          n_tensors=n_tensors)
         return self.backend
 
     @torch.no_grad()
@@ -192,7 +193,7 @@ class Optimizer(torch.optim.Optimizer):
         plan = []
         for group, params, group_grads, sharding in work:
             for device, device_params, device_grads in _split_by_device(params, group_grads):
-                backend = self.backend_for(device)
+                backend = self.backend_for(device, len(device_params))
                 if sharding is None:
                     update = _backends.lookup(self.algorithm, backend, device)
                 else:  # the backends see local shards; norms inside are summed across processes

@@ -264,7 +264,9 @@ def adam(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
             _store(m, i, mi)
             _store(v, i, vi)
             if amsgrad:
-                vi = max(_load(vmax, i), vi)
+                # torch.maximum propagates a NaN from either side; Python's max would drop one
+                previous = _load(vmax, i)
+                vi = vi if (vi >= previous or vi != vi) else previous
                 _store(vmax, i, vi)
             _store(p, i, pi + step_size * mi / (np.sqrt(vi) / correction2_sqrt + eps))
 
