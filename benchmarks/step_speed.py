@@ -4,7 +4,7 @@
     python benchmarks/step_speed.py --quick    # smoke run: small layouts, few repeats
 
 Layouts: (a) 32 tensors of 1M float32, (b) 2000 tensors of 1000, (c) a small GPT-style transformer.
-Per cell: ms/step (median of repeats after warm-up), effective GB/s (floor bytes / time; floor bytes
+Per cell: ms/step (median of repeats after warm-up, all candidates of a cell timed round-robin), effective GB/s (floor bytes / time; floor bytes
 per float32 element below), its share of the copy bandwidth measured in the same run (``copy_`` of
 256 MB, bytes read + written), and the speed-up over torch.optim's fastest mode (for-loop, foreach,
 fused) or, for LARS/LAMB, over pytorch-optimizer's (``pip install pytorch-optimizer``; skipped if absent).
@@ -52,17 +52,6 @@ def layouts(quick):
     return {"a:32x1M": [(1 << 20,)] * 32, "b:2000x1000": [(1000,)] * 2000, "c:gpt-small": gpt_shapes()}
 
 
-def time_steps(optimizer, repeats, warmup=2):
-    for _ in range(warmup):
-        optimizer.step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def make_params(shapes):
     params = [torch.randn(shape).requires_grad_() for shape in shapes]
     for p in params:
@@ -70,16 +59,38 @@ def make_params(shapes):
     return params
 
 
-def copy_bandwidth(repeats=5):
-    source = torch.randn(64 << 20)  # 256 MB, written first so no page is a shared zero page
-    target = torch.empty_like(source)
-    target.copy_(source)
-    times = []
+class Copy:
+    """A 256 MB ``copy_`` timed like an optimizer step: the memory-bandwidth yardstick of the same run."""
+
+    def __init__(self):
+        self.source = torch.randn(64 << 20)  # written first, so no page is a shared zero page
+        self.target = torch.empty_like(self.source)
+        self.bytes = 2 * self.source.numel() * 4  # read + write
+
+    def step(self):
+        self.target.copy_(self.source)
+
+
+def interleaved_medians(candidates, repeats, flush, warmup=2):
+    """Median seconds per ``step()`` of each candidate, timed round-robin, each from a cold cache.
+
+    The machines are shared and noisy: timing each candidate in its own block would let a burst of
+    load land on one of them. Round-robin spreads the noise over all candidates of a cell, so their
+    ratios (what the README reports) stay meaningful. ``flush`` runs before every timed step: in
+    training the forward and backward passes evict the optimizer's tensors from the caches, and a
+    candidate that followed another one's warm data would be favoured.
+    """
+    for candidate in candidates.values():
+        for _ in range(warmup):
+            candidate.step()
+    times = {label: [] for label in candidates}
     for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        times.append(time.perf_counter() - start)
-    return 2 * source.numel() * 4 / statistics.median(times) / 1e9
+        for label, candidate in candidates.items():
+            flush()
+            start = time.perf_counter()
+            candidate.step()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 def pytorch_optimizer_class(name):
@@ -90,55 +101,68 @@ def pytorch_optimizer_class(name):
     return {"lars": getattr(pytorch_optimizer, "LARS", None), "lamb": getattr(pytorch_optimizer, "Lamb", None)}.get(name)
 
 
+TORCH_MODES = {"torch for-loop": {"foreach": False}, "torch foreach": {"foreach": True}, "torch fused": {"fused": True}}
+
+
 def run(quick):
-    repeats = 5 if quick else 7
-    bandwidth = copy_bandwidth()
+    repeats = 5 if quick else 15
+    copy = Copy()
     rows = []
+    bandwidths = []
     for layout, shapes in layouts(quick).items():
         params = make_params(shapes)
         elements = sum(p.numel() for p in params)
         for name, (cls, options, torch_cls) in OPTIMIZERS.items():
             cell = {"layout": layout, "optimizer": name, "elements": elements, "floor_bytes": FLOOR[name] * elements}
+            candidates = {"copy": copy}
             for backend in ("reference", "foreach", "fused"):
-                cell[backend] = time_steps(cls(params, backend=backend, **options), repeats) * 1e3
-            peers = {}
+                candidates[backend] = cls(params, backend=backend, **options)
             if torch_cls is not None:
-                for mode in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+                for label, mode in TORCH_MODES.items():
                     try:
-                        peers[f"torch {next(iter(mode))}"] = time_steps(torch_cls(params, **options, **mode), repeats) * 1e3
+                        candidates[label] = torch_cls(params, **options, **mode)
+                        candidates[label].step()  # some modes refuse only at the first step
                     except (RuntimeError, TypeError) as error:  # a mode torch lacks for this optimizer
-                        peers[f"torch {next(iter(mode))}"] = None
-                        cell.setdefault("notes", []).append(str(error)[:80])
+                        candidates.pop(label, None)
+                        cell.setdefault("notes", []).append(f"{label}: {str(error)[:80]}")
             else:
                 peer = pytorch_optimizer_class(name)
                 if peer is not None:
-                    peer_options = dict(options)
-                    peers["pytorch-optimizer"] = time_steps(peer(params, **peer_options), repeats) * 1e3
+                    candidates["pytorch-optimizer"] = peer(params, **options)
+            seconds = interleaved_medians(candidates, repeats, flush=copy.step)
+            cell["copy_gbps"] = copy.bytes / seconds.pop("copy") / 1e9
+            bandwidths.append(cell["copy_gbps"])
+            for backend in ("reference", "foreach", "fused"):
+                cell[backend] = seconds.pop(backend) * 1e3
+            peers = {label: value * 1e3 for label, value in seconds.items()}
             cell["peers"] = peers
-            fastest = min((v for v in peers.values() if v is not None), default=None)
+            fastest = min(peers.values(), default=None)
             cell["gbps_fused"] = cell["floor_bytes"] / (cell["fused"] / 1e3) / 1e9
-            cell["copy_share"] = cell["gbps_fused"] / bandwidth
+            cell["copy_share"] = cell["gbps_fused"] / cell["copy_gbps"]
             cell["vs_fastest_peer"] = None if fastest is None else fastest / cell["fused"]
             cell["vs_torch_fused"] = (peers["torch fused"] / cell["fused"]) if peers.get("torch fused") else None
             rows.append(cell)
             print(f"{layout:12s} {name:9s} ref {cell['reference']:8.2f}  foreach {cell['foreach']:8.2f}  fused "
-                  f"{cell['fused']:8.2f} ms  {cell['gbps_fused']:6.1f} GB/s ({cell['copy_share']:.2f} of copy)  "
-                  f"x{cell['vs_fastest_peer'] or float('nan'):.2f} vs fastest peer", flush=True)
-    return {"copy_gbps": bandwidth, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "quick": quick, "rows": rows}
+                  f"{cell['fused']:8.2f} ms  {cell['gbps_fused']:6.1f} GB/s ({cell['copy_share']:.2f} of copy "
+                  f"{cell['copy_gbps']:.1f})  x{cell['vs_fastest_peer'] or float('nan'):.2f} vs fastest peer", flush=True)
+            del candidates
+    return {"copy_gbps": statistics.median(bandwidths), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "quick": quick, "repeats": repeats, "rows": rows}
 
 
 def markdown(result):
-    lines = [f"copy bandwidth: {result['copy_gbps']:.1f} GB/s (read + write), torch {result['torch']}, "
-             f"{result['threads']} threads", "",
-             "| layout | optimizer | reference ms | foreach ms | fused ms | fused GB/s | share of copy | fastest peer ms "
-             "| fused speed-up vs fastest peer | vs torch fused |", "|" + "---|" * 10]
+    fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"Median of {result['repeats']} interleaved steps; copy bandwidth (read + write) measured in the same "
+             f"rounds, median {result['copy_gbps']:.1f} GB/s; torch {result['torch']}, {result['threads']} threads.", "",
+             "| layout | optimizer | thalweg reference ms | thalweg foreach ms | **thalweg fused ms** | torch for-loop ms "
+             "| torch foreach ms | torch fused ms | pytorch-optimizer ms | fused GB/s | share of copy "
+             "| fused vs fastest peer | fused vs torch fused |", "|" + "---|" * 13]
     for r in result["rows"]:
-        fastest = min((v for v in r["peers"].values() if v is not None), default=None)
-        fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"| {r['layout']} | {r['optimizer']} | {r['reference']:.2f} | {r['foreach']:.2f} | {r['fused']:.2f} "
-                     f"| {r['gbps_fused']:.1f} | {r['copy_share']:.2f} | {fmt(fastest)} | {fmt(r['vs_fastest_peer'])} "
-                     f"| {fmt(r['vs_torch_fused'])} |")
+        peers = r["peers"]
+        lines.append(f"| {r['layout']} | {r['optimizer']} | {r['reference']:.2f} | {r['foreach']:.2f} | **{r['fused']:.2f}** "
+                     f"| {fmt(peers.get('torch for-loop'))} | {fmt(peers.get('torch foreach'))} "
+                     f"| {fmt(peers.get('torch fused'))} | {fmt(peers.get('pytorch-optimizer'))} | {r['gbps_fused']:.1f} "
+                     f"| {r['copy_share']:.2f} | {fmt(r['vs_fastest_peer'])} | {fmt(r['vs_torch_fused'])} |")
     return "\n".join(lines) + "\n"
 
 
