@@ -4,10 +4,20 @@
     optimizer = thalweg.create("lamb", model, lr=2e-3)         # by name, no-decay group built for you
 """
 
-from . import schedules
+from . import distributed, schedules
 from ._base import Optimizer
 from .factory import create, names
 from .optim import LAMB, LARS, SGD, Adagrad, Adam, AdamW, Momentum, RMSprop
 
 __version__ = "0.1.0"
-__all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "LAMB", "Optimizer", "create", "names", "schedules"]
+__all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "LAMB", "Optimizer", "create", "names",
+           "schedules", "arena", "distributed"]
+
+
+def __getattr__(name: str):
+    # The arena pulls in its tasks and plotting only when used: `import thalweg` stays light.
+    if name == "arena":
+        import importlib
+
+        return importlib.import_module(".arena", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
