@@ -221,20 +221,15 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
-        problem = None
-        if grad.is_sparse:
-            if not self.accepts_sparse_grads:
-                problem = (f"{type(self).__name__} does not support sparse gradients; use thalweg.Adagrad, "
-                           "or a dense layer (e.g. nn.Embedding(sparse=False))")
-        elif grad.shape != param.shape:
-            problem = f"gradient shape {tuple(grad.shape)} does not match the parameter's {tuple(param.shape)}"
-        if grad.dtype != param.dtype:
-            problem = f"gradient dtype {grad.dtype} does not match the parameter's {param.dtype}"
-        elif grad.device != param.device:
-            problem = f"gradient is on {grad.device} but the parameter is on {param.device}"
-        if problem is not None:
+        # Shape, dtype and device need no check here: torch's ``.grad`` setter and autograd already
+        # refuse a gradient that differs from its parameter in any of them. This runs per tensor per
+        # step, so it checks only what torch lets through.
+        if grad.is_sparse and not self.accepts_sparse_grads:
             # Located only on failure: the search is linear in the group's size.
-            raise RuntimeError(f"parameter {_position(group, param)} of param group {group_index}: {problem}")
+            raise RuntimeError(
+                f"parameter {_position(group, param)} of param group {group_index}: {type(self).__name__} does not "
+                "support sparse gradients; use thalweg.Adagrad, or a dense layer (e.g. nn.Embedding(sparse=False))"
+            )
 
 
 def _position(group: dict[str, Any], param: torch.Tensor) -> int:
@@ -245,12 +240,16 @@ def _position(group: dict[str, Any], param: torch.Tensor) -> int:
 
 
 def _split_by_device(params: list[torch.Tensor], grads: list[torch.Tensor]):
-    devices: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    """``[(device, params, grads)]`` per device, in first-seen order (one entry, the lists as given, in the usual case)."""
+    devices = {p.device for p in params}
+    if len(devices) <= 1:
+        return [(devices.pop(), params, grads)] if devices else []
+    split: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for param, grad in zip(params, grads):
-        bucket = devices.setdefault(param.device, ([], []))
+        bucket = split.setdefault(param.device, ([], []))
         bucket[0].append(param)
         bucket[1].append(grad)
-    return [(device, p, g) for device, (p, g) in devices.items()]
+    return [(device, p, g) for device, (p, g) in split.items()]
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
