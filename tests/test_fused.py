@@ -233,3 +233,33 @@ def test_import_thalweg_without_numba_or_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "pip install" in out.stdout
+
+
+def test_state_verdicts_follow_the_state_tensors():
+    """partition() remembers which state tensors passed its checks, by identity: a state replaced by a
+    strided one must be checked anew (and fall back to the reference path), and a dead one forgotten."""
+    import gc
+
+    def run(backend):
+        torch.manual_seed(0)
+        params = [torch.randn(6, 5, requires_grad=True), torch.randn(7, requires_grad=True)]
+        optimizer = thalweg.Adam(params, lr=0.1, backend=backend)
+        replaced = []  # kept alive: the verdict must follow the new object, not the death of the old one
+        for step in range(6):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+            if step == 2:  # same values, now a transposed (non-contiguous) view
+                state = optimizer.state[params[0]]
+                replaced.append(state["exp_avg"])
+                state["exp_avg"] = state["exp_avg"].t().contiguous().t()
+                assert not state["exp_avg"].is_contiguous()
+        return params, optimizer
+
+    _assert_same(*run("reference"), *run("fused"), rtol=1e-6)
+    entries = len(_host._STATE_CHECKS)
+    params, optimizer = run("fused")
+    assert len(_host._STATE_CHECKS) > entries
+    del params, optimizer
+    gc.collect()
+    assert len(_host._STATE_CHECKS) == entries

@@ -7,6 +7,7 @@ No numba or triton import here: this module is loaded by ``import thalweg.kernel
 from __future__ import annotations
 
 from collections import OrderedDict
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +30,45 @@ class Bucket:
     steps: list[torch.Tensor]
 
 
+class _StateChecks:
+    """Which state tensors passed :func:`partition`'s checks, remembered by identity.
+
+    State tensors (``exp_avg``, ``sum``, ``step``...) belong to the optimizer and keep their identity,
+    storage and layout from step to step; a checkpoint load replaces them with new objects. Checking
+    each of them again every step was most of the host time with 2000 small tensors, so the verdicts
+    are kept per list of objects, and dropped as soon as one of those objects dies (a dead tensor's
+    ``id`` can be reused by a new one). Parameters and gradients are checked every step: ``.data``
+    assignments (``model.to``, ``model.half``) and ``zero_grad`` change them.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[list[bool], list[weakref.ref]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def verdicts(self, key: tuple, tensors: list[torch.Tensor], check) -> list[bool]:
+        """``[check(k) for k]`` for ``tensors``, computed once while all of them live (``key`` names them)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            forget = lambda _, key=key: self._entries.pop(key, None)  # noqa: E731
+            # the weak references (kept with the entry) call `forget` when a tensor dies
+            entry = ([check(k) for k in range(len(tensors))], [weakref.ref(t, forget) for t in tensors])
+            self._entries[key] = entry
+        return entry[0]
+
+
+_STATE_CHECKS = _StateChecks()
+
+
 def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] | None) -> tuple[list[Bucket], list[int]]:
     """Split tensor positions into kernel buckets (one per dtype) and the positions a kernel cannot take.
 
-    ``roles[0]`` are the params; an empty role list is an unused state; a ``None`` entry is a state the
-    caller will create (SGD's first momentum buffer). A kernel needs, for every role, a dense
-    contiguous tensor of the param's dtype, device and size: anything else (a sparse or strided
-    gradient, a float16 param, a state loaded in another dtype) goes to the reference path.
+    ``roles[0]`` are the params, ``roles[1]`` the grads; an empty role list is an unused state; a
+    ``None`` entry is a state the caller will create (SGD's first momentum buffer). A kernel needs, for
+    every role, a dense contiguous tensor of the param's dtype, device and size: anything else (a
+    sparse or strided gradient, a float16 param, a state loaded in another dtype) goes to the
+    reference path.
     """
     params = roles[0]
     if not params:
@@ -44,20 +77,35 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
     dtypes = [p.dtype for p in params]
     numels = [p.numel() for p in params]
     strided = torch.strided
-    ok = [d in KERNEL_DTYPES and p.layout is strided and p.is_contiguous() for p, d in zip(params, dtypes)]
-    for role in roles[1:]:
-        if not role:
-            continue
-        ok = [
-            good and (t is None or (t.layout is strided and t.dtype is d and t.numel() == n and t.device == device
-                                    and t.is_contiguous()))
-            for good, t, d, n in zip(ok, role, dtypes, numels)
-        ]
-    step_dtypes: list[torch.dtype | None] = [None] * len(params)
-    if steps is not None:
-        step_dtypes = [s.dtype for s in steps]
-        ok = [good and d in STEP_DTYPES and s.device.type == "cpu" and s.numel() == 1
-              for good, s, d in zip(ok, steps, step_dtypes)]
+    ok = [d in KERNEL_DTYPES and p.layout is strided and p.is_contiguous() and p.device == device
+          for p, d in zip(params, dtypes)]
+    # gradients: torch's .grad setter guarantees dtype, size and device; layout and strides it does not
+    ok = [good and g.layout is strided and g.is_contiguous() for good, g in zip(ok, roles[1])]
+
+    # state tensors, role after role, then the step counters: position k belongs to parameter k % n
+    n = len(params)
+    state_roles = [role for role in roles[2:] if role]
+    states = [t for role in state_roles for t in role] + (list(steps) if steps is not None else [])
+
+    def check(k: int) -> bool:
+        tensor, i = states[k], k % n
+        if tensor is None:  # a buffer the caller creates to match its parameter
+            return True
+        if k >= len(state_roles) * n:  # a step counter
+            return tensor.dtype in STEP_DTYPES and tensor.device.type == "cpu" and tensor.numel() == 1
+        return (tensor.layout is strided and tensor.dtype is dtypes[i] and tensor.numel() == numels[i]
+                and tensor.device == device and tensor.is_contiguous())
+
+    if states:
+        if any(t is None for t in states):  # a buffer about to be created: nothing stable to remember
+            verdicts = [check(k) for k in range(len(states))]
+        else:  # a verdict depends on the state itself and on its parameter's dtype and size
+            key = (tuple(map(id, states)), tuple(dtypes), tuple(numels), device)
+            verdicts = _STATE_CHECKS.verdicts(key, states, check)
+        for start in range(0, len(verdicts), n):
+            ok = [good and verdict for good, verdict in zip(ok, verdicts[start:start + n])]
+
+    step_dtypes: list[torch.dtype | None] = [s.dtype for s in steps] if steps is not None else [None] * len(params)
     groups: dict[tuple, list[int]] = {}
     fallback = []
     for i, good in enumerate(ok):
