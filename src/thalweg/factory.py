@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Iterable
 
-import torch
 from torch import nn
 
 from . import optim

@@ -7,7 +7,9 @@ global backend or figure registry is touched and the same results always give th
 from __future__ import annotations
 
 import io
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,16 @@ def to_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
+
+
+def save_result_with_figure(result: dict[str, Any], out: str | Path, stem: str, fig: Figure) -> Path:
+    """Write ``result`` as ``out/stem.json`` and ``fig`` as ``out/stem.png`` (lr-find, tune); returns the PNG."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, allow_nan=False), encoding="utf-8")
+    png = out / f"{stem}.png"
+    png.write_bytes(to_png(fig))
+    return png
 
 
 def _band(curves: list[tuple[list[int], list[float | None]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -6,7 +6,6 @@ log lr); the lr of the minimum smoothed loss divided by 10 is reported too, as f
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -113,12 +112,6 @@ def lr_find_figure(result: dict[str, Any]) -> Any:
 
 def write_lr_find(result: dict[str, Any], out: str | Path) -> Path:
     """Save the range test's JSON and PNG into ``out``; returns the PNG's path."""
-    from .figures import to_png
+    from .figures import save_result_with_figure
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"lr-find-{result['task']}-{result['optimizer']}"
-    (out / f"{stem}.json").write_text(json.dumps(result, allow_nan=False), encoding="utf-8")
-    png = out / f"{stem}.png"
-    png.write_bytes(to_png(lr_find_figure(result)))
-    return png
+    return save_result_with_figure(result, out, f"lr-find-{result['task']}-{result['optimizer']}", lr_find_figure(result))

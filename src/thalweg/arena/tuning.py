@@ -8,7 +8,6 @@ decay, then lr x weight decay at the best momentum value. Cells hold the final v
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -101,12 +100,7 @@ def tune_figure(result: dict[str, Any]) -> Any:
 
 
 def write_tune(result: dict[str, Any], out: str | Path) -> Path:
-    from .figures import to_png
+    """Save the search's JSON and heat-map PNG into ``out``; returns the PNG's path."""
+    from .figures import save_result_with_figure
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"tune-{result['task']}-{result['optimizer']}"
-    (out / f"{stem}.json").write_text(json.dumps(result, allow_nan=False), encoding="utf-8")
-    png = out / f"{stem}.png"
-    png.write_bytes(to_png(tune_figure(result)))
-    return png
+    return save_result_with_figure(result, out, f"tune-{result['task']}-{result['optimizer']}", tune_figure(result))
