@@ -10,7 +10,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import thalweg
-from specs import SPECS, TORCH_SPECS, assert_same_state, clone_params, grad_stream, make_params
+from specs import SPECS, TORCH_SPECS, assert_same_state, grad_stream, make_params
 
 
 def small_model():
