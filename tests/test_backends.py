@@ -119,3 +119,31 @@ def test_adagrad_honours_a_group_initial_accumulator_value():
                                 initial_accumulator_value=0.1)
     assert torch.equal(optimizer.state[first[0]]["sum"], torch.full((3,), 0.1))
     assert torch.equal(optimizer.state[second[0]]["sum"], torch.full((2,), 0.5))
+
+
+def test_complex_parameters_are_refused_with_the_reason():
+    with pytest.raises(TypeError, match=r"params\[0\] has dtype torch.complex64; only floating-point"):
+        thalweg.Adam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+
+
+@pytest.mark.parametrize("turned_on, key", [("momentum", "momentum_buffer"), ("centered", "grad_avg")])
+def test_rmsprop_creates_state_when_a_schedule_turns_an_option_on(turned_on, key):
+    # torch 2.13 raises KeyError here; thalweg creates the buffer (zeros) when first needed.
+    runs = []
+    for switch in (False, True):
+        params = make_params([(4,)], torch.float32, 0)
+        optimizer = thalweg.RMSprop(params, lr=0.01)
+        for step in range(4):
+            if step == 3 and switch:
+                assert key not in optimizer.state[params[0]]
+                optimizer.param_groups[0][turned_on] = 0.9 if turned_on == "momentum" else True
+            params[0].grad = torch.linspace(-1, 1, 4) * (step + 1)
+            optimizer.step()
+        runs.append((params[0].detach().clone(), optimizer.state[params[0]]))
+    (plain, _), (switched, state) = runs
+    assert key in state and torch.isfinite(switched).all()
+    if turned_on == "momentum":
+        # a fresh zero buffer makes the first momentum step equal to the plain one
+        torch.testing.assert_close(switched, plain, rtol=0, atol=0)
+    else:
+        assert not torch.equal(switched, plain)  # the centred denominator changed the step
