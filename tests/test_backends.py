@@ -143,7 +143,8 @@ def test_rmsprop_creates_state_when_a_schedule_turns_an_option_on(turned_on, key
     (plain, _), (switched, state) = runs
     assert key in state and torch.isfinite(switched).all()
     if turned_on == "momentum":
-        # a fresh zero buffer makes the first momentum step equal to the plain one
-        torch.testing.assert_close(switched, plain, rtol=0, atol=0)
+        # a fresh zero buffer makes the first momentum step the plain one, up to rounding (the
+        # momentum path divides, then scales by lr; the plain one does both in one addcdiv)
+        torch.testing.assert_close(switched, plain, rtol=1e-6, atol=1e-7)
     else:
         assert not torch.equal(switched, plain)  # the centred denominator changed the step
