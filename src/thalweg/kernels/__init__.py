@@ -40,8 +40,12 @@ def unavailable_reason(device: torch.device) -> str | None:
             reason = "CUDA is not available"
         elif _missing("triton"):
             reason = f"triton is not installed ({_INSTALL}, or pip install triton)"
-        else:
-            reason = None
+        else:  # the Triton kernels themselves (defined, not compiled, at import)
+            try:
+                importlib.import_module("thalweg.kernels.triton_gpu")
+                reason = None
+            except Exception as error:  # noqa: BLE001 - any failure means: do not offer the path
+                reason = f"the Triton kernels could not be loaded: {type(error).__name__}: {error}"
     else:
         reason = f"no fused kernels exist for {device.type} tensors (numba covers CPU, Triton covers CUDA)"
     _CHECKED[device.type] = reason
