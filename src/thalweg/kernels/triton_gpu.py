@@ -150,6 +150,8 @@ def _sgd_kernel(ptrs, n, chunks, sc, scales, DTYPE: tl.constexpr, COMPUTE: tl.co
     old = tl.load(sc + 4 + t) == 0  # 0: the buffer holds last step's momentum; 1: it is new (empty)
     if SCALED:
         scale = tl.load(scales + t).to(COMPUTE)
+    if MOMENTUM:
+        b_ptr = _pointer(ptrs, 2, n, t, DTYPE)
     for off in range(start, stop, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < stop
@@ -162,7 +164,6 @@ def _sgd_kernel(ptrs, n, chunks, sc, scales, DTYPE: tl.constexpr, COMPUTE: tl.co
         if SCALED:
             g = _round(g * scale, DTYPE)
         if MOMENTUM:
-            b_ptr = _pointer(ptrs, 2, n, t, DTYPE)
             b = _load(b_ptr, offs, mask, COMPUTE)  # a new buffer's garbage is discarded by the where
             # torch: a new buffer is a clone of the direction; then buffer·momentum + (1-dampening)·direction
             b = _round(tl.where(old, _round(b * momentum, DTYPE) + undampened * g, g), DTYPE)
@@ -250,6 +251,8 @@ def _adam_kernel(ptrs, n, chunks, sc, DTYPE: tl.constexpr, COMPUTE: tl.constexpr
     decay = tl.load(sc + 5).to(COMPUTE)
     step_size = tl.load(sc + 6 + 2 * t).to(COMPUTE)
     correction2_sqrt = tl.load(sc + 7 + 2 * t).to(COMPUTE)
+    if AMSGRAD:
+        vmax_ptr = _pointer(ptrs, 4, n, t, DTYPE)
     for off in range(start, stop, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < stop
@@ -267,7 +270,6 @@ def _adam_kernel(ptrs, n, chunks, sc, DTYPE: tl.constexpr, COMPUTE: tl.constexpr
         _store(m_ptr, offs, m, mask, DTYPE)
         _store(v_ptr, offs, v, mask, DTYPE)
         if AMSGRAD:
-            vmax_ptr = _pointer(ptrs, 4, n, t, DTYPE)
             previous = _load(vmax_ptr, offs, mask, COMPUTE)
             v = tl.where((v >= previous) | (v != v), v, previous)  # torch.maximum propagates NaN
             _store(vmax_ptr, offs, v, mask, DTYPE)
@@ -360,6 +362,10 @@ def _rmsprop_kernel(ptrs, n, chunks, sc, DTYPE: tl.constexpr, COMPUTE: tl.conste
     eps = tl.load(sc + 3).to(COMPUTE)
     weight_decay = tl.load(sc + 4).to(COMPUTE)
     momentum = tl.load(sc + 5).to(COMPUTE)
+    if CENTERED:
+        a_ptr = _pointer(ptrs, 3, n, t, DTYPE)
+    if MOMENTUM:
+        b_ptr = _pointer(ptrs, 4, n, t, DTYPE)
     for off in range(start, stop, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < stop
@@ -372,14 +378,12 @@ def _rmsprop_kernel(ptrs, n, chunks, sc, DTYPE: tl.constexpr, COMPUTE: tl.conste
         s = _round(_round(_load(s_ptr, offs, mask, COMPUTE) * alpha, DTYPE) + w * g * g, DTYPE)
         _store(s_ptr, offs, s, mask, DTYPE)
         if CENTERED:
-            a_ptr = _pointer(ptrs, 3, n, t, DTYPE)
             a = _round(_lerp(_load(a_ptr, offs, mask, COMPUTE), g, w, w_minus_one), DTYPE)
             _store(a_ptr, offs, a, mask, DTYPE)
             denom = _round(_round(_sqrt(_round(s - a * a, DTYPE), COMPUTE), DTYPE) + eps, DTYPE)
         else:
             denom = _round(_round(_sqrt(s, COMPUTE), DTYPE) + eps, DTYPE)
         if MOMENTUM:
-            b_ptr = _pointer(ptrs, 4, n, t, DTYPE)
             b = _round(_round(_load(b_ptr, offs, mask, COMPUTE) * momentum, DTYPE) + _div(g, denom, COMPUTE), DTYPE)
             _store(b_ptr, offs, b, mask, DTYPE)
             _store(p_ptr, offs, _round(p + neg_lr * b, DTYPE), mask, DTYPE)

@@ -1,0 +1,178 @@
+"""CUDA optimizer step speed: thalweg's Triton kernels against torch.optim and the copy bandwidth.
+
+    python benchmarks/gpu_step_speed.py            # writes benchmarks/results/gpu-<device>-<date>.{json,md}
+    python benchmarks/gpu_step_speed.py --quick    # smoke run: small layouts, few repeats
+
+Layouts: (a) 64 tensors of 4M float32 (256M parameters), (b) 2000 tensors of 1000 (many small).
+Candidates per optimizer: thalweg backend="fused" (Triton), thalweg backend="foreach", torch.optim's
+foreach and fused modes (fused where torch has it: SGD, Adam, Adagrad). Timing: CUDA events around
+each step after warm-up, median of repeats, one candidate at a time (each holds its own state, freed
+before the next). Also: device copy bandwidth (``copy_`` of 1 GiB, bytes read + written) and each
+fused time's share of it, from the minimum bytes per element the step must move (``FLOOR``).
+Exits with a message when no CUDA device exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import pathlib
+import statistics
+import sys
+
+import torch
+
+import thalweg
+
+# Minimum bytes per float32 element each step must move (read + write).
+FLOOR = {"sgd": 12, "momentum": 20, "adam": 28, "rmsprop": 20, "adagrad": 20,
+         "lars": 28,   # norm pass reads w, g (8) + SGD-momentum pass (20)
+         "lamb": 40}   # pass 1 reads g, m, v, w, writes m, v (24); pass 2 reads m, v, w, writes w (16)
+
+OPTIMIZERS = {
+    "sgd": (thalweg.SGD, dict(lr=0.01), torch.optim.SGD, True),
+    "momentum": (thalweg.SGD, dict(lr=0.01, momentum=0.9), torch.optim.SGD, True),
+    "adam": (thalweg.Adam, dict(lr=1e-3), torch.optim.Adam, True),
+    "rmsprop": (thalweg.RMSprop, dict(lr=1e-3), torch.optim.RMSprop, False),
+    "adagrad": (thalweg.Adagrad, dict(lr=1e-2), torch.optim.Adagrad, True),
+    "lars": (thalweg.LARS, dict(lr=0.1), None, False),
+    "lamb": (thalweg.LAMB, dict(lr=1e-3), None, False),
+}
+
+
+def layouts(quick: bool) -> dict[str, list[tuple[int, ...]]]:
+    if quick:
+        return {"a:8x1M": [(1 << 20,)] * 8, "b:200x1000": [(1000,)] * 200}
+    return {"a:64x4M": [(1 << 22,)] * 64, "b:2000x1000": [(1000,)] * 2000}
+
+
+def time_ms(fn, warmup: int, repeats: int) -> float:
+    """Median over ``repeats`` of one call's GPU time (CUDA events), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def copy_bandwidth(warmup: int, repeats: int) -> float:
+    """GB/s of a device-to-device ``copy_`` of 1 GiB (bytes read + written)."""
+    source = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
+    target = torch.empty_like(source)
+    ms = time_ms(lambda: target.copy_(source), warmup, repeats)
+    nbytes = 2 * source.numel() * source.element_size()
+    del source, target
+    return nbytes / ms / 1e6
+
+
+def make_params(shapes):
+    params = [torch.randn(shape, device="cuda").requires_grad_() for shape in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def candidates(name, params):
+    cls, options, torch_cls, torch_fused = OPTIMIZERS[name]
+    yield "thalweg fused", lambda: cls(params, backend="fused", **options)
+    yield "thalweg foreach", lambda: cls(params, backend="foreach", **options)
+    if torch_cls is not None:
+        yield "torch foreach", lambda: torch_cls(params, foreach=True, **options)
+        if torch_fused:
+            yield "torch fused", lambda: torch_cls(params, fused=True, **options)
+
+
+def run(quick: bool) -> dict:
+    warmup, repeats = (2, 5) if quick else (5, 30)
+    bandwidth = copy_bandwidth(warmup, repeats)
+    print(f"copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
+    rows = []
+    for layout, shapes in layouts(quick).items():
+        n_elements = sum(torch.Size(s).numel() for s in shapes)
+        params = make_params(shapes)
+        for name in OPTIMIZERS:
+            times = {}
+            for label, build in candidates(name, params):  # params keep moving: timing does not care
+                try:
+                    times[label] = time_ms(build().step, warmup, repeats)
+                except (RuntimeError, TypeError, ValueError) as error:  # e.g. a torch without that mode
+                    times[label] = None
+                    print(f"  {name} {label}: {type(error).__name__}: {error}", file=sys.stderr)
+                gc.collect()  # the optimizer and its state are gone before the next candidate
+                torch.cuda.empty_cache()
+            torch_times = [t for label, t in times.items() if label.startswith("torch") and t is not None]
+            fused = times.get("thalweg fused")
+            gbps = FLOOR[name] * n_elements / fused / 1e6 if fused else None
+            row = dict(layout=layout, optimizer=name, elements=n_elements, tensors=len(shapes), ms=times,
+                       torch_fastest_ms=min(torch_times) if torch_times else None,
+                       fused_gbps=gbps, share_of_copy=gbps / bandwidth if gbps else None,
+                       speedup_vs_torch=min(torch_times) / fused if torch_times and fused else None)
+            rows.append(row)
+            print(f"{layout:12s} {name:9s} " + "  ".join(f"{k}: {v:.3f} ms" if v is not None else f"{k}: -"
+                                                         for k, v in times.items()), flush=True)
+        del params
+        gc.collect()
+        torch.cuda.empty_cache()
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=_triton_version(),
+                date=datetime.date.today().isoformat(), quick=quick, warmup=warmup, repeats=repeats,
+                copy_gbps=bandwidth, floor_bytes_per_element=FLOOR, rows=rows)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def markdown(result: dict) -> str:
+    def fmt(value, spec=".3f"):
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"# GPU step speed: {result['device']} ({result['date']})", "",
+             f"torch {result['torch']}, triton {result['triton']}; copy bandwidth {result['copy_gbps']:.0f} GB/s "
+             f"(read + write). Median of {result['repeats']} steps after {result['warmup']} warm-up steps, CUDA events.",
+             "", "| layout | optimizer | thalweg fused ms | thalweg foreach ms | torch foreach ms | torch fused ms "
+             "| fused GB/s | share of copy | speed-up vs torch's fastest |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ms = r["ms"]
+        lines.append(f"| {r['layout']} | {r['optimizer']} | {fmt(ms.get('thalweg fused'))} | {fmt(ms.get('thalweg foreach'))} "
+                     f"| {fmt(ms.get('torch foreach'))} | {fmt(ms.get('torch fused'))} | {fmt(r['fused_gbps'], '.0f')} "
+                     f"| {fmt(r['share_of_copy'], '.0%')} | {fmt(r['speedup_vs_torch'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small layouts, few repeats (smoke run)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_step_speed.py needs a CUDA device (torch.cuda.is_available() is False); "
+                 "for CPU timings run benchmarks/step_speed.py")
+    from thalweg import kernels
+
+    reason = kernels.unavailable_reason(torch.device("cuda"))
+    if reason is not None:
+        sys.exit(f"backend='fused' is not available on CUDA here: {reason}")
+    result = run(args.quick)
+    out = pathlib.Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    device = torch.cuda.get_device_name().lower().replace(" ", "-")
+    stem = out / f"gpu-{device}-{result['date']}{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
