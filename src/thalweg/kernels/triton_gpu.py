@@ -102,6 +102,19 @@ def _store(pointer, offs, x, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _weight_and_gradient(p_ptr, g_ptr, offs, mask, weight_decay, COMPUTE: tl.constexpr, DTYPE: tl.constexpr,
+                         MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+    """The weight, and the gradient with maximize's sign and the L2 term added (rounded as torch stores it)."""
+    p = _load(p_ptr, offs, mask, COMPUTE)
+    g = _load(g_ptr, offs, mask, COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        g = _round(g + weight_decay * p, DTYPE)
+    return p, g
+
+
+@triton.jit
 def _div(a, b, COMPUTE: tl.constexpr):
     if COMPUTE == tl.float32:
         y = tl.div_rn(a, b)
@@ -155,12 +168,7 @@ def _sgd_kernel(ptrs, n, chunks, sc, scales, DTYPE: tl.constexpr, COMPUTE: tl.co
     for off in range(start, stop, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < stop
-        p = _load(p_ptr, offs, mask, COMPUTE)
-        g = _load(g_ptr, offs, mask, COMPUTE)
-        if MAXIMIZE:
-            g = -g
-        if WEIGHT_DECAY:
-            g = _round(g + weight_decay * p, DTYPE)
+        p, g = _weight_and_gradient(p_ptr, g_ptr, offs, mask, weight_decay, COMPUTE, DTYPE, MAXIMIZE, WEIGHT_DECAY)
         if SCALED:
             g = _round(g * scale, DTYPE)
         if MOMENTUM:
@@ -369,12 +377,7 @@ def _rmsprop_kernel(ptrs, n, chunks, sc, DTYPE: tl.constexpr, COMPUTE: tl.conste
     for off in range(start, stop, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < stop
-        p = _load(p_ptr, offs, mask, COMPUTE)
-        g = _load(g_ptr, offs, mask, COMPUTE)
-        if MAXIMIZE:
-            g = -g
-        if WEIGHT_DECAY:
-            g = _round(g + weight_decay * p, DTYPE)
+        p, g = _weight_and_gradient(p_ptr, g_ptr, offs, mask, weight_decay, COMPUTE, DTYPE, MAXIMIZE, WEIGHT_DECAY)
         s = _round(_round(_load(s_ptr, offs, mask, COMPUTE) * alpha, DTYPE) + w * g * g, DTYPE)
         _store(s_ptr, offs, s, mask, DTYPE)
         if CENTERED:
@@ -406,12 +409,7 @@ def _adagrad_kernel(ptrs, n, chunks, sc, DTYPE: tl.constexpr, COMPUTE: tl.conste
     for off in range(start, stop, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < stop
-        p = _load(p_ptr, offs, mask, COMPUTE)
-        g = _load(g_ptr, offs, mask, COMPUTE)
-        if MAXIMIZE:
-            g = -g
-        if WEIGHT_DECAY:
-            g = _round(g + weight_decay * p, DTYPE)
+        p, g = _weight_and_gradient(p_ptr, g_ptr, offs, mask, weight_decay, COMPUTE, DTYPE, MAXIMIZE, WEIGHT_DECAY)
         s = _round(_load(s_ptr, offs, mask, COMPUTE) + g * g, DTYPE)
         _store(s_ptr, offs, s, mask, DTYPE)
         denom = _round(_round(_sqrt(s, COMPUTE), DTYPE) + eps, DTYPE)
