@@ -263,3 +263,38 @@ def test_state_verdicts_follow_the_state_tensors():
     del params, optimizer
     gc.collect()
     assert len(_host._STATE_CHECKS) == entries
+
+
+@pytest.mark.parametrize("with_float64", [False, True], ids=["float32+bf16", "with-float64"])
+def test_fused_global_grad_norm_matches_float64_sum(with_float64, kernel_build):
+    """max_grad_norm's norm on the fused path: one numba sum per dtype, strided/float16 grads through torch."""
+    from thalweg._base import global_grad_norm
+
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(shape, generator=generator) for shape in SHAPES]
+    grads += [torch.randn(6, generator=generator).to(torch.bfloat16), torch.randn(5, generator=generator).half(),
+              torch.randn(4, 6, generator=generator).t()]  # float16 and a transposed view fall back
+    if with_float64:
+        grads.append(torch.randn(9, generator=generator, dtype=torch.float64))
+    expected = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]))
+    norm = global_grad_norm(grads, fused_cpu=True)
+    assert norm.dtype == (torch.float64 if with_float64 else torch.float32)
+    # 1e-6: the fallback tensors' norms come from torch's float32 foreach norm
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_a_fused_cpu_step_takes_the_clipping_norm_with_the_kernel(monkeypatch):
+    from thalweg.kernels import fused
+
+    calls = []
+    original = fused.grad_sum_of_squares
+    monkeypatch.setattr(fused, "grad_sum_of_squares", lambda grads: calls.append(len(grads)) or original(grads))
+    params = [torch.randn(5, requires_grad=True), torch.randn(3, 2, requires_grad=True)]
+    for backend, expected_calls in (("reference", []), ("fused", [2])):
+        calls.clear()
+        optimizer = thalweg.Adam(params, lr=0.1, max_grad_norm=0.5, backend=backend)
+        for p in params:
+            p.grad = torch.full_like(p, 3.0)
+        optimizer.step()
+        assert calls == expected_calls, backend
+        torch.testing.assert_close(optimizer.last_grad_norm, torch.tensor(3.0 * 11 ** 0.5), rtol=1e-6, atol=0)

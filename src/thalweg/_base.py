@@ -6,6 +6,7 @@ group's tensors are handed to the backend function. Everything cross-cutting liv
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -191,9 +192,11 @@ class Optimizer(torch.optim.Optimizer):
         # Backends are resolved before anything is written, so an unavailable one (backend="fused"
         # without numba or triton) fails the step with gradients, state and parameters as they were.
         plan = []
+        backends_used = set()
         for group, params, group_grads, sharding in work:
             for device, device_params, device_grads in _split_by_device(params, group_grads):
                 backend = self.backend_for(device, len(device_params))
+                backends_used.add((device.type, backend))
                 if sharding is None:
                     update = _backends.lookup(self.algorithm, backend, device)
                 else:  # the backends see local shards; norms inside are summed across processes
@@ -203,7 +206,10 @@ class Optimizer(torch.optim.Optimizer):
 
         if self.max_grad_norm is not None or self.skip_nonfinite:
             # Sharded or partitioned gradients: local squared norms summed across processes, once.
-            norm = distributed.total_grad_norm(global_grad_norm, [(sharding, g) for _, _, g, sharding in work],
+            # A step that runs fused on CPU takes the norm with the fused kernel too.
+            fused_cpu = backends_used == {("cpu", "fused")}
+            norm = distributed.total_grad_norm(functools.partial(global_grad_norm, fused_cpu=fused_cpu),
+                                               [(sharding, g) for _, _, g, sharding in work],
                                                self.grad_norm_process_group)
             grads = [distributed.local(g) for g in grads]
             if self.max_grad_norm is not None:
@@ -252,10 +258,22 @@ def _split_by_device(params: list[torch.Tensor], grads: list[torch.Tensor]):
     return [(device, p, g) for device, (p, g) in split.items()]
 
 
-def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all gradients together, as a 0-d float32 (float64 for float64 grads) tensor; no host sync."""
+def global_grad_norm(grads: list[torch.Tensor], *, fused_cpu: bool = False) -> torch.Tensor:
+    """The L2 norm of all gradients together, as a 0-d float32 (float64 for float64 grads) tensor; no host sync.
+
+    With ``fused_cpu`` (the step runs the fused backend on CPU), dense CPU gradients are summed by one
+    numba call per dtype instead of torch's foreach norm, which loops over the tensors on CPU.
+    """
+    dense = [g for g in grads if not g.is_sparse]
+    squares = []  # float64 sums of squares, from the fused kernel
+    if fused_cpu:
+        from .kernels import fused
+
+        cpu = [g for g in dense if g.is_cpu]
+        squares, fallback = fused.grad_sum_of_squares(cpu)
+        dense = [cpu[i] for i in fallback] + [g for g in dense if not g.is_cpu]
     norms = []
-    for (bucket,) in _backends.group_by_device_and_dtype([[g for g in grads if not g.is_sparse]]):
+    for (bucket,) in _backends.group_by_device_and_dtype([dense]):
         accumulate = torch.float64 if bucket[0].dtype == torch.float64 else torch.float32
         norms.extend(torch._foreach_norm(bucket, 2, dtype=accumulate))
     for grad in grads:
@@ -263,8 +281,11 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
             values = grad.coalesce()._values()
             norms.append(torch.linalg.vector_norm(values, dtype=torch.float64 if values.dtype == torch.float64 else torch.float32))
     device = grads[0].device
-    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    if not squares:  # as torch.nn.utils.clip_grad_norm_ computes it
+        return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
+    parts = [n.to(device=device, dtype=torch.float64) for n in norms] + [torch.stack(squares).sum().sqrt().to(device)]
+    return torch.linalg.vector_norm(torch.stack(parts)).to(dtype)
 
 
 def clip_grads_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:

@@ -151,6 +151,34 @@ def adagrad_fused(params, grads, *, state_sums, steps, lr, lr_decay, weight_deca
                                                      eps=eps, maximize=maximize)
 
 
+def grad_sum_of_squares(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """Σ g² of dense CPU gradients, one numba call per dtype (float64 accumulation).
+
+    Returns the per-dtype sums as 0-d float64 tensors, and the positions a kernel cannot read (strided
+    or float16 gradients), which the caller handles with torch's own norm. Gradients only need their
+    dtype and strides checked: nothing here writes, and there is no state to match.
+    """
+    from . import numba_cpu
+
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    fallback = []
+    for i, grad in enumerate(grads):
+        if grad.dtype in _NUMPY and grad.layout is torch.strided and grad.is_contiguous():
+            by_dtype.setdefault(grad.dtype, []).append(i)
+        else:
+            fallback.append(i)
+    sums = []
+    for dtype, indices in by_dtype.items():
+        bucket = [grads[i] for i in indices]
+        ptrs = np.fromiter((g.data_ptr() for g in bucket), dtype=np.int64, count=len(bucket)).reshape(1, -1)
+        chunks = _host.chunk_table(bucket)
+        kernels = _Kernels(numba_cpu, int(chunks[:, 2].sum() - chunks[:, 1].sum()) if len(chunks) else 0)
+        with kernels.LOCK:
+            total = kernels.sum_of_squares(ptrs, chunks, np.empty(1, dtype=_NUMPY[dtype][0]))
+        sums.append(torch.tensor(total, dtype=torch.float64))
+    return sums, fallback
+
+
 class _Kernels:
     """The numba kernels sized for one bucket: ``kernels.adam`` is the serial or parallel build."""
 

@@ -44,7 +44,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
         numba.config.THREADING_LAYER = "workqueue"
 LOCK = threading.Lock()
 
-# Reductions (LARS/LAMB norms) may reorder their sums, which is what lets LLVM
+# Reductions (LARS/LAMB norms, the global grad norm) may reorder their sums, which is what lets LLVM
 # vectorise them; element-wise math keeps IEEE semantics (no fastmath) so results match the reference.
 _REDUCE = {"reassoc", "nsz", "contract"}
 # numba's default ("python") error model tests every float division for a zero divisor so that it can
@@ -423,6 +423,25 @@ def adagrad(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_dec
             _store(p, i, pi + neg_lr * gi / (np.sqrt(si) + eps))
 
 
+# -- global gradient norm ----------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCE, error_model=_ERRORS)
+def sum_of_squares(ptrs, chunks, like):
+    """Σ x² over every tensor of the table (float64 accumulation): the square of max_grad_norm's global norm,
+    in one call however many tensors (torch's foreach norm loops over them on CPU)."""
+    partial = np.zeros(chunks.shape[0])
+    for c in prange(chunks.shape[0]):
+        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        x = _pointer(ptrs[0, t], like)
+        total = 0.0
+        for i in range(lo, hi):
+            xi = np.float64(_load(x, i))
+            total += xi * xi
+        partial[c] = total
+    return partial.sum()
+
+
 # -- serial twins for small buckets ------------------------------------------------------------------
 # Entering a parallel region costs ~100 µs on this 2-core machine (the workqueue pool's hand-off),
 # against ~0.5 µs for a serial call of the same kernel: a small model (a few tensors, 10k elements)
@@ -430,7 +449,8 @@ def adagrad(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_dec
 # ``parallel`` (``prange`` then runs as ``range``); :func:`kernel` picks by bucket size.
 SERIAL_BELOW = 1 << 18  # elements; past this, two cores repay the hand-off (measured ~200k for Adam)
 
-_PARALLEL = {"sgd": sgd, "lars": lars, "adam": adam, "lamb": lamb, "rmsprop": rmsprop, "adagrad": adagrad}
+_PARALLEL = {"sgd": sgd, "lars": lars, "adam": adam, "lamb": lamb, "rmsprop": rmsprop, "adagrad": adagrad,
+             "sum_of_squares": sum_of_squares}
 # The twins see a copy of this module's globals in which every kernel name means its twin, so the
 # serial LARS calls the serial SGD.
 _SERIAL_GLOBALS = dict(globals())
