@@ -100,16 +100,18 @@ def test_fused_false_keeps_auto_off_the_fused_path():
 
 @pytest.mark.skipif(thalweg._backends.fused_unavailable_reason(torch.device("cpu")) is not None,
                     reason="the auto rule chooses between fused and the for-loop only where fused exists")
-@pytest.mark.parametrize("cls, n_tensors, expected", [
-    (thalweg.SGD, 4, "reference"),       # a few tensors: SGD's single in-place op per tensor wins
-    (thalweg.Momentum, 31, "reference"),
-    (thalweg.SGD, 32, "fused"),          # many tensors: per-tensor dispatch dominates, fusing wins
-    (thalweg.Adam, 1, "fused"),          # multi-op updates: one pass beats six
-    (thalweg.LAMB, 4, "fused"),
+@pytest.mark.parametrize("cls, shapes, expected", [
+    (thalweg.SGD, [(1 << 20,)] * 2, "reference"),     # large tensors: SGD's one in-place op per tensor wins
+    (thalweg.Momentum, [(1 << 17,)] * 40, "reference"),
+    (thalweg.SGD, [(1000,)] * 40, "fused"),            # many small tensors: dispatch dominates, fusing wins
+    (thalweg.SGD, [(1000,)] * 4, "reference"),         # a handful: the kernel call's fixed cost loses
+    (thalweg.Adam, [(1 << 20,)], "fused"),              # multi-op updates: one pass beats six
+    (thalweg.LAMB, [(3,)] * 4, "fused"),
 ])
-def test_auto_picks_fused_where_it_measured_faster(cls, n_tensors, expected):
-    optimizer = cls(make_params([(3,)], torch.float32, 0), lr=0.1)
-    assert optimizer.backend_for(torch.device("cpu"), n_tensors) == expected
+def test_auto_picks_fused_where_it_measured_faster(cls, shapes, expected):
+    params = [torch.zeros(shape, requires_grad=True) for shape in shapes]
+    optimizer = cls(params, lr=0.1)
+    assert optimizer.backend_for(torch.device("cpu"), params) == expected
 
 
 def test_adagrad_honours_a_group_initial_accumulator_value():

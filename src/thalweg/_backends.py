@@ -44,15 +44,18 @@ def fused_unavailable_reason(device: torch.device) -> str | None:
     return kernels.unavailable_reason(device)
 
 
-# Below this many tensors on CPU, SGD's for-loop (one in-place torch op per tensor, already a single
-# pass) beats the fused kernel's fixed cost; with more, per-tensor dispatch dominates and fusing wins
-# (benchmarks/results: 4 x 256k: 0.44 ms for-loop vs 0.63 fused; 2000 x 1000: 6.5 vs 4.9 ms).
+# SGD's for-loop is already one pass per tensor (a single in-place torch op, vectorised by torch), so on
+# CPU the fused kernel only wins where per-tensor dispatch dominates: many small tensors. Measured
+# (benchmarks/results/cpu-2026-11-23.md, for-loop vs fused ms): 32 x 1M 6.9 vs 7.7, GPT-small (mean
+# 130k elements) 1.45 vs 1.82, 2000 x 1000 5.3 vs 4.1; momentum alike. With a handful of tensors the
+# kernel call's fixed cost loses too (a 4-tensor MLP: 0.17 vs 0.23 ms per step).
+_SGD_FUSED_BELOW_MEAN_ELEMENTS = 1 << 16
 _SGD_FUSED_FROM_TENSORS = 32
 
 
 def auto_backend(device: torch.device, *, allow_fused: bool = True, algorithm: str | None = None,
-                 n_tensors: int | None = None) -> str:
-    """The backend ``"auto"`` picks for ``n_tensors`` tensors of ``algorithm`` on ``device``.
+                 n_tensors: int | None = None, n_elements: int | None = None) -> str:
+    """The backend ``"auto"`` picks for ``n_tensors`` tensors (``n_elements`` in all) of ``algorithm`` on ``device``.
 
     Fused when its compiler is installed and it is faster for the case (measured in
     ``benchmarks/step_speed.py``); otherwise torch.optim's own default for the device: the for-loop
@@ -61,8 +64,9 @@ def auto_backend(device: torch.device, *, allow_fused: bool = True, algorithm: s
     default = "reference" if device.type == "cpu" else "foreach"
     if not allow_fused or fused_unavailable_reason(device) is not None:
         return default
-    if device.type == "cpu" and algorithm == "sgd" and n_tensors is not None and n_tensors < _SGD_FUSED_FROM_TENSORS:
-        return default
+    if device.type == "cpu" and algorithm == "sgd" and n_tensors and n_elements is not None:
+        if n_tensors < _SGD_FUSED_FROM_TENSORS or n_elements / n_tensors >= _SGD_FUSED_BELOW_MEAN_ELEMENTS:
+            return default
     return "fused"
 
 

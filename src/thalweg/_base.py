@@ -160,12 +160,13 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def backend_for(self, device: torch.device, n_tensors: int | None = None) -> str:
-        """The backend this optimizer uses for ``n_tensors`` tensors on ``device``."""
-        if self.backend == "auto":
-            return _backends.auto_backend(device, allow_fused=self._auto_may_fuse, algorithm=self.algorithm,
-                                          n_tensors=n_tensors)
-        return self.backend
+    def backend_for(self, device: torch.device, params: list[torch.Tensor] | None = None) -> str:
+        """The backend this optimizer uses for ``params`` (all on ``device``)."""
+        if self.backend != "auto":
+            return self.backend
+        n_elements = sum(p.numel() for p in params) if params is not None and self.algorithm == "sgd" else None
+        return _backends.auto_backend(device, allow_fused=self._auto_may_fuse, algorithm=self.algorithm,
+                                      n_tensors=None if params is None else len(params), n_elements=n_elements)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -195,7 +196,7 @@ class Optimizer(torch.optim.Optimizer):
         backends_used = set()
         for group, params, group_grads, sharding in work:
             for device, device_params, device_grads in _split_by_device(params, group_grads):
-                backend = self.backend_for(device, len(device_params))
+                backend = self.backend_for(device, device_params)
                 backends_used.add((device.type, backend))
                 if sharding is None:
                     update = _backends.lookup(self.algorithm, backend, device)
