@@ -9,6 +9,7 @@ CPU (:mod:`.numba_cpu`) and to the Triton kernels on CUDA (:mod:`.triton_gpu`), 
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import numpy as np
@@ -47,44 +48,51 @@ def _new_buffers(params: list[torch.Tensor], buffers: list[torch.Tensor | None],
     return new
 
 
-@register("sgd", "fused")
-def sgd_fused(params, grads, *, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
-    """SGD in one pass over param, grad and buffer (12 B/element in float32, 20 with momentum)."""
+def _momentum_buckets(params, grads, momentum_buffers, momentum, reference) -> list[tuple[_host.Bucket, list[bool]]]:
+    """Kernel buckets for the momentum algorithms (SGD, LARS), each with its buffer role filled in.
+
+    ``reference(params, grads, momentum_buffers=...)`` updates the tensors a kernel cannot take; the
+    buffers it creates are written back. Returns ``(bucket, new)``, ``new[k]`` telling the kernel that
+    tensor k's buffer was just created (it takes the first direction).
+    """
     buffers = momentum_buffers if momentum != 0 else []
     buckets, fallback = _host.partition([params, grads, buffers], None)
     if fallback:
         sub = pick(buffers, fallback)
-        sgd_reference(pick(params, fallback), pick(grads, fallback), momentum_buffers=sub, lr=lr, momentum=momentum,
-                      dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        reference(pick(params, fallback), pick(grads, fallback), momentum_buffers=sub)
         for i, buffer in zip(fallback, sub):
             buffers[i] = buffer
+    prepared = []
     for bucket in buckets:
-        new = _new_buffers(bucket.roles[0], buffers, bucket.indices) if momentum != 0 else [False] * len(bucket.indices)
-        bucket.roles[2] = [buffers[i] for i in bucket.indices] if momentum != 0 else []
-        _launcher(bucket.roles[0][0].device).sgd(bucket, new=new, scales=None, lr=lr, momentum=momentum,
-                                                 dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                                                 maximize=maximize)
+        if momentum != 0:
+            new = _new_buffers(bucket.roles[0], buffers, bucket.indices)
+            bucket.roles[2] = [buffers[i] for i in bucket.indices]
+        else:
+            new = [False] * len(bucket.indices)
+            bucket.roles[2] = []
+        prepared.append((bucket, new))
+    return prepared
+
+
+@register("sgd", "fused")
+def sgd_fused(params, grads, *, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
+    """SGD in one pass over param, grad and buffer (12 B/element in float32, 20 with momentum)."""
+    options = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                   maximize=maximize)
+    for bucket, new in _momentum_buckets(params, grads, momentum_buffers, momentum,
+                                         functools.partial(sgd_reference, **options)):
+        _launcher(bucket.roles[0][0].device).sgd(bucket, new=new, scales=None, **options)
 
 
 @register("lars", "fused")
 def lars_fused(params, grads, *, momentum_buffers, lr, momentum, weight_decay, trust_coefficient, eps, nesterov,
                maximize, trust_ratio) -> None:
     """LARS: a norm pass (reads w, g: 8 B/element in float32) then SGD's pass (20 B with momentum)."""
-    buffers = momentum_buffers if momentum != 0 else []
-    buckets, fallback = _host.partition([params, grads, buffers], None)
-    if fallback:
-        sub = pick(buffers, fallback)
-        lars_reference(pick(params, fallback), pick(grads, fallback), momentum_buffers=sub, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
-                       maximize=maximize, trust_ratio=trust_ratio)
-        for i, buffer in zip(fallback, sub):
-            buffers[i] = buffer
-    for bucket in buckets:
-        new = _new_buffers(bucket.roles[0], buffers, bucket.indices) if momentum != 0 else [False] * len(bucket.indices)
-        bucket.roles[2] = [buffers[i] for i in bucket.indices] if momentum != 0 else []
-        _launcher(bucket.roles[0][0].device).lars(bucket, new=new, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                                  trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
-                                                  maximize=maximize, trust_ratio=trust_ratio)
+    options = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
+                   nesterov=nesterov, maximize=maximize, trust_ratio=trust_ratio)
+    for bucket, new in _momentum_buckets(params, grads, momentum_buffers, momentum,
+                                         functools.partial(lars_reference, **options)):
+        _launcher(bucket.roles[0][0].device).lars(bucket, new=new, **options)
 
 
 @register("adam", "fused")
