@@ -90,7 +90,7 @@ def kernel_build(request, monkeypatch):
     """Both compilations of every kernel: small buckets run the serial one, large ones the parallel one."""
     from thalweg.kernels import numba_cpu
 
-    monkeypatch.setattr(numba_cpu, "SERIAL_BELOW", 1 << 62 if request.param == "serial" else 0)
+    monkeypatch.setattr(numba_cpu, "PARALLEL_FROM", 1 << 62 if request.param == "serial" else 0)
     return request.param
 
 
@@ -298,3 +298,63 @@ def test_a_fused_cpu_step_takes_the_clipping_norm_with_the_kernel(monkeypatch):
         optimizer.step()
         assert calls == expected_calls, backend
         torch.testing.assert_close(optimizer.last_grad_norm, torch.tensor(3.0 * 11 ** 0.5), rtol=1e-6, atol=0)
+
+
+def test_kernels_run_on_torchs_openmp_team():
+    """On Linux torch runs on an OpenMP runtime, and the kernels must find its entry: otherwise every
+    "parallel" case above would quietly run on one thread."""
+    from thalweg.kernels import numba_cpu
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        assert numba_cpu.OPENMP_ENTRY != 0
+    assert numba_cpu.pool(("_adam_chunk",), np.float32, 1 << 20, 16)[1] == (
+        torch.get_num_threads() if numba_cpu.OPENMP_ENTRY else 1)
+    assert numba_cpu.pool(("_adam_chunk",), np.float32, 10, 1)[1] == 1  # a small bucket stays on the caller
+
+
+@pytest.mark.parametrize("grab", [1, 3, 1000])
+def test_team_takes_every_chunk_once(grab, monkeypatch):
+    """The team shares chunks through an atomic counter, ``grab`` at a time: each chunk must be
+    updated exactly once whatever the grab (an SGD step with lr=1 and grad=1 subtracts 1 per visit)."""
+    from thalweg.kernels import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(numba_cpu, "CHUNK_FOR_GRAB", grab * _host.CHUNK)
+    params = [torch.zeros(size).requires_grad_() for size in (5, 70_001, 1, 200_000, 65_536, 3)]
+    for param in params:
+        param.grad = torch.ones_like(param)
+    thalweg.SGD(params, lr=1.0, backend="fused").step()
+    for param in params:
+        assert torch.equal(param.detach(), torch.full_like(param, -1.0))
+
+
+def test_steps_from_several_python_threads_at_once():
+    """Two optimizers stepping at the same time from two threads (each thread leads its own team)
+    give what they give one after the other."""
+    import threading
+
+    from thalweg.kernels import numba_cpu
+
+    def make(seed):
+        generator = torch.Generator().manual_seed(seed)
+        params = [torch.randn(300_000, generator=generator).requires_grad_() for _ in range(3)]
+        return params, thalweg.Adam(params, lr=0.01, backend="fused"), generator
+
+    def train(params, optimizer, generator):
+        for _ in range(20):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator)
+            optimizer.step()
+
+    assert numba_cpu.PARALLEL_FROM < 900_000  # the buckets below do run on teams
+    together = [make(seed) for seed in (1, 2)]
+    threads = [threading.Thread(target=train, args=case) for case in together]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed, (params, _, _) in zip((1, 2), together):
+        alone = make(seed)
+        train(*alone)
+        for a, b in zip(params, alone[0]):
+            assert torch.equal(a.detach(), b.detach())

@@ -178,96 +178,84 @@ def grad_sum_of_squares(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], 
     sums = []
     for dtype, indices in by_dtype.items():
         bucket = [grads[i] for i in indices]
+        storage = _NUMPY[dtype][0]
         ptrs = np.fromiter((g.data_ptr() for g in bucket), dtype=np.int64, count=len(bucket)).reshape(1, -1)
         chunks = _host.chunk_table(bucket)
-        kernels = _Kernels(numba_cpu, int(chunks[:, 2].sum() - chunks[:, 1].sum()) if len(chunks) else 0)
-        with kernels.LOCK:
-            total = kernels.sum_of_squares(ptrs, chunks, np.empty(1, dtype=_NUMPY[dtype][0]))
+        pool = numba_cpu.pool(("_squares_chunk",), storage, _host.chunk_elements(chunks), len(chunks))
+        total = numba_cpu.sum_of_squares(pool, ptrs, chunks, np.empty(1, dtype=storage))
         sums.append(torch.tensor(total, dtype=torch.float64))
     return sums, fallback
 
 
-class _Kernels:
-    """The numba kernels sized for one bucket: ``kernels.adam`` is the serial or parallel build."""
-
-    def __init__(self, module, n_elements: int) -> None:
-        self.LOCK = module.LOCK
-        self._module, self._n_elements = module, n_elements
-
-    def __getattr__(self, name: str):
-        return self._module.kernel(name, self._n_elements)
+def _flags(*switches) -> np.ndarray:
+    return np.array(switches, dtype=np.int64)
 
 
 class _Cpu:
     """Launches the numba kernels on a CPU bucket: tables and scalars in, one kernel call out."""
 
     @staticmethod
-    def _prepare(bucket: _host.Bucket, n_roles: int):
+    def _prepare(bucket: _host.Bucket, n_roles: int, passes: tuple[str, ...]):
         from . import numba_cpu
 
         storage, compute = _NUMPY[bucket.dtype]
         like = np.empty(1, dtype=storage)
         ptrs = _host.pointer_table(bucket.roles, n_roles)
         chunks = _host.chunk_table(bucket.roles[0])
-        n_elements = int(chunks[:, 2].sum() - chunks[:, 1].sum()) if len(chunks) else 0
+        pool = numba_cpu.pool(passes, storage, _host.chunk_elements(chunks), len(chunks))
         steps = np.fromiter((s.data_ptr() for s in bucket.steps), dtype=np.int64, count=len(bucket.steps))
         step_like = np.empty(1, dtype=np.float64 if bucket.steps and bucket.steps[0].dtype == torch.float64 else np.float32)
-        return _Kernels(numba_cpu, n_elements), compute, like, ptrs, chunks, steps, step_like
+        return numba_cpu, pool, compute, like, ptrs, chunks, steps, step_like
 
     @staticmethod
     def sgd(bucket, *, new, scales, lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
-        kernels, compute, like, ptrs, chunks, _, _ = _Cpu._prepare(bucket, 3)
+        kernels, pool, compute, like, ptrs, chunks, _, _ = _Cpu._prepare(bucket, 3, ("_sgd_chunk",))
         hp = np.array([-lr, weight_decay, momentum, 1 - dampening], dtype=compute)
         coef = np.ones((len(bucket.indices), 2), dtype=compute)
         coef[:, 0] = new
-        with kernels.LOCK:
-            kernels.sgd(ptrs, chunks, hp, coef, like, bool(maximize), weight_decay != 0, momentum != 0, bool(nesterov))
+        kernels.sgd(pool, ptrs, chunks, coef, hp, _flags(maximize, weight_decay != 0, momentum != 0, nesterov), like)
 
     @staticmethod
     def lars(bucket, *, new, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, maximize, trust_ratio) -> None:
-        kernels, compute, like, ptrs, chunks, _, _ = _Cpu._prepare(bucket, 3)
+        kernels, pool, compute, like, ptrs, chunks, _, _ = _Cpu._prepare(bucket, 3, ("_norms_chunk", "_sgd_chunk"))
         hp = np.array([-lr, weight_decay, momentum, 1.0], dtype=compute)
         hp64 = np.array([trust_coefficient, weight_decay, eps], dtype=np.float64)
         coef = np.ones((len(bucket.indices), 2), dtype=compute)
         coef[:, 0] = new
-        with kernels.LOCK:
-            kernels.lars(ptrs, chunks, hp, hp64, coef, like, bool(maximize), weight_decay != 0, momentum != 0,
-                         bool(nesterov), bool(trust_ratio))
+        flags = _flags(maximize, weight_decay != 0, momentum != 0, nesterov, trust_ratio)
+        kernels.lars(pool, ptrs, chunks, coef, hp, hp64, flags, like)
 
     @staticmethod
     def adam(bucket, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize) -> None:
-        kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 5)
+        kernels, pool, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 5, ("_adam_chunk",))
         w1 = compute(1 - beta1)
         hp = np.array([w1, w1 - compute(1), beta2, 1 - beta2, eps, weight_decay, 1 - lr * weight_decay, 0.5],
                       dtype=compute)
         hp64 = np.array([lr, beta1, beta2], dtype=np.float64)
         mode = 0 if weight_decay == 0 else 2 if decoupled else 1
-        with kernels.LOCK:
-            kernels.adam(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), mode, bool(amsgrad))
+        kernels.adam(pool, ptrs, steps, chunks, hp, hp64, _flags(maximize, mode, amsgrad), like, step_like)
 
     @staticmethod
     def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, maximize, trust_ratio) -> None:
-        kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 4)
+        kernels, pool, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(
+            bucket, 4, ("_lamb_moments_chunk", "_lamb_update_chunk"))
         w1 = compute(1 - beta1)
         hp = np.array([w1, w1 - compute(1), beta2, 1 - beta2, eps, weight_decay, 0.5], dtype=compute)
         hp64 = np.array([lr, beta1, beta2, 1.0 if bias_correction else 0.0], dtype=np.float64)
-        with kernels.LOCK:
-            kernels.lamb(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0,
-                         bool(trust_ratio))
+        flags = _flags(maximize, weight_decay != 0, trust_ratio)
+        kernels.lamb(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like)
 
     @staticmethod
     def rmsprop(bucket, *, lr, alpha, eps, weight_decay, momentum, centered, maximize) -> None:
-        kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 5)
+        kernels, pool, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 5, ("_rmsprop_chunk",))
         w = compute(1 - alpha)
         hp = np.array([-lr, alpha, w, eps, weight_decay, momentum, 0.5, w - compute(1)], dtype=compute)
-        with kernels.LOCK:
-            kernels.rmsprop(ptrs, steps, chunks, hp, like, step_like, bool(maximize), weight_decay != 0, bool(centered),
-                            momentum > 0)
+        flags = _flags(maximize, weight_decay != 0, centered, momentum > 0)
+        kernels.rmsprop(pool, ptrs, steps, chunks, hp, flags, like, step_like)
 
     @staticmethod
     def adagrad(bucket, *, lr, lr_decay, weight_decay, eps, maximize) -> None:
-        kernels, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 3)
+        kernels, pool, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 3, ("_adagrad_chunk",))
         hp = np.array([eps, weight_decay], dtype=compute)
         hp64 = np.array([lr, lr_decay], dtype=np.float64)
-        with kernels.LOCK:
-            kernels.adagrad(ptrs, steps, chunks, hp, hp64, like, step_like, bool(maximize), weight_decay != 0)
+        kernels.adagrad(pool, ptrs, steps, chunks, hp, hp64, _flags(maximize, weight_decay != 0), like, step_like)

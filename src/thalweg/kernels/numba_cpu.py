@@ -3,14 +3,26 @@
 How tensors reach a kernel: the host builds ``ptrs``, an int64 table ``[role, tensor]`` of
 ``tensor.data_ptr()`` addresses (role 0 = param, 1 = grad, then the state tensors in the order the
 kernel's docstring lists), and ``chunks``, an int64 table ``[chunk, (tensor, start, stop)]`` that cuts
-every tensor into pieces of at most ``CHUNK`` elements. The kernel turns an address back into an array
-with an ``inttoptr`` intrinsic and ``numba.carray`` (zero-copy), and ``prange``s over the chunks of all
-tensors together, so 2000 small tensors cost one call, and one 100M-element tensor still uses every core.
+every tensor into pieces of at most ``CHUNK`` elements. A chunk function turns an address back into an
+array with an ``inttoptr`` intrinsic and ``numba.carray`` (zero-copy) and updates one chunk; a kernel
+runs it over the chunks of all tensors together, so 2000 small tensors cost one call, and one
+100M-element tensor still uses every core.
+
+Threads: torch's own OpenMP pool. A kernel calls ``GOMP_parallel`` of the OpenMP runtime torch is
+linked with, and every thread of the team takes chunks from a shared atomic counter. numba's own
+thread pools cannot do this: right after a torch op (the backward pass, say) torch's OpenMP workers
+spin for a few milliseconds waiting for more work, and a second pool's threads then share the two
+cores with them (a 32 x 1M Adam step took 18.4 ms after a torch ``copy_`` instead of 15.3; torch's
+fused Adam, on its own pool, 15.0). On torch's pool the spinning worker is the one that takes the
+work. Without a GOMP-compatible runtime (a torch built without OpenMP; Windows) kernels run on the
+calling thread; so do buckets below ``PARALLEL_FROM`` elements, where waking a team costs more than
+the second core gains.
 
 Storage dtypes: float32 and float64 (math in the storage dtype, as torch's for-loop path does), and
 bfloat16 stored as uint16 (widened to float32 by a shift, rounded back to nearest-even with integer
 operations: bf16 is the upper half of a float32). Scalars arrive in ``hp``, an array of the compute
-dtype, so float32 kernels never silently compute in float64.
+dtype, so float32 kernels never silently compute in float64; per-tensor scalars in ``coef`` (compute
+dtype, ``[tensor, k]``); switches in ``flags`` (int64, read once per chunk, so LLVM unswitches them).
 
 Per-tensor quantities come from the ``step`` tensors, read and incremented inside the kernel (the
 reference does ``steps[i] += 1; t = steps[i].item()``); bias corrections are computed in float64 as
@@ -22,27 +34,18 @@ Compiled on first use, cached on disk (``cache=True``): a second process loads t
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import math
 import os
-import threading
 import types as pytypes
 
 import numba
 import numpy as np
+import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic, overload, register_jitable
-
-# numba's "omp" layer fights torch's own OpenMP threads for the cores (each waits for the other's
-# spinning workers: a 2M-element Adam step took 12 ms instead of 1.8 ms on 2 cores). Unless the user
-# chose a layer, use numba's own "workqueue" pool; it must not be entered by two threads at once, so
-# every kernel call takes LOCK.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    from numba.np.ufunc import parallel as _parallel
-
-    if not getattr(_parallel, "_is_initialized", False):
-        numba.config.THREADING_LAYER = "workqueue"
-LOCK = threading.Lock()
 
 # Reductions (LARS/LAMB norms, the global grad norm) may reorder their sums, which is what lets LLVM
 # vectorise them; element-wise math keeps IEEE semantics (no fastmath) so results match the reference.
@@ -54,6 +57,9 @@ _REDUCE = {"reassoc", "nsz", "contract"}
 # second moment), where torch gives inf/nan too; the per-tensor ones have nonzero divisors by the
 # optimizers' argument checks (β < 1, lr_decay ≥ 0) or by their guards (norms > 0).
 _ERRORS = "numpy"
+# Chunk functions are compiled with their own options (not their caller's): say them every time.
+_elementwise = register_jitable(error_model=_ERRORS)
+_reduction = register_jitable(fastmath=_REDUCE, error_model=_ERRORS)
 
 # -- memory access ---------------------------------------------------------------------------------
 
@@ -140,7 +146,7 @@ def _fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
-@register_jitable
+@_elementwise
 def _lerp(start, end, weight, weight_minus_one, half):
     """torch.lerp (ATen Lerp.h lerp_vec): an fma that switches form at weight 0.5 for accuracy."""
     if weight < half:
@@ -169,77 +175,241 @@ def _combine(chunks, partial, n_tensors):
     return sums
 
 
+# -- threads: a team of torch's OpenMP pool ----------------------------------------------------------
+
+
+@intrinsic
+def _address(typingctx, pointer):
+    """void* -> int64 (a parallel body receives its argument block as a void*)."""
+    def codegen(context, builder, signature, args):
+        return builder.ptrtoint(args[0], ir.IntType(64))
+
+    return types.int64(types.voidptr), codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, address, value):
+    """Atomically add ``value`` to the int64 at ``address``; returns the value before (work sharing)."""
+    def codegen(context, builder, signature, args):
+        counter = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", counter, args[1], "monotonic")
+
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def _omp_parallel(typingctx, entry, body, data, n_threads):
+    """``GOMP_parallel(body, data, n_threads, 0)`` through its address: runs ``body(data)`` on a team of
+    ``n_threads`` (the calling thread included) and returns when all are done. Addresses arrive as
+    arguments, never as constants, so the machine code stays valid in the on-disk cache."""
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        body_type = ir.FunctionType(ir.VoidType(), [i8p])
+        entry_type = ir.FunctionType(ir.VoidType(), [body_type.as_pointer(), i8p, i32, i32])
+        function = builder.inttoptr(args[0], entry_type.as_pointer())
+        builder.call(function, [builder.inttoptr(args[1], body_type.as_pointer()), builder.inttoptr(args[2], i8p),
+                                builder.trunc(args[3], i32), ir.Constant(i32, 0)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+def _openmp_entry() -> int:
+    """Address of ``GOMP_parallel`` in the OpenMP runtime torch runs on, or 0 when there is none.
+
+    torch loads its runtime (libgomp, or LLVM's libomp, which exports the same entry) into the global
+    symbol scope on Linux, where the process's own lookup finds it; elsewhere the copy shipped in
+    ``torch/lib`` is the one torch loaded (opening a loaded library again returns the same one).
+    """
+    if os.environ.get("THALWEG_NO_OPENMP") or not torch.backends.openmp.is_available():
+        return 0
+    shipped = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*omp*")))
+    for name in [None, *shipped]:
+        try:
+            function = getattr(ctypes.CDLL(name), "GOMP_parallel")
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(function, ctypes.c_void_p).value or 0
+    return 0
+
+
+OPENMP_ENTRY = _openmp_entry()
+# A bucket smaller than this runs on the calling thread: waking the team and sharing out the chunks
+# costs more than the second core saves below it (measured in benchmarks/thread_threshold.py).
+PARALLEL_FROM = 1 << 16
+
+# The argument block a parallel body receives: the next chunk to take (the shared counter), chunks
+# taken at a time, then address and sizes of each table.
+_BLOCK = 17
+_INT64 = np.empty(1, dtype=np.int64)
+_FLOAT64 = np.empty(1, dtype=np.float64)
+
+
+@register_jitable
+def _parallel(pool, which, ptrs, chunks, coef, hp, flags, partial):
+    """Run parallel body ``pool[3 + which]`` over every chunk on a team of ``pool[1]`` threads."""
+    block = np.empty(_BLOCK, dtype=np.int64)
+    block[0], block[1] = 0, pool[2]
+    block[2], block[3], block[4] = np.int64(ptrs.ctypes.data), ptrs.shape[0], ptrs.shape[1]
+    block[5], block[6] = np.int64(chunks.ctypes.data), chunks.shape[0]
+    block[7], block[8], block[9] = np.int64(coef.ctypes.data), coef.shape[0], coef.shape[1]
+    block[10], block[11] = np.int64(hp.ctypes.data), hp.shape[0]
+    block[12], block[13] = np.int64(flags.ctypes.data), flags.shape[0]
+    block[14], block[15], block[16] = np.int64(partial.ctypes.data), partial.shape[0], partial.shape[1]
+    _omp_parallel(pool[0], pool[3 + which], np.int64(block.ctypes.data), pool[1])
+    return block[0]  # read after the call: keeps the block alive until the team is done
+
+
+def _body_template(data):
+    """A parallel body: take ``grab`` chunks at a time from the shared counter until none are left."""
+    counter = _address(data)
+    block = carray(_pointer(counter, _INT64), _BLOCK)
+    ptrs = carray(_pointer(block[2], _INT64), (block[3], block[4]))
+    chunks = carray(_pointer(block[5], _INT64), (block[6], 3))
+    coef = carray(_pointer(block[7], _COMPUTE), (block[8], block[9]))
+    hp = carray(_pointer(block[10], _COMPUTE), block[11])
+    flags = carray(_pointer(block[12], _INT64), block[13])
+    partial = carray(_pointer(block[14], _FLOAT64), (block[15], block[16]))
+    n_chunks, grab = chunks.shape[0], block[1]
+    first = _fetch_add(counter, grab)
+    while first < n_chunks:
+        for c in range(first, min(first + grab, n_chunks)):
+            _CHUNK(c, ptrs, chunks, coef, hp, flags, partial, _STORAGE)
+        first = _fetch_add(counter, grab)
+
+
+_BODIES: dict[tuple[str, type], int] = {}
+
+
+def _body(name: str, storage: type) -> int:
+    """Address of the parallel body running chunk function ``name`` on ``storage`` tensors (compiled once,
+    cached on disk under its own name)."""
+    key = (name, storage)
+    if key not in _BODIES:
+        compute = np.float32 if storage is np.uint16 else storage
+        scope = dict(globals(), _CHUNK=globals()[name], _STORAGE=np.empty(1, dtype=storage),
+                     _COMPUTE=np.empty(1, dtype=compute))
+        function = pytypes.FunctionType(_body_template.__code__, scope, f"body{name}_{np.dtype(storage).name}")
+        function.__qualname__ = function.__name__  # its own on-disk cache entry
+        _BODIES[key] = cfunc(types.void(types.voidptr), cache=True, error_model=_ERRORS)(function).address
+    return _BODIES[key]
+
+
+_SERIAL_POOLS: dict[int, np.ndarray] = {}
+
+
+def pool(names: tuple[str, ...], storage: type, n_elements: int, n_chunks: int) -> np.ndarray:
+    """How a kernel runs its passes (chunk functions ``names``): ``[GOMP_parallel, threads, chunks per
+    take, body addresses...]``, or one thread (``threads == 1``: the kernel loops on the caller)."""
+    threads = torch.get_num_threads() if OPENMP_ENTRY and n_elements >= PARALLEL_FROM else 1
+    if threads < 2:
+        if len(names) not in _SERIAL_POOLS:
+            _SERIAL_POOLS[len(names)] = np.array([0, 1, 1] + [0] * len(names), dtype=np.int64)
+        return _SERIAL_POOLS[len(names)]
+    # takes of ~CHUNK elements each: many small tensors do not pay one atomic per tensor
+    grab = max(1, n_chunks * CHUNK_FOR_GRAB // max(n_elements, 1))
+    return np.array([OPENMP_ENTRY, threads, grab] + [_body(name, storage) for name in names], dtype=np.int64)
+
+
+CHUNK_FOR_GRAB = 1 << 16
+
+
 # -- SGD / LARS ------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, error_model=_ERRORS)
-def sgd(ptrs, chunks, hp, coef, like, maximize, weight_decay_on, momentum_on, nesterov):
-    """SGD. Roles: param, grad, momentum_buffer. ``coef[t] = (1 if the buffer is new else 0, scale)``.
-
+@_elementwise
+def _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+    """SGD. Roles: param, grad, momentum_buffer. ``coef[t] = (1 if the buffer is new else 0, scale)``:
     ``scale`` multiplies the direction (LARS's local learning rate; 1 for plain SGD).
-    ``hp = (-lr, weight_decay, momentum, 1 - dampening)``.
-    """
+    ``hp = (-lr, weight_decay, momentum, 1 - dampening)``; ``flags = (maximize, weight_decay, momentum,
+    nesterov)``."""
+    maximize, weight_decay_on, momentum_on, nesterov = flags[0] != 0, flags[1] != 0, flags[2] != 0, flags[3] != 0
     neg_lr, weight_decay, momentum, undampened = hp[0], hp[1], hp[2], hp[3]
-    for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g, b = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
-        new_buffer = coef[t, 0] != 0
-        scale = coef[t, 1]
-        for i in range(lo, hi):
-            pi = _load(p, i)
-            gi = _load(g, i)
-            if maximize:
-                gi = -gi
-            if weight_decay_on:
-                gi = _fma(pi, weight_decay, gi)
-            gi = gi * scale
-            if momentum_on:
-                if new_buffer:
-                    bi = gi
-                else:
-                    bi = _fma(gi, undampened, _load(b, i) * momentum)
-                _store(b, i, bi)
-                if nesterov:
-                    gi = _fma(bi, momentum, gi)
-                else:
-                    gi = bi
-            _store(p, i, _fma(gi, neg_lr, pi))
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    p, g, b = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
+    new_buffer = coef[t, 0] != 0
+    scale = coef[t, 1]
+    for i in range(lo, hi):
+        pi = _load(p, i)
+        gi = _load(g, i)
+        if maximize:
+            gi = -gi
+        if weight_decay_on:
+            gi = _fma(pi, weight_decay, gi)
+        gi = gi * scale
+        if momentum_on:
+            if new_buffer:
+                bi = gi
+            else:
+                bi = _fma(gi, undampened, _load(b, i) * momentum)
+            _store(b, i, bi)
+            if nesterov:
+                gi = _fma(bi, momentum, gi)
+            else:
+                gi = bi
+        _store(p, i, _fma(gi, neg_lr, pi))
 
 
-@njit(parallel=True, cache=True, fastmath=_REDUCE, error_model=_ERRORS)
-def lars(ptrs, chunks, hp, hp64, coef, like, maximize, weight_decay_on, momentum_on, nesterov, trust_ratio):
+@_reduction
+def _norms_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+    """LARS's first pass: ``partial[c] = (Σ w², Σ g²)`` over chunk ``c`` (float64 sums)."""
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
+    weight_sq = 0.0
+    grad_sq = 0.0
+    for i in range(lo, hi):
+        pi = np.float64(_load(p, i))
+        gi = np.float64(_load(g, i))
+        weight_sq += pi * pi
+        grad_sq += gi * gi
+    partial[c, 0] = weight_sq
+    partial[c, 1] = grad_sq
+
+
+@njit(cache=True, error_model=_ERRORS)
+def sgd(pool, ptrs, chunks, coef, hp, flags, like):
+    """SGD over every chunk (see :func:`_sgd_chunk`); ``pool`` from :func:`pool` with ``("_sgd_chunk",)``."""
+    partial = np.empty((0, 2))
+    if pool[1] > 1:
+        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+
+
+@njit(cache=True, error_model=_ERRORS)
+def lars(pool, ptrs, chunks, coef, hp, hp64, flags, like):
     """LARS: pass 1 sums ‖w‖², ‖g‖² per chunk (reads 2 tensors), then the SGD pass on the scaled direction.
 
-    ``hp`` as :func:`sgd`; ``hp64 = (trust_coefficient, weight_decay, eps)``; ``coef[t, 0]`` as in :func:`sgd`.
+    ``hp``, ``coef[t, 0]`` as :func:`_sgd_chunk`; ``hp64 = (trust_coefficient, weight_decay, eps)``;
+    ``flags`` as SGD's plus ``trust_ratio``; ``pool`` with ``("_norms_chunk", "_sgd_chunk")``.
     """
     n_tensors = ptrs.shape[1]
-    if trust_ratio:
+    if flags[4] != 0:
         partial = np.zeros((chunks.shape[0], 2))
-        for c in prange(chunks.shape[0]):
-            t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
-            weight_sq = 0.0
-            grad_sq = 0.0
-            for i in range(lo, hi):
-                pi = np.float64(_load(p, i))
-                gi = np.float64(_load(g, i))
-                weight_sq += pi * pi
-                grad_sq += gi * gi
-            partial[c, 0] = weight_sq
-            partial[c, 1] = grad_sq
+        if pool[1] > 1:
+            _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
+        else:
+            for c in range(chunks.shape[0]):
+                _norms_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
         sums = _combine(chunks, partial, n_tensors)
         trust_coefficient, weight_decay, eps = hp64[0], hp64[1], hp64[2]
         for t in range(n_tensors):
             weight_norm, grad_norm = math.sqrt(sums[t, 0]), math.sqrt(sums[t, 1])
             if weight_norm > 0 and grad_norm > 0:
                 coef[t, 1] = trust_coefficient * weight_norm / (grad_norm + weight_decay * weight_norm + eps)
-    sgd(ptrs, chunks, hp, coef, like, maximize, weight_decay_on, momentum_on, nesterov)
+    partial = np.empty((0, 2))
+    if pool[1] > 1:
+        _parallel(pool, 1, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 # -- Adam / LAMB -----------------------------------------------------------------------------------
 
 
-@register_jitable
+@_elementwise
 def _adam_moments(p, g, m, v, i, maximize, weight_decay_mode, weight_decay, decay, w1, w1_minus_one, half, beta2, w2):
     """Adam's element ``i`` up to the moments: stores m, v; returns the (decayed) param, m and v."""
     pi = _load(p, i)
@@ -257,50 +427,116 @@ def _adam_moments(p, g, m, v, i, maximize, weight_decay_mode, weight_decay, deca
     return pi, mi, vi
 
 
-@njit(parallel=True, cache=True, error_model=_ERRORS)
-def adam(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_mode, amsgrad):
+@_elementwise
+def _adam_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
     """Adam/AdamW. Roles: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad).
 
-    ``hp = (1-β1, -β1, β2, 1-β2, eps, weight_decay, 1 - lr·weight_decay, 0.5)``; ``hp64 = (lr, β1, β2)``.
-    ``weight_decay_mode``: 0 none, 1 L2 in the gradient (Adam), 2 decoupled (AdamW).
+    ``hp = (1-β1, -β1, β2, 1-β2, eps, weight_decay, 1 - lr·weight_decay, 0.5)``; ``coef[t] = (-lr / (1 - β1^t),
+    sqrt(1 - β2^t))``; ``flags = (maximize, weight decay mode, amsgrad)``, the mode 0 none, 1 L2 in the
+    gradient (Adam), 2 decoupled (AdamW).
     """
+    maximize, weight_decay_mode, amsgrad = flags[0] != 0, flags[1], flags[2] != 0
+    w1, w1_minus_one, beta2, w2, eps, weight_decay, decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
+    m, v, vmax = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like), _pointer(ptrs[4, t], like)
+    step_size, correction2_sqrt = coef[t, 0], coef[t, 1]
+    # Two loops rather than one with ``if amsgrad`` inside: LLVM unswitches that branch for float32
+    # and float64 but not around the bfloat16 store's rounding, and left the bf16 loop scalar (2.7x).
+    if amsgrad:
+        for i in range(lo, hi):
+            pi, mi, vi = _adam_moments(p, g, m, v, i, maximize, weight_decay_mode, weight_decay, decay, w1,
+                                       w1_minus_one, half, beta2, w2)
+            # torch.maximum propagates a NaN from either side; Python's max would drop one
+            previous = _load(vmax, i)
+            vi = vi if (vi >= previous or vi != vi) else previous
+            _store(vmax, i, vi)
+            _store(p, i, pi + step_size * mi / (np.sqrt(vi) / correction2_sqrt + eps))
+    else:
+        for i in range(lo, hi):
+            pi, mi, vi = _adam_moments(p, g, m, v, i, maximize, weight_decay_mode, weight_decay, decay, w1,
+                                       w1_minus_one, half, beta2, w2)
+            _store(p, i, pi + step_size * mi / (np.sqrt(vi) / correction2_sqrt + eps))
+
+
+@njit(cache=True, error_model=_ERRORS)
+def adam(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
+    """Adam/AdamW over every chunk (see :func:`_adam_chunk`); ``hp64 = (lr, β1, β2)``; ``pool`` with
+    ``("_adam_chunk",)``."""
     counts = _increment_steps(steps, step_like)
     coef = np.empty((counts.shape[0], 2), dtype=hp.dtype)
     for t in range(counts.shape[0]):
         coef[t, 0] = -hp64[0] / (1 - hp64[1] ** counts[t])
         coef[t, 1] = math.sqrt(1 - hp64[2] ** counts[t])
-    w1, w1_minus_one, beta2, w2, eps, weight_decay, decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
-    for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
-        m, v, vmax = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like), _pointer(ptrs[4, t], like)
-        step_size, correction2_sqrt = coef[t, 0], coef[t, 1]
-        # Two loops rather than one with ``if amsgrad`` inside: LLVM unswitches that branch for float32
-        # and float64 but not around the bfloat16 store's rounding, and left the bf16 loop scalar (2.7x).
-        if amsgrad:
-            for i in range(lo, hi):
-                pi, mi, vi = _adam_moments(p, g, m, v, i, maximize, weight_decay_mode, weight_decay, decay, w1,
-                                           w1_minus_one, half, beta2, w2)
-                # torch.maximum propagates a NaN from either side; Python's max would drop one
-                previous = _load(vmax, i)
-                vi = vi if (vi >= previous or vi != vi) else previous
-                _store(vmax, i, vi)
-                _store(p, i, pi + step_size * mi / (np.sqrt(vi) / correction2_sqrt + eps))
-        else:
-            for i in range(lo, hi):
-                pi, mi, vi = _adam_moments(p, g, m, v, i, maximize, weight_decay_mode, weight_decay, decay, w1,
-                                           w1_minus_one, half, beta2, w2)
-                _store(p, i, pi + step_size * mi / (np.sqrt(vi) / correction2_sqrt + eps))
+    partial = np.empty((0, 2))
+    if pool[1] > 1:
+        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            _adam_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
 
 
-@njit(parallel=True, cache=True, fastmath=_REDUCE, error_model=_ERRORS)
-def lamb(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_on, trust_ratio):
-    """LAMB in two passes. Roles: param, grad, exp_avg, exp_avg_sq.
+@_reduction
+def _lamb_moments_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+    """LAMB's first pass. Roles: param, grad, exp_avg, exp_avg_sq. Reads g, m, v (and w), writes m, v,
+    and with the trust ratio sums ``partial[c] = (Σ w², Σ r²)``, r the update direction.
 
-    Pass 1 reads g, m, v, w and writes m, v (24 B/element in float32) and sums ‖w‖², ‖r‖² per chunk;
-    pass 2 recomputes r from m, v, w and writes w (16 B): 40 B/element, against 28 for Adam, instead
-    of a scratch tensor for r. ``hp = (1-β1, -β1, β2, 1-β2, eps, weight_decay, 0.5)``;
-    ``hp64 = (lr, β1, β2, bias_correction)``.
+    ``hp = (1-β1, -β1, β2, 1-β2, eps, weight_decay, 0.5)``; ``coef[t] = (1 - β1^t, sqrt(1 - β2^t), -lr·ratio)``;
+    ``flags = (maximize, weight_decay, trust_ratio)``.
+    """
+    maximize, weight_decay_on, trust_ratio = flags[0] != 0, flags[1] != 0, flags[2] != 0
+    w1, w1_minus_one, beta2, w2, eps, weight_decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
+    m, v = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like)
+    correction1, correction2_sqrt = coef[t, 0], coef[t, 1]
+    weight_sq = 0.0
+    update_sq = 0.0
+    for i in range(lo, hi):
+        gi = _load(g, i)
+        if maximize:
+            gi = -gi
+        mi = _lerp(_load(m, i), gi, w1, w1_minus_one, half)
+        vi = _load(v, i) * beta2 + w2 * gi * gi
+        _store(m, i, mi)
+        _store(v, i, vi)
+        if trust_ratio:
+            # what pass 2 will read back: the stored (possibly bfloat16-rounded) moments
+            mi = _load(m, i)
+            vi = _load(v, i)
+            pi = _load(p, i)
+            ri = (mi / correction1) / (np.sqrt(vi) / correction2_sqrt + eps)
+            if weight_decay_on:
+                ri = _fma(pi, weight_decay, ri)
+            weight_sq += np.float64(pi) * np.float64(pi)
+            update_sq += np.float64(ri) * np.float64(ri)
+    if trust_ratio:
+        partial[c, 0] = weight_sq
+        partial[c, 1] = update_sq
+
+
+@_elementwise
+def _lamb_update_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+    """LAMB's second pass: recomputes r from m, v, w and writes w (see :func:`_lamb_moments_chunk`)."""
+    weight_decay_on = flags[1] != 0
+    eps, weight_decay = hp[4], hp[5]
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    p = _pointer(ptrs[0, t], like)
+    m, v = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like)
+    correction1, correction2_sqrt, scale = coef[t, 0], coef[t, 1], coef[t, 2]
+    for i in range(lo, hi):
+        pi = _load(p, i)
+        ri = (_load(m, i) / correction1) / (np.sqrt(_load(v, i)) / correction2_sqrt + eps)
+        if weight_decay_on:
+            ri = _fma(pi, weight_decay, ri)
+        _store(p, i, _fma(ri, scale, pi))
+
+
+@njit(cache=True, error_model=_ERRORS)
+def lamb(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
+    """LAMB in two passes: 40 B/element in float32 (24 + 16), against 28 for Adam, instead of a scratch
+    tensor for r. ``hp64 = (lr, β1, β2, bias_correction)``; ``pool`` with ``("_lamb_moments_chunk",
+    "_lamb_update_chunk")``.
     """
     counts = _increment_steps(steps, step_like)
     n_tensors = counts.shape[0]
@@ -313,163 +549,160 @@ def lamb(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_
             coef[t, 0] = 1.0
             coef[t, 1] = 1.0
         coef[t, 2] = -hp64[0]
-    w1, w1_minus_one, beta2, w2, eps, weight_decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]
     partial = np.zeros((chunks.shape[0], 2))
-    for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
-        m, v = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like)
-        correction1, correction2_sqrt = coef[t, 0], coef[t, 1]
-        weight_sq = 0.0
-        update_sq = 0.0
-        for i in range(lo, hi):
-            gi = _load(g, i)
-            if maximize:
-                gi = -gi
-            mi = _lerp(_load(m, i), gi, w1, w1_minus_one, half)
-            vi = _load(v, i) * beta2 + w2 * gi * gi
-            _store(m, i, mi)
-            _store(v, i, vi)
-            if trust_ratio:
-                # what pass 2 will read back: the stored (possibly bfloat16-rounded) moments
-                mi = _load(m, i)
-                vi = _load(v, i)
-                pi = _load(p, i)
-                ri = (mi / correction1) / (np.sqrt(vi) / correction2_sqrt + eps)
-                if weight_decay_on:
-                    ri = _fma(pi, weight_decay, ri)
-                weight_sq += np.float64(pi) * np.float64(pi)
-                update_sq += np.float64(ri) * np.float64(ri)
-        partial[c, 0] = weight_sq
-        partial[c, 1] = update_sq
-    if trust_ratio:
+    if pool[1] > 1:
+        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            _lamb_moments_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    if flags[2] != 0:
         sums = _combine(chunks, partial, n_tensors)
         for t in range(n_tensors):
             weight_norm, update_norm = math.sqrt(sums[t, 0]), math.sqrt(sums[t, 1])
             if weight_norm > 0 and update_norm > 0:
                 coef[t, 2] = -hp64[0] * (weight_norm / update_norm)
-    for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p = _pointer(ptrs[0, t], like)
-        m, v = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like)
-        correction1, correction2_sqrt, scale = coef[t, 0], coef[t, 1], coef[t, 2]
-        for i in range(lo, hi):
-            pi = _load(p, i)
-            ri = (_load(m, i) / correction1) / (np.sqrt(_load(v, i)) / correction2_sqrt + eps)
-            if weight_decay_on:
-                ri = _fma(pi, weight_decay, ri)
-            _store(p, i, _fma(ri, scale, pi))
+    if pool[1] > 1:
+        _parallel(pool, 1, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            _lamb_update_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 # -- RMSprop / Adagrad -----------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, error_model=_ERRORS)
-def rmsprop(ptrs, steps, chunks, hp, like, step_like, maximize, weight_decay_on, centered, momentum_on):
+@_elementwise
+def _rmsprop_square(p, g, sq, i, maximize, weight_decay_on, weight_decay, alpha, w):
+    """RMSprop's element ``i`` up to the square average: stores it; returns param, (decayed) grad, average."""
+    pi = _load(p, i)
+    gi = _load(g, i)
+    if maximize:
+        gi = -gi
+    if weight_decay_on:
+        gi = _fma(pi, weight_decay, gi)
+    si = _load(sq, i) * alpha + w * gi * gi
+    _store(sq, i, si)
+    return pi, gi, si
+
+
+@_elementwise
+def _rmsprop_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
     """RMSprop. Roles: param, grad, square_avg, grad_avg (centered), momentum_buffer (momentum).
 
-    ``hp = (-lr, α, 1-α, eps, weight_decay, momentum, 0.5, -α)``.
+    ``hp = (-lr, α, 1-α, eps, weight_decay, momentum, 0.5, -α)``; ``flags = (maximize, weight_decay,
+    centered, momentum)``.
     """
-    _increment_steps(steps, step_like)
+    maximize, weight_decay_on, centered, momentum_on = flags[0] != 0, flags[1] != 0, flags[2] != 0, flags[3] != 0
     neg_lr, alpha, w, eps, weight_decay, momentum, half, w_minus_one = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
-    for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g, sq = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
-        ga, b = _pointer(ptrs[3, t], like), _pointer(ptrs[4, t], like)
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    p, g, sq = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
+    ga, b = _pointer(ptrs[3, t], like), _pointer(ptrs[4, t], like)
+    # One loop per (centered, momentum) pair rather than branches in one loop: left to unswitch them,
+    # LLVM left plain RMSprop's loop scalar (11 ns/element instead of 0.5) in one build and momentum's
+    # in another.
+    if centered and momentum_on:
         for i in range(lo, hi):
-            pi = _load(p, i)
-            gi = _load(g, i)
-            if maximize:
-                gi = -gi
-            if weight_decay_on:
-                gi = _fma(pi, weight_decay, gi)
-            si = _load(sq, i) * alpha + w * gi * gi
-            _store(sq, i, si)
-            if centered:
-                ai = _lerp(_load(ga, i), gi, w, w_minus_one, half)
-                _store(ga, i, ai)
-                denom = np.sqrt(si - ai * ai) + eps
-            else:
-                denom = np.sqrt(si) + eps
-            if momentum_on:
-                bi = _load(b, i) * momentum + gi / denom
-                _store(b, i, bi)
-                _store(p, i, _fma(bi, neg_lr, pi))
-            else:
-                _store(p, i, pi + neg_lr * gi / denom)
-
-
-@njit(parallel=True, cache=True, error_model=_ERRORS)
-def adagrad(ptrs, steps, chunks, hp, hp64, like, step_like, maximize, weight_decay_on):
-    """Adagrad (dense). Roles: param, grad, sum. ``hp = (eps, weight_decay)``; ``hp64 = (lr, lr_decay)``."""
-    counts = _increment_steps(steps, step_like)
-    coef = np.empty(counts.shape[0], dtype=hp.dtype)
-    for t in range(counts.shape[0]):
-        coef[t] = -(hp64[0] / (1 + (counts[t] - 1) * hp64[1]))
-    eps, weight_decay = hp[0], hp[1]
-    for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g, s = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
-        neg_lr = coef[t]
+            pi, gi, si = _rmsprop_square(p, g, sq, i, maximize, weight_decay_on, weight_decay, alpha, w)
+            ai = _lerp(_load(ga, i), gi, w, w_minus_one, half)
+            _store(ga, i, ai)
+            bi = _load(b, i) * momentum + gi / (np.sqrt(si - ai * ai) + eps)
+            _store(b, i, bi)
+            _store(p, i, _fma(bi, neg_lr, pi))
+    elif centered:
         for i in range(lo, hi):
-            pi = _load(p, i)
-            gi = _load(g, i)
-            if maximize:
-                gi = -gi
-            if weight_decay_on:
-                gi = _fma(pi, weight_decay, gi)
-            si = _load(s, i) + gi * gi
-            _store(s, i, si)
+            pi, gi, si = _rmsprop_square(p, g, sq, i, maximize, weight_decay_on, weight_decay, alpha, w)
+            ai = _lerp(_load(ga, i), gi, w, w_minus_one, half)
+            _store(ga, i, ai)
+            _store(p, i, pi + neg_lr * gi / (np.sqrt(si - ai * ai) + eps))
+    elif momentum_on:
+        for i in range(lo, hi):
+            pi, gi, si = _rmsprop_square(p, g, sq, i, maximize, weight_decay_on, weight_decay, alpha, w)
+            bi = _load(b, i) * momentum + gi / (np.sqrt(si) + eps)
+            _store(b, i, bi)
+            _store(p, i, _fma(bi, neg_lr, pi))
+    else:
+        for i in range(lo, hi):
+            pi, gi, si = _rmsprop_square(p, g, sq, i, maximize, weight_decay_on, weight_decay, alpha, w)
             _store(p, i, pi + neg_lr * gi / (np.sqrt(si) + eps))
+
+
+@njit(cache=True, error_model=_ERRORS)
+def rmsprop(pool, ptrs, steps, chunks, hp, flags, like, step_like):
+    """RMSprop over every chunk (see :func:`_rmsprop_chunk`); ``pool`` with ``("_rmsprop_chunk",)``."""
+    _increment_steps(steps, step_like)
+    coef = np.empty((0, 1), dtype=hp.dtype)
+    partial = np.empty((0, 2))
+    if pool[1] > 1:
+        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            _rmsprop_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+
+
+@_elementwise
+def _adagrad_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+    """Adagrad (dense). Roles: param, grad, sum. ``hp = (eps, weight_decay)``; ``coef[t, 0]`` = -(decayed lr);
+    ``flags = (maximize, weight_decay)``."""
+    maximize, weight_decay_on = flags[0] != 0, flags[1] != 0
+    eps, weight_decay = hp[0], hp[1]
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    p, g, s = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
+    neg_lr = coef[t, 0]
+    for i in range(lo, hi):
+        pi = _load(p, i)
+        gi = _load(g, i)
+        if maximize:
+            gi = -gi
+        if weight_decay_on:
+            gi = _fma(pi, weight_decay, gi)
+        si = _load(s, i) + gi * gi
+        _store(s, i, si)
+        _store(p, i, pi + neg_lr * gi / (np.sqrt(si) + eps))
+
+
+@njit(cache=True, error_model=_ERRORS)
+def adagrad(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
+    """Adagrad over every chunk (see :func:`_adagrad_chunk`); ``hp64 = (lr, lr_decay)``; ``pool`` with
+    ``("_adagrad_chunk",)``."""
+    counts = _increment_steps(steps, step_like)
+    coef = np.empty((counts.shape[0], 1), dtype=hp.dtype)
+    for t in range(counts.shape[0]):
+        coef[t, 0] = -(hp64[0] / (1 + (counts[t] - 1) * hp64[1]))
+    partial = np.empty((0, 2))
+    if pool[1] > 1:
+        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            _adagrad_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 # -- global gradient norm ----------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, fastmath=_REDUCE, error_model=_ERRORS)
-def sum_of_squares(ptrs, chunks, like):
+@_reduction
+def _squares_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+    """``partial[c, 0] = Σ x²`` over chunk ``c`` of role 0 (float64 accumulation)."""
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    x = _pointer(ptrs[0, t], like)
+    total = 0.0
+    for i in range(lo, hi):
+        xi = np.float64(_load(x, i))
+        total += xi * xi
+    partial[c, 0] = total
+
+
+@njit(cache=True, error_model=_ERRORS)
+def sum_of_squares(pool, ptrs, chunks, like):
     """Σ x² over every tensor of the table (float64 accumulation): the square of max_grad_norm's global norm,
-    in one call however many tensors (torch's foreach norm loops over them on CPU)."""
-    partial = np.zeros(chunks.shape[0])
-    for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        x = _pointer(ptrs[0, t], like)
-        total = 0.0
-        for i in range(lo, hi):
-            xi = np.float64(_load(x, i))
-            total += xi * xi
-        partial[c] = total
+    in one call however many tensors (torch's foreach norm loops over them on CPU); ``pool`` with
+    ``("_squares_chunk",)``."""
+    partial = np.zeros((chunks.shape[0], 1))
+    coef = np.empty((0, 1), dtype=np.float64)
+    hp = np.empty(0, dtype=np.float64)
+    flags = np.empty(0, dtype=np.int64)
+    if pool[1] > 1:
+        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            _squares_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
     return partial.sum()
-
-
-# -- serial twins for small buckets ------------------------------------------------------------------
-# Entering a parallel region costs ~100 µs on this 2-core machine (the workqueue pool's hand-off),
-# against ~0.5 µs for a serial call of the same kernel: a small model (a few tensors, 10k elements)
-# stepped 2× slower than the for-loop. Each kernel therefore also exists compiled without
-# ``parallel`` (``prange`` then runs as ``range``); :func:`kernel` picks by bucket size.
-SERIAL_BELOW = 1 << 18  # elements; past this, two cores repay the hand-off (measured ~200k for Adam)
-
-_PARALLEL = {"sgd": sgd, "lars": lars, "adam": adam, "lamb": lamb, "rmsprop": rmsprop, "adagrad": adagrad,
-             "sum_of_squares": sum_of_squares}
-# The twins see a copy of this module's globals in which every kernel name means its twin, so the
-# serial LARS calls the serial SGD.
-_SERIAL_GLOBALS = dict(globals())
-
-
-def _serial_twin(dispatcher):
-    function = dispatcher.py_func
-    twin = pytypes.FunctionType(function.__code__, _SERIAL_GLOBALS, function.__name__ + "_serial",
-                                function.__defaults__, function.__closure__)
-    twin.__qualname__ = function.__qualname__ + "_serial"  # its own on-disk cache entry
-    twin.__doc__ = function.__doc__
-    flags = {key: dispatcher.targetoptions[key] for key in ("fastmath", "error_model") if key in dispatcher.targetoptions}
-    return njit(cache=True, **flags)(twin)
-
-
-_SERIAL = {name: _serial_twin(dispatcher) for name, dispatcher in _PARALLEL.items()}
-_SERIAL_GLOBALS.update(_SERIAL)
-
-
-def kernel(name: str, n_elements: int):
-    """The kernel ``name`` for a bucket of ``n_elements``: serial when small, parallel otherwise."""
-    return (_SERIAL if n_elements < SERIAL_BELOW else _PARALLEL)[name]
