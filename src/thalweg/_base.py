@@ -180,10 +180,14 @@ class Optimizer(torch.optim.Optimizer):
         work = []
         for group_index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group)
-            params = [p for p in group["params"] if p.grad is not None]
+            params = group["params"]
             grads = [p.grad for p in params]
-            for param, grad in zip(params, grads):
-                self._check_grad(param, grad, group_index, group)
+            if any(g is None for g in grads):
+                params = [p for p, g in zip(params, grads) if g is not None]
+                grads = [g for g in grads if g is not None]
+            if any(g.is_sparse for g in grads):  # the one kind of gradient an optimizer may refuse
+                for param, grad in zip(params, grads):
+                    self._check_grad(param, grad, group_index, group)
             # DTensor (FSDP2) groups: which processes hold the other shards; a ValueError for mixed groups.
             work.append((group, params, grads, distributed.group_sharding(group_index, group["params"])))
         grads = [g for _, _, group_grads, _ in work for g in group_grads]
@@ -228,9 +232,9 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
-        # Shape, dtype and device need no check here: torch's ``.grad`` setter and autograd already
-        # refuse a gradient that differs from its parameter in any of them. This runs per tensor per
-        # step, so it checks only what torch lets through.
+        # Called for every gradient of a group that has a sparse one. Shape, dtype and device need no
+        # check: torch's ``.grad`` setter and autograd already refuse a gradient that differs from its
+        # parameter in any of them; sparsity is what torch lets through.
         if grad.is_sparse and not self.accepts_sparse_grads:
             # Located only on failure: the search is linear in the group's size.
             raise RuntimeError(

@@ -200,10 +200,10 @@ class _Cpu:
 
         storage, compute = _NUMPY[bucket.dtype]
         like = np.empty(1, dtype=storage)
-        ptrs = _host.pointer_table(bucket.roles, n_roles)
-        chunks = _host.chunk_table(bucket.roles[0])
+        ptrs = _host.pointer_table(bucket, n_roles)
+        chunks = _host.chunk_table(bucket.roles[0], numels=bucket.numels)
         pool = numba_cpu.pool(passes, storage, _host.chunk_elements(chunks), len(chunks))
-        steps = np.fromiter((s.data_ptr() for s in bucket.steps), dtype=np.int64, count=len(bucket.steps))
+        steps = _host.step_pointers(bucket)
         step_like = np.empty(1, dtype=np.float64 if bucket.steps and bucket.steps[0].dtype == torch.float64 else np.float32)
         return numba_cpu, pool, compute, like, ptrs, chunks, steps, step_like
 

@@ -471,7 +471,7 @@ def _chunks(params: list[torch.Tensor], device: torch.device):
 def _prepare(bucket: _host.Bucket, n_roles: int):
     params = bucket.roles[0]
     device = params[0].device
-    ptrs = _upload(_TABLES, _host.pointer_table(bucket.roles, n_roles), device)
+    ptrs = _upload(_TABLES, _host.pointer_table(bucket, n_roles), device)
     chunks, segments, n_chunks = _chunks(params, device)
     storage = _TL[bucket.dtype]
     compute = tl.float64 if bucket.dtype == torch.float64 else tl.float32
