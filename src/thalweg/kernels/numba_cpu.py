@@ -40,7 +40,6 @@ import math
 import os
 import types as pytypes
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -237,6 +236,8 @@ OPENMP_ENTRY = _openmp_entry()
 # A bucket smaller than this runs on the calling thread: waking the team and sharing out the chunks
 # costs more than the second core saves below it (measured in benchmarks/thread_threshold.py).
 PARALLEL_FROM = 1 << 16
+# A thread takes about this many elements' worth of chunks at a time from the shared counter.
+CHUNK_FOR_GRAB = 1 << 16
 
 # The argument block a parallel body receives: the next chunk to take (the shared counter), chunks
 # taken at a time, then address and sizes of each table.
@@ -261,7 +262,11 @@ def _parallel(pool, which, ptrs, chunks, coef, hp, flags, partial):
 
 
 def _body_template(data):
-    """A parallel body: take ``grab`` chunks at a time from the shared counter until none are left."""
+    """A parallel body: take ``grab`` chunks at a time from the shared counter until none are left.
+
+    Never compiled as it stands: :func:`_body` gives each copy its own ``_CHUNK`` (the chunk function),
+    ``_STORAGE`` and ``_COMPUTE`` (arrays typing the tensors' and the scalars' dtypes).
+    """
     counter = _address(data)
     block = carray(_pointer(counter, _INT64), _BLOCK)
     ptrs = carray(_pointer(block[2], _INT64), (block[3], block[4]))
@@ -309,9 +314,6 @@ def pool(names: tuple[str, ...], storage: type, n_elements: int, n_chunks: int) 
     # takes of ~CHUNK elements each: many small tensors do not pay one atomic per tensor
     grab = max(1, n_chunks * CHUNK_FOR_GRAB // max(n_elements, 1))
     return np.array([OPENMP_ENTRY, threads, grab] + [_body(name, storage) for name in names], dtype=np.int64)
-
-
-CHUNK_FOR_GRAB = 1 << 16
 
 
 # -- SGD / LARS ------------------------------------------------------------------------------------
