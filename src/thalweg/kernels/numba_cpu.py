@@ -261,6 +261,17 @@ def _parallel(pool, which, ptrs, chunks, coef, hp, flags, partial):
     return block[0]  # read after the call: keeps the block alive until the team is done
 
 
+@register_jitable
+def _run(chunk, pool, which, ptrs, chunks, coef, hp, flags, partial, like):
+    """Chunk function ``chunk`` over every chunk: by the team of parallel body ``which`` of ``pool``, or
+    on the calling thread when the pool has one thread."""
+    if pool[1] > 1:
+        _parallel(pool, which, ptrs, chunks, coef, hp, flags, partial)
+    else:
+        for c in range(chunks.shape[0]):
+            chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+
+
 def _body_template(data):
     """A parallel body: take ``grab`` chunks at a time from the shared counter until none are left.
 
@@ -372,11 +383,7 @@ def _norms_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
 def sgd(pool, ptrs, chunks, coef, hp, flags, like):
     """SGD over every chunk (see :func:`_sgd_chunk`); ``pool`` from :func:`pool` with ``("_sgd_chunk",)``."""
     partial = np.empty((0, 2))
-    if pool[1] > 1:
-        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
-    else:
-        for c in range(chunks.shape[0]):
-            _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_sgd_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 @njit(cache=True, error_model=_ERRORS)
@@ -389,11 +396,7 @@ def lars(pool, ptrs, chunks, coef, hp, hp64, flags, like):
     n_tensors = ptrs.shape[1]
     if flags[4] != 0:
         partial = np.zeros((chunks.shape[0], 2))
-        if pool[1] > 1:
-            _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
-        else:
-            for c in range(chunks.shape[0]):
-                _norms_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+        _run(_norms_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
         sums = _combine(chunks, partial, n_tensors)
         trust_coefficient, weight_decay, eps = hp64[0], hp64[1], hp64[2]
         for t in range(n_tensors):
@@ -401,11 +404,7 @@ def lars(pool, ptrs, chunks, coef, hp, hp64, flags, like):
             if weight_norm > 0 and grad_norm > 0:
                 coef[t, 1] = trust_coefficient * weight_norm / (grad_norm + weight_decay * weight_norm + eps)
     partial = np.empty((0, 2))
-    if pool[1] > 1:
-        _parallel(pool, 1, ptrs, chunks, coef, hp, flags, partial)
-    else:
-        for c in range(chunks.shape[0]):
-            _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_sgd_chunk, pool, 1, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 # -- Adam / LAMB -----------------------------------------------------------------------------------
@@ -471,11 +470,7 @@ def adam(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
         coef[t, 0] = -hp64[0] / (1 - hp64[1] ** counts[t])
         coef[t, 1] = math.sqrt(1 - hp64[2] ** counts[t])
     partial = np.empty((0, 2))
-    if pool[1] > 1:
-        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
-    else:
-        for c in range(chunks.shape[0]):
-            _adam_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_adam_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 @_reduction
@@ -552,22 +547,14 @@ def lamb(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
             coef[t, 1] = 1.0
         coef[t, 2] = -hp64[0]
     partial = np.zeros((chunks.shape[0], 2))
-    if pool[1] > 1:
-        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
-    else:
-        for c in range(chunks.shape[0]):
-            _lamb_moments_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_lamb_moments_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
     if flags[2] != 0:
         sums = _combine(chunks, partial, n_tensors)
         for t in range(n_tensors):
             weight_norm, update_norm = math.sqrt(sums[t, 0]), math.sqrt(sums[t, 1])
             if weight_norm > 0 and update_norm > 0:
                 coef[t, 2] = -hp64[0] * (weight_norm / update_norm)
-    if pool[1] > 1:
-        _parallel(pool, 1, ptrs, chunks, coef, hp, flags, partial)
-    else:
-        for c in range(chunks.shape[0]):
-            _lamb_update_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_lamb_update_chunk, pool, 1, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 # -- RMSprop / Adagrad -----------------------------------------------------------------------------
@@ -634,11 +621,7 @@ def rmsprop(pool, ptrs, steps, chunks, hp, flags, like, step_like):
     _increment_steps(steps, step_like)
     coef = np.empty((0, 1), dtype=hp.dtype)
     partial = np.empty((0, 2))
-    if pool[1] > 1:
-        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
-    else:
-        for c in range(chunks.shape[0]):
-            _rmsprop_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_rmsprop_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 @_elementwise
@@ -671,11 +654,7 @@ def adagrad(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
     for t in range(counts.shape[0]):
         coef[t, 0] = -(hp64[0] / (1 + (counts[t] - 1) * hp64[1]))
     partial = np.empty((0, 2))
-    if pool[1] > 1:
-        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
-    else:
-        for c in range(chunks.shape[0]):
-            _adagrad_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_adagrad_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
 
 
 # -- global gradient norm ----------------------------------------------------------------------------
@@ -702,9 +681,5 @@ def sum_of_squares(pool, ptrs, chunks, like):
     coef = np.empty((0, 1), dtype=np.float64)
     hp = np.empty(0, dtype=np.float64)
     flags = np.empty(0, dtype=np.int64)
-    if pool[1] > 1:
-        _parallel(pool, 0, ptrs, chunks, coef, hp, flags, partial)
-    else:
-        for c in range(chunks.shape[0]):
-            _squares_chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_squares_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
     return partial.sum()
