@@ -327,6 +327,19 @@ def pool(names: tuple[str, ...], storage: type, n_elements: int, n_chunks: int) 
     return np.array([OPENMP_ENTRY, threads, grab] + [_body(name, storage) for name in names], dtype=np.int64)
 
 
+@_elementwise
+def _param_and_grad(p, g, i, maximize, weight_decay_on, weight_decay):
+    """Element ``i``'s parameter and its direction of descent: the gradient, negated to maximize, plus
+    L2 weight decay (``torch.add(grad, param, alpha=weight_decay)``: one fma)."""
+    pi = _load(p, i)
+    gi = _load(g, i)
+    if maximize:
+        gi = -gi
+    if weight_decay_on:
+        gi = _fma(pi, weight_decay, gi)
+    return pi, gi
+
+
 # -- SGD / LARS ------------------------------------------------------------------------------------
 
 
@@ -343,12 +356,7 @@ def _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
     new_buffer = coef[t, 0] != 0
     scale = coef[t, 1]
     for i in range(lo, hi):
-        pi = _load(p, i)
-        gi = _load(g, i)
-        if maximize:
-            gi = -gi
-        if weight_decay_on:
-            gi = _fma(pi, weight_decay, gi)
+        pi, gi = _param_and_grad(p, g, i, maximize, weight_decay_on, weight_decay)
         gi = gi * scale
         if momentum_on:
             if new_buffer:
@@ -563,12 +571,7 @@ def lamb(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
 @_elementwise
 def _rmsprop_square(p, g, sq, i, maximize, weight_decay_on, weight_decay, alpha, w):
     """RMSprop's element ``i`` up to the square average: stores it; returns param, (decayed) grad, average."""
-    pi = _load(p, i)
-    gi = _load(g, i)
-    if maximize:
-        gi = -gi
-    if weight_decay_on:
-        gi = _fma(pi, weight_decay, gi)
+    pi, gi = _param_and_grad(p, g, i, maximize, weight_decay_on, weight_decay)
     si = _load(sq, i) * alpha + w * gi * gi
     _store(sq, i, si)
     return pi, gi, si
@@ -634,12 +637,7 @@ def _adagrad_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
     p, g, s = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
     neg_lr = coef[t, 0]
     for i in range(lo, hi):
-        pi = _load(p, i)
-        gi = _load(g, i)
-        if maximize:
-            gi = -gi
-        if weight_decay_on:
-            gi = _fma(pi, weight_decay, gi)
+        pi, gi = _param_and_grad(p, g, i, maximize, weight_decay_on, weight_decay)
         si = _load(s, i) + gi * gi
         _store(s, i, si)
         _store(p, i, pi + neg_lr * gi / (np.sqrt(si) + eps))
