@@ -87,7 +87,7 @@ def _assert_same(ref_params, ref_opt, fused_params, fused_opt, rtol):
 
 @pytest.fixture(params=["serial", "parallel"])
 def kernel_build(request, monkeypatch):
-    """Both compilations of every kernel: small buckets run the serial one, large ones the parallel one."""
+    """Both ways a kernel runs: on the calling thread (small buckets) and on torch's thread team (large ones)."""
     from thalweg.kernels import numba_cpu
 
     monkeypatch.setattr(numba_cpu, "PARALLEL_FROM", 1 << 62 if request.param == "serial" else 0)

@@ -208,8 +208,3 @@ def chunk_table(tensors: list[torch.Tensor], chunk: int = CHUNK, *, numels: list
         if len(_CHUNK_CACHE) > 64:
             _CHUNK_CACHE.popitem(last=False)
     return table
-
-
-def chunk_elements(chunks: np.ndarray) -> int:
-    """How many elements a chunk table covers."""
-    return int(chunks[:, 2].sum() - chunks[:, 1].sum()) if len(chunks) else 0

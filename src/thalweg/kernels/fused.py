@@ -180,8 +180,9 @@ def grad_sum_of_squares(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], 
         bucket = [grads[i] for i in indices]
         storage = _NUMPY[dtype][0]
         ptrs = np.fromiter((g.data_ptr() for g in bucket), dtype=np.int64, count=len(bucket)).reshape(1, -1)
-        chunks = _host.chunk_table(bucket)
-        pool = numba_cpu.pool(("_squares_chunk",), storage, _host.chunk_elements(chunks), len(chunks))
+        numels = [g.numel() for g in bucket]
+        chunks = _host.chunk_table(bucket, numels=numels)
+        pool = numba_cpu.pool(("_squares_chunk",), storage, sum(numels), len(chunks))
         total = numba_cpu.sum_of_squares(pool, ptrs, chunks, np.empty(1, dtype=storage))
         sums.append(torch.tensor(total, dtype=torch.float64))
     return sums, fallback
@@ -202,7 +203,7 @@ class _Cpu:
         like = np.empty(1, dtype=storage)
         ptrs = _host.pointer_table(bucket, n_roles)
         chunks = _host.chunk_table(bucket.roles[0], numels=bucket.numels)
-        pool = numba_cpu.pool(passes, storage, _host.chunk_elements(chunks), len(chunks))
+        pool = numba_cpu.pool(passes, storage, sum(bucket.numels), len(chunks))
         steps = _host.step_pointers(bucket)
         step_like = np.empty(1, dtype=np.float64 if bucket.steps and bucket.steps[0].dtype == torch.float64 else np.float32)
         return numba_cpu, pool, compute, like, ptrs, chunks, steps, step_like

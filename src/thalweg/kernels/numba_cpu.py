@@ -40,6 +40,7 @@ import math
 import os
 import types as pytypes
 
+import numba.core.ccallback
 import numpy as np
 import torch
 from llvmlite import ir
@@ -294,7 +295,9 @@ def _body_template(data):
         first = _fetch_add(counter, grab)
 
 
-_BODIES: dict[tuple[str, type], int] = {}
+# The compiled bodies themselves, not only their addresses: the machine code lives as long as its
+# cfunc object does.
+_BODIES: dict[tuple[str, type], numba.core.ccallback.CFunc] = {}
 
 
 def _body(name: str, storage: type) -> int:
@@ -307,8 +310,8 @@ def _body(name: str, storage: type) -> int:
                      _COMPUTE=np.empty(1, dtype=compute))
         function = pytypes.FunctionType(_body_template.__code__, scope, f"body{name}_{np.dtype(storage).name}")
         function.__qualname__ = function.__name__  # its own on-disk cache entry
-        _BODIES[key] = cfunc(types.void(types.voidptr), cache=True, error_model=_ERRORS)(function).address
-    return _BODIES[key]
+        _BODIES[key] = cfunc(types.void(types.voidptr), cache=True, error_model=_ERRORS)(function)
+    return _BODIES[key].address
 
 
 _SERIAL_POOLS: dict[int, np.ndarray] = {}
