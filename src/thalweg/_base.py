@@ -7,11 +7,16 @@ group's tensors are handed to the backend function. Everything cross-cutting liv
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
 from . import _backends, _checks, distributed
+
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_IS_CPU = operator.attrgetter("is_cpu")
+_CPU = torch.device("cpu")
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; matched so that clipping
 # through the optimizer equals clipping by hand.
@@ -47,7 +52,7 @@ class Optimizer(torch.optim.Optimizer):
     """Base of every thalweg optimizer: a ``torch.optim.Optimizer`` with checked input and shared options.
 
     Subclasses set :attr:`algorithm` (the backend registry key) and implement
-    :meth:`_check_hyperparameters`, :meth:`_init_state` and :meth:`_update`.
+    :meth:`_check_hyperparameters`, :meth:`_states` and :meth:`_update`.
     """
 
     algorithm: ClassVar[str]
@@ -97,12 +102,15 @@ class Optimizer(torch.optim.Optimizer):
         """Raise ValueError/TypeError for an invalid hyper-parameter in ``group`` (or the defaults)."""
         raise NotImplementedError
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        """Create the missing entries of ``self.state[param]`` (torch's key names)."""
+    def _states(self, params: list[torch.Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
+        """``self.state[p]`` of each param with its missing entries created (torch's key names), or ``[]``
+        when the group's options need no state (as torch, which then leaves ``self.state`` untouched)."""
         raise NotImplementedError
 
-    def _update(self, update: Callable[..., None], group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Call ``update`` (a backend function) with this group's tensors, state and hyper-parameters."""
+    def _update(self, update: Callable[..., None], group: dict[str, Any], params: list[torch.Tensor],
+                grads: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+        """Call ``update`` (a backend function) with this group's tensors, ``states`` (from :meth:`_states`)
+        and hyper-parameters."""
         raise NotImplementedError
 
     # -- parameter groups ------------------------------------------------------------------
@@ -185,7 +193,7 @@ class Optimizer(torch.optim.Optimizer):
             if any(g is None for g in grads):
                 params = [p for p, g in zip(params, grads) if g is not None]
                 grads = [g for g in grads if g is not None]
-            if any(g.is_sparse for g in grads):  # the one kind of gradient an optimizer may refuse
+            if any(map(_IS_SPARSE, grads)):  # the one kind of gradient an optimizer may refuse
                 for param, grad in zip(params, grads):
                     self._check_grad(param, grad, group_index, group)
             # DTensor (FSDP2) groups: which processes hold the other shards; a ValueError for mixed groups.
@@ -226,9 +234,8 @@ class Optimizer(torch.optim.Optimizer):
                 clip_grads_(grads, norm, self.max_grad_norm)
 
         for group, device_params, device_grads, update in plan:
-            for param in device_params:
-                self._init_state(param, group)
-            self._update(update, group, device_params, device_grads)
+            # looked up once per step and handed on: a tensor's hash is Python code
+            self._update(update, group, device_params, device_grads, self._states(device_params, group))
         return loss
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
@@ -252,6 +259,8 @@ def _position(group: dict[str, Any], param: torch.Tensor) -> int:
 
 def _split_by_device(params: list[torch.Tensor], grads: list[torch.Tensor]):
     """``[(device, params, grads)]`` per device, in first-seen order (one entry, the lists as given, in the usual case)."""
+    if all(map(_IS_CPU, params)):  # the usual case, told without building a device object per tensor
+        return [(_CPU, params, grads)] if params else []
     devices = {p.device for p in params}
     if len(devices) <= 1:
         return [(devices.pop(), params, grads)] if devices else []

@@ -68,8 +68,7 @@ class Adagrad(Optimizer):
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
         # torch creates Adagrad's state eagerly; doing the same keeps state_dict() layouts equal.
         for group in self.param_groups:
-            for param in group["params"]:
-                self._init_state(param, group)
+            self._states(group["params"], group)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -87,15 +86,16 @@ class Adagrad(Optimizer):
                 f"{group_index}): it would touch every row; put the embedding in a group with weight_decay=0"
             )
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[param]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-            state["sum"] = torch.full_like(param, float(group["initial_accumulator_value"]),
-                                           memory_format=torch.preserve_format)
-
-    def _update(self, update, group, params, grads) -> None:
+    def _states(self, params, group) -> list[dict[str, Any]]:
         states = [self.state[p] for p in params]
+        for param, state in zip(params, states):
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+                state["sum"] = torch.full_like(param, float(group["initial_accumulator_value"]),
+                                               memory_format=torch.preserve_format)
+        return states
+
+    def _update(self, update, group, params, grads, states) -> None:
         update(
             params,
             grads,

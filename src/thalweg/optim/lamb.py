@@ -80,15 +80,16 @@ class LAMB(Optimizer):
         _checks.flag("maximize", group["maximize"])
         _checks.flag("trust_ratio", group["trust_ratio"])
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[param]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _update(self, update, group, params, grads) -> None:
+    def _states(self, params, group) -> list[dict[str, Any]]:
         states = [self.state[p] for p in params]
+        for param, state in zip(params, states):
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return states
+
+    def _update(self, update, group, params, grads, states) -> None:
         beta1, beta2 = group["betas"]
         update(
             params,

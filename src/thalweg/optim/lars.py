@@ -86,12 +86,13 @@ class LARS(Optimizer):
         if group["nesterov"] and _checks.as_number("momentum", group["momentum"]) <= 0:
             raise ValueError(f"nesterov=True requires momentum > 0, got momentum={group['momentum']}")
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        pass  # the momentum buffer is the first step's direction, created by the update itself
+    def _states(self, params, group) -> list[dict[str, Any]]:
+        # the momentum buffer is the first step's direction, created by the update itself
+        return [self.state[p] for p in params] if _checks.as_number("momentum", group["momentum"]) != 0 else []
 
-    def _update(self, update, group, params, grads) -> None:
+    def _update(self, update, group, params, grads, states) -> None:
         momentum = _checks.as_number("momentum", group["momentum"])
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        buffers = [s.get("momentum_buffer") for s in states] if momentum != 0 else []
         update(
             params,
             grads,
@@ -105,8 +106,8 @@ class LARS(Optimizer):
             maximize=group["maximize"],
             trust_ratio=group["trust_ratio"],
         )
-        for param, buffer in zip(params, buffers):
-            self.state[param]["momentum_buffer"] = buffer
+        for state, buffer in zip(states, buffers):
+            state["momentum_buffer"] = buffer
 
 
 @register("lars", "reference")

@@ -76,19 +76,21 @@ class RMSprop(Optimizer):
         _checks.flag("centered", group["centered"])
         _checks.flag("maximize", group["maximize"])
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[param]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-            state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        # Created when first needed, so a schedule that turns momentum on later (CyclicLR) works.
-        if group["momentum"] > 0 and "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if group["centered"] and "grad_avg" not in state:
-            state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _update(self, update, group, params, grads) -> None:
+    def _states(self, params, group) -> list[dict[str, Any]]:
         states = [self.state[p] for p in params]
+        # Created when first needed, so a schedule that turns momentum on later (CyclicLR) works.
+        momentum, centered = group["momentum"] > 0, group["centered"]
+        for param, state in zip(params, states):
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+                state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if momentum and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if centered and "grad_avg" not in state:
+                state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return states
+
+    def _update(self, update, group, params, grads, states) -> None:
         momentum = _checks.as_number("momentum", group["momentum"])
         update(
             params,

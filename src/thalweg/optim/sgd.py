@@ -78,12 +78,13 @@ class SGD(Optimizer):
                 f"dampening={group['dampening']}"
             )
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        pass  # the momentum buffer is the first step's gradient, created by the update itself
+    def _states(self, params, group) -> list[dict[str, Any]]:
+        # the momentum buffer is the first step's gradient, created by the update itself
+        return [self.state[p] for p in params] if _checks.as_number("momentum", group["momentum"]) != 0 else []
 
-    def _update(self, update, group, params, grads) -> None:
+    def _update(self, update, group, params, grads, states) -> None:
         momentum = _checks.as_number("momentum", group["momentum"])
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        buffers = [s.get("momentum_buffer") for s in states] if momentum != 0 else []
         update(
             params,
             grads,
@@ -95,8 +96,8 @@ class SGD(Optimizer):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
         )
-        for param, buffer in zip(params, buffers):
-            self.state[param]["momentum_buffer"] = buffer
+        for state, buffer in zip(states, buffers):
+            state["momentum_buffer"] = buffer
 
 
 class Momentum(SGD):
