@@ -257,12 +257,56 @@ def test_state_verdicts_follow_the_state_tensors():
         return params, optimizer
 
     _assert_same(*run("reference"), *run("fused"), rtol=1e-6)
-    entries = len(_host._STATE_CHECKS)
+    entries = len(_host._LAYOUTS)
     params, optimizer = run("fused")
-    assert len(_host._STATE_CHECKS) > entries
+    assert len(_host._LAYOUTS) > entries
     del params, optimizer
     gc.collect()
-    assert len(_host._STATE_CHECKS) == entries
+    assert len(_host._LAYOUTS) == entries
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_a_parameter_given_new_storage_is_checked_again(name):
+    """``p.data = ...`` (what ``model.to`` and ``model.half`` do) keeps the Parameter object but gives it
+    new storage, maybe of another layout: the remembered layout must notice, or the kernel would read a
+    column-major parameter as a row-major one."""
+
+    def run(backend):
+        torch.manual_seed(0)
+        params = [torch.randn(6, 5, requires_grad=True), torch.randn(7, requires_grad=True)]
+        optimizer = getattr(thalweg, name)(params, lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}),
+                                           backend=backend)
+        for step in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape)  # row-major whatever the parameter's layout
+            optimizer.step()
+            if step == 1:
+                params[1].data = params[1].data.clone()
+            if step == 3:  # same values and shape, column-major: the reference path's now
+                params[0].data = params[0].data.t().contiguous().t()
+        return params, optimizer
+
+    _assert_same(*run("reference"), *run("fused"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["size", "dtype"])
+def test_a_gradient_that_no_longer_matches_its_parameter_is_not_read_by_a_kernel(change):
+    """torch lets ``p.grad.data = x`` give a gradient another size or dtype than its parameter; a
+    kernel reading it as the parameter's would read past its end or misread it. The parameter goes to
+    the reference path instead, which fails as torch does."""
+    params = [torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)]
+    outcomes = []
+    for backend in ("reference", "fused"):
+        optimizer = thalweg.Adam([p.detach().clone().requires_grad_() for p in params], lr=0.1, backend=backend)
+        for p in optimizer.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        grad = optimizer.param_groups[0]["params"][1].grad
+        grad.data = torch.ones(8) if change == "size" else torch.ones(64, dtype=torch.float64)
+        with pytest.raises(RuntimeError) as error:
+            optimizer.step()
+        outcomes.append(type(error.value))
+    assert outcomes[0] is outcomes[1]
 
 
 @pytest.mark.parametrize("with_float64", [False, True], ids=["float32+bf16", "with-float64"])

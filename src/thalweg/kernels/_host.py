@@ -7,6 +7,7 @@ No numba or triton import here: this module is loaded by ``import thalweg.kernel
 from __future__ import annotations
 
 from collections import OrderedDict
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -24,8 +25,8 @@ STEP_DTYPES = (torch.float32, torch.float64)
 class Bucket:
     """Tensors one kernel call updates: ``roles[r][k]`` is role ``r`` (param, grad, states...) of tensor ``k``.
 
-    ``state_pointers``, when known, holds the data addresses of the state roles (``[r, k]``, rows 0 and 1
-    unused) and ``step_pointers`` those of the step counters, remembered with the state checks.
+    ``pointers``, when known, is the ``[role, tensor]`` table of data addresses (0 for an unused role),
+    and ``step_pointers`` those of the step counters.
     """
 
     indices: list[int]
@@ -33,45 +34,107 @@ class Bucket:
     roles: list[list[torch.Tensor | None]]
     steps: list[torch.Tensor]
     numels: list[int]
-    state_pointers: np.ndarray | None = None
+    pointers: np.ndarray | None = None
     step_pointers: np.ndarray | None = None
 
 
-class _StateChecks:
-    """Which state tensors passed :func:`partition`'s checks, and their addresses, remembered by identity.
+@dataclass
+class _Group:
+    """Parameters of one dtype (and step dtype) whose params and states a kernel can take."""
 
-    State tensors (``exp_avg``, ``sum``, ``step``...) belong to the optimizer and keep their identity,
-    storage and layout from step to step; a checkpoint load replaces them with new objects. Checking
-    each of them again every step was most of the host time with 2000 small tensors, so the verdicts
-    (and the data addresses the kernels need) are kept per list of objects, and dropped as soon as one
-    of those objects dies (a dead tensor's ``id`` can be reused by a new one). Parameters and gradients
-    are checked every step: ``.data`` assignments (``model.to``, ``model.half``) and ``zero_grad``
-    change them.
+    dtype: torch.dtype
+    indices: list[int]
+    numels: list[int]
+    pointers: np.ndarray  # [role, tensor]: the states' rows filled, the param and grad rows filled per step
+    step_pointers: np.ndarray | None
+
+
+@dataclass
+class _Layout:
+    """What :func:`partition` found out about a list of parameters and their state tensors.
+
+    Everything here holds as long as the same tensor objects keep the same storage: the ``key`` (the
+    tensors' identities) says the objects are the same, and ``param_pointers`` is compared every step
+    because a ``.data`` assignment (``model.to``, ``model.half``) gives a parameter new storage, maybe
+    of another dtype or size. State tensors belong to the optimizer and are only ever replaced, never
+    re-pointed (a checkpoint load makes new objects). Gradients are not in it: ``zero_grad`` makes new
+    ones every step, so they are checked every step.
     """
 
+    param_pointers: np.ndarray
+    dtypes: list[torch.dtype]
+    numels: list[int]
+    groups: list[_Group]
+    fallback: list[int]  # parameters whose param or state a kernel cannot take
+
+
+class _Layouts:
+    """Layouts by the identities of the tensors they describe, each forgotten as soon as one of those
+    tensors dies (a dead tensor's ``id`` can be reused by a new one)."""
+
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[list[bool], np.ndarray, list[weakref.ref]]] = {}
+        self._entries: dict[tuple, tuple[_Layout, list[weakref.ref]]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def verdicts(self, key: tuple, tensors: list[torch.Tensor], check, n: int) -> tuple[list[bool], np.ndarray]:
-        """Per parameter (``tensors[k]`` belongs to parameter ``k % n``): did all its state tensors pass
-        ``check``; and every tensor's data address. Computed once while all of them live (``key`` names them)."""
+    def get(self, key: tuple) -> _Layout | None:
         entry = self._entries.get(key)
-        if entry is None:
-            forget = lambda _, key=key: self._entries.pop(key, None)  # noqa: E731
-            passed = [check(k) for k in range(len(tensors))]
-            per_param = [all(passed[k::n]) for k in range(n)]
-            addresses = np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
-            # the weak references (kept with the entry) call `forget` when a tensor dies
-            entry = (per_param, addresses.reshape(-1, n), [weakref.ref(t, forget) for t in tensors])
-            self._entries[key] = entry
-        return entry[0], entry[1]
+        return None if entry is None else entry[0]
+
+    def put(self, key: tuple, layout: _Layout, tensors) -> None:
+        forget = lambda _, key=key: self._entries.pop(key, None)  # noqa: E731
+        # the weak references (kept with the entry) call `forget` when a tensor dies
+        self._entries[key] = (layout, [weakref.ref(t, forget) for t in tensors])
 
 
-_STATE_CHECKS = _StateChecks()
-_NONE = id(None)  # among a state list's identities: a buffer the caller has yet to create
+_LAYOUTS = _Layouts()
+_NONE = id(None)  # among the tensors' identities: a buffer the caller has yet to create
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_NUMEL = torch.Tensor.numel
+_LAYOUT_OF = operator.attrgetter("layout")
+_DTYPE_OF = operator.attrgetter("dtype")
+
+
+def _layout(params, states, *, state_rows, n_roles, steps, param_pointers) -> _Layout:
+    """Check every parameter and state tensor: which a kernel can take, grouped by dtype, with their addresses.
+
+    A kernel needs, for every role, a dense contiguous tensor of the param's dtype, device and size:
+    anything else (a float16 param, a state loaded in another dtype or layout) goes to the reference path.
+    """
+    n, n_states = len(params), len(state_rows) * len(params)
+    device = params[0].device
+    dtypes = list(map(_DTYPE_OF, params))
+    numels = list(map(_NUMEL, params))
+    strided = torch.strided
+
+    def state_ok(tensor, i: int) -> bool:
+        return tensor is None or (  # None: a buffer the caller creates to match its parameter
+            tensor.layout is strided and tensor.dtype is dtypes[i] and tensor.numel() == numels[i]
+            and tensor.device == device and tensor.is_contiguous())
+
+    def step_ok(step) -> bool:
+        return step.dtype in STEP_DTYPES and step.device.type == "cpu" and step.numel() == 1
+
+    # state tensors come role after role, then the step counters: position k belongs to parameter k % n
+    passed = [state_ok(states[k], k % n) for k in range(n_states)] + [step_ok(s) for s in states[n_states:]]
+    addresses = np.array([0 if t is None else t.data_ptr() for t in states], dtype=np.int64).reshape(-1, n)
+    by_kind: dict[tuple, list[int]] = {}
+    fallback = []
+    for i, param in enumerate(params):
+        if (all(passed[i::n]) and dtypes[i] in KERNEL_DTYPES and param.layout is strided
+                and param.is_contiguous()):
+            by_kind.setdefault((dtypes[i], steps[i].dtype if steps is not None else None), []).append(i)
+        else:
+            fallback.append(i)
+    groups = []
+    for (dtype, _), indices in by_kind.items():
+        pointers = np.zeros((n_roles, len(indices)), dtype=np.int64)
+        pointers[state_rows] = addresses[:len(state_rows), indices]
+        step_pointers = np.ascontiguousarray(addresses[-1, indices]) if steps is not None else None
+        groups.append(_Group(dtype, indices, [numels[i] for i in indices], pointers, step_pointers))
+    return _Layout(param_pointers, dtypes, numels, groups, fallback)
 
 
 def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] | None) -> tuple[list[Bucket], list[int]]:
@@ -79,80 +142,59 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
 
     ``roles[0]`` are the params, all on one device (the optimizer splits its tensors by device first),
     ``roles[1]`` the grads; an empty role list is an unused state; a ``None`` entry is a state the
-    caller will create (SGD's first momentum buffer). A kernel needs, for every role, a dense
-    contiguous tensor of the param's dtype, device and size: anything else (a sparse or strided
-    gradient, a float16 param, a state loaded in another dtype) goes to the reference path.
+    caller will create (SGD's first momentum buffer). Params and states are checked when they are new
+    to it (see :class:`_Layout`), gradients every call: a sparse, strided or mismatched one (a ``.data``
+    assignment can give a gradient another dtype or size than its parameter) sends its parameter to the
+    reference path.
     """
     params, grads = roles[0], roles[1]
     n = len(params)
     if not n:
         return [], []
-    device = params[0].device
-    dtypes = [p.dtype for p in params]
-    numels = [p.numel() for p in params]
-
-    # state tensors, role after role, then the step counters: position k belongs to parameter k % n
     state_rows = [r for r in range(2, len(roles)) if roles[r]]
     states = [t for r in state_rows for t in roles[r]] + (list(steps) if steps is not None else [])
+    param_pointers = np.fromiter(map(_DATA_PTR, params), dtype=np.int64, count=n)
+    key = tuple(map(id, params + states))
+    layout = _LAYOUTS.get(key)
+    pending = False  # a buffer the caller is about to create (never in a remembered layout)
+    if layout is None or not np.array_equal(layout.param_pointers, param_pointers):
+        layout = _layout(params, states, state_rows=state_rows, n_roles=len(roles), steps=steps,
+                         param_pointers=param_pointers)
+        pending = _NONE in key
+        if not pending:  # nothing stable to remember while a buffer is missing
+            _LAYOUTS.put(key, layout, params + states)
+
     strided = torch.strided
-
-    def check(k: int) -> bool:
-        tensor, i = states[k], k % n
-        if tensor is None:  # a buffer the caller creates to match its parameter
-            return True
-        if k >= len(state_rows) * n:  # a step counter
-            return tensor.dtype in STEP_DTYPES and tensor.device.type == "cpu" and tensor.numel() == 1
-        return (tensor.layout is strided and tensor.dtype is dtypes[i] and tensor.numel() == numels[i]
-                and tensor.device == device and tensor.is_contiguous())
-
-    addresses = None
-    identities = tuple(map(id, states))
-    if not states:
-        state_ok = [True] * n
-    elif _NONE in identities:  # a buffer about to be created: nothing stable to remember
-        passed = [check(k) for k in range(len(states))]
-        state_ok = [all(passed[k::n]) for k in range(n)]
-    else:  # a verdict depends on the state itself and on its parameter's dtype and size
-        key = (identities, tuple(dtypes), tuple(numels), device)
-        state_ok, addresses = _STATE_CHECKS.verdicts(key, states, check, n)
-
-    kernel_dtypes = KERNEL_DTYPES
-    step_dtypes = [s.dtype for s in steps] if steps is not None else None
-    groups: dict[tuple, list[int]] = {}
-    fallback = []
-    # gradients: torch's .grad setter guarantees dtype, size and device; layout and strides it does not
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        if (state_ok[i] and dtypes[i] in kernel_dtypes and param.layout is strided and grad.layout is strided
-                and param.is_contiguous() and grad.is_contiguous()):
-            groups.setdefault((dtypes[i], step_dtypes[i] if step_dtypes else None), []).append(i)
-        else:
-            fallback.append(i)
+    if (set(map(_LAYOUT_OF, grads)) == {strided} and all(map(_IS_CONTIGUOUS, grads))
+            and list(map(_DTYPE_OF, grads)) == layout.dtypes and list(map(_NUMEL, grads)) == layout.numels):
+        groups, fallback = layout.groups, layout.fallback
+    else:  # some gradient a kernel cannot read: its parameter joins the fallback
+        bad = {i for i, (grad, dtype, numel) in enumerate(zip(grads, layout.dtypes, layout.numels))
+               if not (grad.layout is strided and grad.is_contiguous() and grad.dtype is dtype and grad.numel() == numel)}
+        groups, fallback = [], sorted(set(layout.fallback) | bad)
+        for group in layout.groups:
+            keep = [k for k, i in enumerate(group.indices) if i not in bad]
+            if keep:
+                groups.append(_Group(group.dtype, [group.indices[k] for k in keep], [group.numels[k] for k in keep],
+                                     group.pointers[:, keep],
+                                     None if group.step_pointers is None else group.step_pointers[keep]))
     buckets = []
-    for (dtype, _), indices in groups.items():
-        state_pointers = step_pointers = None
+    for group in groups:
+        indices = group.indices
+        pointers = group.pointers.copy()
         if len(indices) == n:
             picked = [list(role) if role else [] for role in roles]
             picked_steps = list(steps) if steps is not None else []
-            picked_numels = numels
-            if addresses is not None:
-                state_pointers, step_pointers = _state_pointers(addresses, state_rows, len(roles), steps, slice(None))
+            pointers[0] = param_pointers
         else:
             picked = [[role[i] for i in indices] if role else [] for role in roles]
             picked_steps = [steps[i] for i in indices] if steps is not None else []
-            picked_numels = [numels[i] for i in indices]
-            if addresses is not None:
-                state_pointers, step_pointers = _state_pointers(addresses, state_rows, len(roles), steps, indices)
-        buckets.append(Bucket(indices, dtype, picked, picked_steps, picked_numels, state_pointers, step_pointers))
+            pointers[0] = param_pointers[indices]
+        pointers[1] = np.fromiter(map(_DATA_PTR, picked[1]), dtype=np.int64, count=len(indices))
+        if pending:  # the addresses of the buffers created after this call are not known yet
+            pointers = None
+        buckets.append(Bucket(indices, group.dtype, picked, picked_steps, group.numels, pointers, group.step_pointers))
     return buckets, fallback
-
-
-def _state_pointers(addresses, state_rows, n_roles, steps, columns):
-    """Split remembered addresses (state roles' rows, then the steps' row) into a ``[role, tensor]``
-    table (rows 0, 1 and unused roles zero) and the steps' addresses, for the bucket's ``columns``."""
-    picked = addresses[:, columns]
-    table = np.zeros((n_roles, picked.shape[1]), dtype=np.int64)
-    table[state_rows] = picked[:len(state_rows)]
-    return table, (np.ascontiguousarray(picked[-1]) if steps is not None else None)
 
 
 def pick(tensors: list, indices: list[int]) -> list:
@@ -162,15 +204,10 @@ def pick(tensors: list, indices: list[int]) -> list:
 
 def pointer_table(bucket: Bucket, n_roles: int) -> np.ndarray:
     """int64 ``[role, tensor]`` table of data addresses; 0 for a role the kernel will not touch."""
-    roles = bucket.roles
-    n = len(roles[0])
-    if bucket.state_pointers is not None:  # the states' addresses were remembered with their checks
-        table = bucket.state_pointers[:n_roles].copy()
-        for r in (0, 1):
-            table[r] = np.fromiter((t.data_ptr() for t in roles[r]), dtype=np.int64, count=n)
-        return table
-    table = np.zeros((n_roles, n), dtype=np.int64)
-    for r, role in enumerate(roles[:n_roles]):
+    if bucket.pointers is not None:
+        return bucket.pointers[:n_roles]
+    table = np.zeros((n_roles, len(bucket.roles[0])), dtype=np.int64)
+    for r, role in enumerate(bucket.roles[:n_roles]):
         if role:
             table[r] = [t.data_ptr() for t in role]
     return table
