@@ -114,6 +114,48 @@ def test_step_hooks_fire_in_order_around_the_step():
     assert len(events) == 3  # removed hooks stay removed
 
 
+def test_a_pre_hook_may_replace_the_arguments_and_hooks_run_once_for_a_subclass_step():
+    """As torch.optim: a pre-hook's (args, kwargs) replace the step's; a subclass that overrides step()
+    and calls super().step() still sees each hook once (torch wraps the subclass's step, not ours)."""
+    params = make_params([(3,)], torch.float32, 0)
+    calls = []
+
+    class Logged(thalweg.Adam):
+        def step(self, closure=None):
+            calls.append("subclass")
+            return super().step(closure)
+
+    for cls in (thalweg.Adam, Logged):
+        optimizer = cls(params, lr=0.1)
+        closure_calls = []
+        closure = lambda: closure_calls.append(1) or torch.tensor(2.0)  # noqa: E731
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre") or ((args[0],), {"closure": closure}))
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", kwargs["closure"] is closure)))
+        params[0].grad = torch.ones(3)
+        assert optimizer.step() == torch.tensor(2.0) and closure_calls == [1]
+        expected = ["pre", ("post", True)] if cls is thalweg.Adam else ["pre", "subclass", ("post", True)]
+        assert calls == expected, cls
+        calls.clear()
+
+
+def test_step_is_a_named_profiler_range_and_leaves_grad_mode_as_it_was():
+    params = make_params([(3,)], torch.float32, 0)
+    optimizer = thalweg.SGD(params, lr=0.1)
+    params[0].grad = torch.ones(3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        optimizer.step()
+    assert "Optimizer.step#SGD.step" in {event.key for event in profile.key_averages()}
+    for enabled in (True, False):
+        with torch.set_grad_enabled(enabled):
+            optimizer.step()
+            assert torch.is_grad_enabled() is enabled
+            params[0].grad = torch.sparse_coo_tensor([[0]], [1.0], (3,))  # refused: the step raises
+            with pytest.raises(RuntimeError, match="sparse"):
+                optimizer.step()
+            assert torch.is_grad_enabled() is enabled
+            params[0].grad = torch.ones(3)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad(set_to_none):
     params = make_params([(3,), (2, 2)], torch.float32, 0)
