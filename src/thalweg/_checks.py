@@ -14,6 +14,8 @@ import torch
 
 def as_number(name: str, value: Any) -> float:
     """``value`` as a float, or a TypeError that names ``name``. Accepts 0-d tensors (torch allows a tensor lr)."""
+    if type(value) is float or type(value) is int:  # the usual case, without the costlier checks below
+        return float(value)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")

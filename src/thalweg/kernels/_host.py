@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 import operator
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ class Bucket:
     """Tensors one kernel call updates: ``roles[r][k]`` is role ``r`` (param, grad, states...) of tensor ``k``.
 
     ``pointers``, when known, is the ``[role, tensor]`` table of data addresses (0 for an unused role),
-    and ``step_pointers`` those of the step counters.
+    and ``step_pointers`` those of the step counters. ``memo`` keeps what a launcher derives from the
+    sizes alone (its chunk table) for as long as the layout behind the bucket is remembered.
     """
 
     indices: list[int]
@@ -36,6 +37,7 @@ class Bucket:
     numels: list[int]
     pointers: np.ndarray | None = None
     step_pointers: np.ndarray | None = None
+    memo: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class _Group:
     numels: list[int]
     pointers: np.ndarray  # [role, tensor]: the states' rows filled, the param and grad rows filled per step
     step_pointers: np.ndarray | None
+    memo: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -157,7 +160,7 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
     key = tuple(map(id, params + states))
     layout = _LAYOUTS.get(key)
     pending = False  # a buffer the caller is about to create (never in a remembered layout)
-    if layout is None or not np.array_equal(layout.param_pointers, param_pointers):
+    if layout is None or layout.param_pointers.tobytes() != param_pointers.tobytes():
         layout = _layout(params, states, state_rows=state_rows, n_roles=len(roles), steps=steps,
                          param_pointers=param_pointers)
         pending = _NONE in key
@@ -193,7 +196,8 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
         pointers[1] = np.fromiter(map(_DATA_PTR, picked[1]), dtype=np.int64, count=len(indices))
         if pending:  # the addresses of the buffers created after this call are not known yet
             pointers = None
-        buckets.append(Bucket(indices, group.dtype, picked, picked_steps, group.numels, pointers, group.step_pointers))
+        buckets.append(Bucket(indices, group.dtype, picked, picked_steps, group.numels, pointers, group.step_pointers,
+                              group.memo))
     return buckets, fallback
 
 
@@ -217,9 +221,12 @@ def step_pointers(bucket: Bucket) -> np.ndarray:
     """int64 addresses of the bucket's step counters."""
     if bucket.step_pointers is not None:
         return bucket.step_pointers
+    if not bucket.steps:
+        return _NO_STEPS
     return np.fromiter((s.data_ptr() for s in bucket.steps), dtype=np.int64, count=len(bucket.steps))
 
 
+_NO_STEPS = np.empty(0, dtype=np.int64)
 _CHUNK_CACHE: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
 

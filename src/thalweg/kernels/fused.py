@@ -188,8 +188,17 @@ def grad_sum_of_squares(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], 
     return sums, fallback
 
 
+# Both are shared between calls (kernels only read them) and left writable: numba compiles a separate
+# version of a kernel for read-only arrays.
+@functools.lru_cache(maxsize=None)  # a few dozen combinations at most
 def _flags(*switches) -> np.ndarray:
     return np.array(switches, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _like(dtype: type) -> np.ndarray:
+    """A one-element array of ``dtype``: how a kernel is told the element type behind its raw pointers."""
+    return np.empty(1, dtype=dtype)
 
 
 class _Cpu:
@@ -200,20 +209,26 @@ class _Cpu:
         from . import numba_cpu
 
         storage, compute = _NUMPY[bucket.dtype]
-        like = np.empty(1, dtype=storage)
+        like = _like(storage)
         ptrs = _host.pointer_table(bucket, n_roles)
-        chunks = _host.chunk_table(bucket.roles[0], numels=bucket.numels)
+        chunks = bucket.memo.get("cpu chunks")
+        if chunks is None:
+            chunks = bucket.memo["cpu chunks"] = _host.chunk_table(bucket.roles[0], numels=bucket.numels)
         pool = numba_cpu.pool(passes, storage, sum(bucket.numels), len(chunks))
         steps = _host.step_pointers(bucket)
-        step_like = np.empty(1, dtype=np.float64 if bucket.steps and bucket.steps[0].dtype == torch.float64 else np.float32)
+        step_like = _like(np.float64 if bucket.steps and bucket.steps[0].dtype == torch.float64 else np.float32)
         return numba_cpu, pool, compute, like, ptrs, chunks, steps, step_like
 
     @staticmethod
     def sgd(bucket, *, new, scales, lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
         kernels, pool, compute, like, ptrs, chunks, _, _ = _Cpu._prepare(bucket, 3, ("_sgd_chunk",))
         hp = np.array([-lr, weight_decay, momentum, 1 - dampening], dtype=compute)
-        coef = np.ones((len(bucket.indices), 2), dtype=compute)
-        coef[:, 0] = new
+        coef = bucket.memo.get("sgd coef") if not any(new) else None  # the kernel only reads it
+        if coef is None:
+            coef = np.ones((len(bucket.indices), 2), dtype=compute)
+            coef[:, 0] = new
+            if not any(new):
+                bucket.memo["sgd coef"] = coef
         kernels.sgd(pool, ptrs, chunks, coef, hp, _flags(maximize, weight_decay != 0, momentum != 0, nesterov), like)
 
     @staticmethod
