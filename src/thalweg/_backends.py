@@ -46,9 +46,10 @@ def fused_unavailable_reason(device: torch.device) -> str | None:
 
 # SGD's for-loop is already one pass per tensor (a single in-place torch op, vectorised by torch), so on
 # CPU the fused kernel only wins where per-tensor dispatch dominates: many small tensors. Measured
-# (benchmarks/results/cpu-2026-11-23.md, for-loop vs fused ms): 32 x 1M 6.9 vs 7.7, GPT-small (mean
-# 130k elements) 1.45 vs 1.82, 2000 x 1000 5.3 vs 4.1; momentum alike. With a handful of tensors the
-# kernel call's fixed cost loses too (a 4-tensor MLP: 0.17 vs 0.23 ms per step).
+# (benchmarks/results/cpu-2026-11-23.md, for-loop vs fused ms): 32 x 1M 7.05 vs 6.99, GPT-small (mean
+# 100k elements) 1.46 vs 1.46, 2000 x 1000 4.66 vs 2.27. With a handful of tensors the kernel call's
+# fixed cost loses (a 4-tensor MLP after a cache flush: 0.12 vs 0.23 ms per step). Momentum is the
+# same rule, though fused wins on large models there (32 x 1M: 19.1 vs 13.4 ms).
 _SGD_FUSED_BELOW_MEAN_ELEMENTS = 1 << 16
 _SGD_FUSED_FROM_TENSORS = 32
 
