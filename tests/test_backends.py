@@ -102,7 +102,10 @@ def test_fused_false_keeps_auto_off_the_fused_path():
                     reason="the auto rule chooses between fused and the for-loop only where fused exists")
 @pytest.mark.parametrize("cls, shapes, expected", [
     (thalweg.SGD, [(1 << 20,)] * 2, "reference"),     # large tensors: SGD's one in-place op per tensor wins
-    (thalweg.Momentum, [(1 << 17,)] * 40, "reference"),
+    (thalweg.SGD, [(1 << 17,)] * 40, "reference"),
+    (thalweg.Momentum, [(1 << 17,)] * 40, "fused"),    # momentum: the for-loop makes three passes
+    (thalweg.Momentum, [(1 << 20,)] * 2, "fused"),
+    (thalweg.Momentum, [(256, 784), (256,), (10, 256), (10,)], "reference"),  # a small model: fixed cost loses
     (thalweg.SGD, [(1000,)] * 40, "fused"),            # many small tensors: dispatch dominates, fusing wins
     (thalweg.SGD, [(1000,)] * 4, "reference"),         # a handful: the kernel call's fixed cost loses
     (thalweg.Adam, [(1 << 20,)], "fused"),              # multi-op updates: one pass beats six
@@ -111,7 +114,7 @@ def test_fused_false_keeps_auto_off_the_fused_path():
 def test_auto_picks_fused_where_it_measured_faster(cls, shapes, expected):
     params = [torch.zeros(shape, requires_grad=True) for shape in shapes]
     optimizer = cls(params, lr=0.1)
-    assert optimizer.backend_for(torch.device("cpu"), params) == expected
+    assert optimizer.backend_for(torch.device("cpu"), params, optimizer.param_groups[0]) == expected
 
 
 def test_adagrad_honours_a_group_initial_accumulator_value():

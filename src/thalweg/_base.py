@@ -20,6 +20,7 @@ from . import _backends, _checks, distributed
 
 _IS_SPARSE = operator.attrgetter("is_sparse")
 _IS_CPU = operator.attrgetter("is_cpu")
+_NUMEL = torch.Tensor.numel
 _CPU = torch.device("cpu")
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; matched so that clipping
@@ -172,13 +173,17 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def backend_for(self, device: torch.device, params: list[torch.Tensor] | None = None) -> str:
-        """The backend this optimizer uses for ``params`` (all on ``device``)."""
+    def backend_for(self, device: torch.device, params: list[torch.Tensor] | None = None,
+                    group: dict[str, Any] | None = None) -> str:
+        """The backend this optimizer uses for ``params`` (all on ``device``, from param group ``group``)."""
         if self.backend != "auto":
             return self.backend
-        n_elements = sum(p.numel() for p in params) if params is not None and self.algorithm == "sgd" else None
+        sizes_matter = params is not None and self.algorithm == "sgd" and device.type == "cpu"
+        n_elements = sum(map(_NUMEL, params)) if sizes_matter else None
+        momentum = group is not None and self.algorithm == "sgd" and group.get("momentum", 0) != 0
         return _backends.auto_backend(device, allow_fused=self._auto_may_fuse, algorithm=self.algorithm,
-                                      n_tensors=None if params is None else len(params), n_elements=n_elements)
+                                      n_tensors=None if params is None else len(params), n_elements=n_elements,
+                                      momentum=momentum)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
@@ -251,7 +256,7 @@ class Optimizer(torch.optim.Optimizer):
         backends_used = set()
         for group, params, group_grads, sharding in work:
             for device, device_params, device_grads in _split_by_device(params, group_grads):
-                backend = self.backend_for(device, device_params)
+                backend = self.backend_for(device, device_params, group)
                 backends_used.add((device.type, backend))
                 if sharding is None:
                     update = _backends.lookup(self.algorithm, backend, device)
