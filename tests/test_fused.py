@@ -289,6 +289,20 @@ def test_a_parameter_given_new_storage_is_checked_again(name):
     _assert_same(*run("reference"), *run("fused"), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "LAMB"])
+def test_autograd_sees_the_kernels_in_place_writes(name):
+    """As with torch's in-place ops: a graph that saved a parameter before the step refuses a second
+    backward after it, instead of silently using the updated values."""
+    for backend in ("reference", "fused"):
+        weight, inputs = torch.randn(5, requires_grad=True), torch.randn(5)
+        optimizer = getattr(thalweg, name)([weight], lr=0.1, backend=backend)
+        loss = (weight * weight * inputs).sum()
+        loss.backward(retain_graph=True)
+        optimizer.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 @pytest.mark.parametrize("change", ["size", "dtype"])
 def test_a_gradient_that_no_longer_matches_its_parameter_is_not_read_by_a_kernel(change):
     """torch lets ``p.grad.data = x`` give a gradient another size or dtype than its parameter; a

@@ -201,6 +201,17 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
     return buckets, fallback
 
 
+def mark_written(bucket: Bucket) -> None:
+    """Tell autograd the bucket's parameters are about to change in place.
+
+    A kernel writing through a raw pointer is invisible to torch, which otherwise bumps a tensor's
+    version counter on every in-place op: without this, a backward pass through a graph that saved a
+    parameter before the step would silently use the new values where torch raises ("modified by an
+    inplace operation"). Only the parameters: state tensors are not part of a model's graph.
+    """
+    torch.autograd.graph.increment_version(bucket.roles[0])
+
+
 def pick(tensors: list, indices: list[int]) -> list:
     """``tensors`` at ``indices`` (an empty list, an unused state, stays empty)."""
     return [tensors[i] for i in indices] if tensors else []

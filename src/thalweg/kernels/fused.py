@@ -210,6 +210,7 @@ class _Cpu:
 
         storage, compute = _NUMPY[bucket.dtype]
         like = _like(storage)
+        _host.mark_written(bucket)
         ptrs = _host.pointer_table(bucket, n_roles)
         chunks = bucket.memo.get("cpu chunks")
         if chunks is None:

@@ -470,6 +470,7 @@ def _chunks(params: list[torch.Tensor], device: torch.device):
 
 def _prepare(bucket: _host.Bucket, n_roles: int):
     params = bucket.roles[0]
+    _host.mark_written(bucket)
     device = params[0].device
     ptrs = _upload(_TABLES, _host.pointer_table(bucket, n_roles), device)
     chunks, segments, n_chunks = _chunks(params, device)
