@@ -46,11 +46,11 @@ def fused_unavailable_reason(device: torch.device) -> str | None:
 
 # SGD's for-loop is already one pass per tensor (a single in-place torch op, vectorised by torch), so on
 # CPU the fused kernel only wins where per-tensor dispatch dominates: many small tensors. Measured
-# (benchmarks/results/cpu-2026-11-23.md, for-loop vs fused ms): 32 x 1M 7.05 vs 6.99, GPT-small (mean
-# 100k elements) 1.46 vs 1.46, 2000 x 1000 4.66 vs 2.27. With a handful of tensors the kernel call's
+# (benchmarks/results/cpu-2026-11-23.md, for-loop vs fused ms): 32 x 1M 6.48 vs 6.45, GPT-small (mean
+# 100k elements) 1.03 vs 1.03, 2000 x 1000 5.02 vs 2.42. With a handful of tensors the kernel call's
 # fixed cost loses (a 4-tensor MLP after a cache flush: 0.12 vs 0.23 ms per step).
 # With momentum the for-loop makes three passes (buffer, then parameter), so fused wins on any sizeable
-# model too: 32 x 1M 19.1 vs 13.4, GPT-small 2.53 vs 2.25; only small models keep the for-loop (a
+# model too: 32 x 1M 8.78 vs 6.83, GPT-small 2.15 vs 1.56; only small models keep the for-loop (a
 # 235k-parameter MLP: 0.30 vs 0.33 ms after a cache flush, a 4.8k-parameter one: 0.19 vs 0.23).
 _SGD_FUSED_BELOW_MEAN_ELEMENTS = 1 << 16
 _SGD_FUSED_FROM_TENSORS = 32
