@@ -454,13 +454,13 @@ def _upload(cache: _Uploads, array: np.ndarray, device: torch.device) -> torch.T
     return cache.get((device, array.dtype.str, array.shape, array.tobytes()), lambda: _to_device(array, device))
 
 
-def _chunks(params: list[torch.Tensor], device: torch.device):
+def _chunks(bucket: _host.Bucket, device: torch.device):
     """Device chunk table ``[chunk, (tensor, start, stop)]``, per-tensor ``(first chunk, count)``, chunk count."""
-    sizes = np.fromiter((p.numel() for p in params), dtype=np.int64, count=len(params))
+    sizes = np.array(bucket.numels, dtype=np.int64)
     key = ("chunks", device, CHUNK, sizes.tobytes())
 
     def make():
-        table = _host.chunk_table(params, CHUNK)
+        table = _host.chunk_table(bucket.roles[0], CHUNK, numels=bucket.numels)
         counts = (sizes + CHUNK - 1) // CHUNK
         segments = np.stack([np.cumsum(counts) - counts, counts], axis=1).astype(np.int64)
         return _to_device(table, device), _to_device(segments, device), len(table)
@@ -473,7 +473,7 @@ def _prepare(bucket: _host.Bucket, n_roles: int):
     _host.mark_written(bucket)
     device = params[0].device
     ptrs = _upload(_TABLES, _host.pointer_table(bucket, n_roles), device)
-    chunks, segments, n_chunks = _chunks(params, device)
+    chunks, segments, n_chunks = _chunks(bucket, device)
     storage = _TL[bucket.dtype]
     compute = tl.float64 if bucket.dtype == torch.float64 else tl.float32
     meta = dict(DTYPE=storage, COMPUTE=compute, BLOCK=BLOCK, num_warps=NUM_WARPS)
