@@ -7,6 +7,7 @@ No numba or triton import here: this module is loaded by ``import thalweg.kernel
 from __future__ import annotations
 
 from collections import OrderedDict
+import itertools
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -155,12 +156,15 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
     if not n:
         return [], []
     state_rows = [r for r in range(2, len(roles)) if roles[r]]
-    states = [t for r in state_rows for t in roles[r]] + (list(steps) if steps is not None else [])
+    state_lists = [roles[r] for r in state_rows] + ([steps] if steps is not None else [])
     param_pointers = np.fromiter(map(_DATA_PTR, params), dtype=np.int64, count=n)
-    key = tuple(map(id, params + states))
+    # chained, not concatenated: a list of every tensor would touch each object once more, and with
+    # thousands of tensors after the backward pass has flushed the caches, each touch is a cache miss
+    key = tuple(map(id, itertools.chain(params, *state_lists)))
     layout = _LAYOUTS.get(key)
     pending = False  # a buffer the caller is about to create (never in a remembered layout)
     if layout is None or layout.param_pointers.tobytes() != param_pointers.tobytes():
+        states = list(itertools.chain(*state_lists))
         layout = _layout(params, states, state_rows=state_rows, n_roles=len(roles), steps=steps,
                          param_pointers=param_pointers)
         pending = _NONE in key
@@ -185,9 +189,9 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
     for group in groups:
         indices = group.indices
         pointers = group.pointers.copy()
-        if len(indices) == n:
-            picked = [list(role) if role else [] for role in roles]
-            picked_steps = list(steps) if steps is not None else []
+        if len(indices) == n:  # the caller's lists themselves: nothing writes into them
+            picked = list(roles)
+            picked_steps = steps if steps is not None else []
             pointers[0] = param_pointers
         else:
             picked = [[role[i] for i in indices] if role else [] for role in roles]
