@@ -23,6 +23,9 @@ _IS_CPU = operator.attrgetter("is_cpu")
 _NUMEL = torch.Tensor.numel
 _CPU = torch.device("cpu")
 
+# Parameter dtypes whose state ``state_dtype=torch.float32`` widens.
+_NARROW = (torch.bfloat16, torch.float16)
+
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; matched so that clipping
 # through the optimizer equals clipping by hand.
 _CLIP_EPS = 1e-6
@@ -80,10 +83,14 @@ class Optimizer(torch.optim.Optimizer):
         fused: bool | None,
         max_grad_norm: float | None,
         skip_nonfinite: bool,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         self.backend, self._auto_may_fuse = resolve_backend(backend, foreach, fused)
         _checks.optional_positive("max_grad_norm", max_grad_norm)
         _checks.flag("skip_nonfinite", skip_nonfinite)
+        if not (state_dtype is None or state_dtype is torch.float32):
+            raise ValueError(f"state_dtype must be None or torch.float32, got {state_dtype!r}")
+        self.state_dtype = state_dtype
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
@@ -117,6 +124,14 @@ class Optimizer(torch.optim.Optimizer):
         """Call ``update`` (a backend function) with this group's tensors, ``states`` (from :meth:`_states`)
         and hyper-parameters."""
         raise NotImplementedError
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _new_state(self, param: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """A state tensor for ``param`` filled with ``fill``: the param's dtype, or ``state_dtype`` for a
+        bfloat16/float16 param when that is set (torch's memory format rule either way)."""
+        dtype = self.state_dtype if self.state_dtype is not None and param.dtype in _NARROW else param.dtype
+        return torch.full_like(param, fill, dtype=dtype, memory_format=torch.preserve_format)
 
     # -- parameter groups ------------------------------------------------------------------
 
@@ -157,7 +172,7 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(backend=self.backend, _auto_may_fuse=self._auto_may_fuse, max_grad_norm=self.max_grad_norm,
-                     skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps)
+                     skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps, state_dtype=self.state_dtype)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -168,8 +183,24 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         for key, value in (("backend", "auto"), ("_auto_may_fuse", True), ("max_grad_norm", None),
-                           ("skip_nonfinite", False), ("skipped_steps", 0), ("last_grad_norm", None)):
+                           ("skip_nonfinite", False), ("skipped_steps", 0), ("last_grad_norm", None),
+                           ("state_dtype", None)):
             self.__dict__.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.state_dtype is not None:
+            # torch.optim casts every floating state tensor to its parameter's dtype on load; the state of
+            # bfloat16/float16 parameters is taken again from the checkpoint itself, in state_dtype, so a
+            # float32 state saved by thalweg comes back without a round trip through bfloat16.
+            saved = state_dict["state"]
+            indices = [index for group in state_dict["param_groups"] for index in group["params"]]
+            params = [param for group in self.param_groups for param in group["params"]]
+            for index, param in zip(indices, params):
+                if param.dtype in _NARROW and index in saved:
+                    for key, value in saved[index].items():
+                        if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                            self.state[param][key] = value.to(device=param.device, dtype=self.state_dtype)
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -263,7 +294,7 @@ class Optimizer(torch.optim.Optimizer):
                 else:  # the backends see local shards; norms inside are summed across processes
                     backend = distributed.backend_for_shards(backend, requested=self.backend, layerwise=self.layerwise)
                     update = distributed.on_local_shards(_backends.lookup(self.algorithm, backend, device), sharding)
-                plan.append((group, device_params, device_grads, update))
+                plan.append((group, device_params, device_grads, update, device.type == "cpu" and backend == "fused"))
 
         if self.max_grad_norm is not None or self.skip_nonfinite:
             # Sharded or partitioned gradients: local squared norms summed across processes, once.
@@ -281,10 +312,37 @@ class Optimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 clip_grads_(grads, norm, self.max_grad_norm)
 
-        for group, device_params, device_grads, update in plan:
+        for group, device_params, device_grads, update, fused_cpu in plan:
             # looked up once per step and handed on: a tensor's hash is Python code
-            self._update(update, group, device_params, device_grads, self._states(device_params, group))
+            states = self._states(device_params, group)
+            if self.state_dtype is None:
+                self._update(update, group, device_params, device_grads, states)
+            else:
+                self._update_widened(update, group, device_params, device_grads, states, fused_cpu=fused_cpu)
         return loss
+
+    def _update_widened(self, update: Callable[..., None], group: dict[str, Any], params: list[torch.Tensor],
+                        grads: list[torch.Tensor], states: list[dict[str, Any]], *, fused_cpu: bool) -> None:
+        """:meth:`_update` with ``state_dtype`` set: a bfloat16/float16 parameter is stepped as a float32 copy
+        (float32 gradient, its float32 state) and rounded back once. The fused CPU kernels do the same in
+        one pass for bfloat16 parameters whose state exists (SGD's first momentum step creates it here)."""
+        as_is, widen = [], []
+        for i, param in enumerate(params):
+            in_kernel = fused_cpu and param.dtype is torch.bfloat16 and (not states or bool(states[i]))
+            (as_is if param.dtype not in _NARROW or in_kernel else widen).append(i)
+        if not widen:
+            self._update(update, group, params, grads, states)
+            return
+        for indices, widened in ((as_is, False), (widen, True)):
+            if not indices:
+                continue
+            originals = [params[i] for i in indices]
+            values = [p.detach().to(self.state_dtype) for p in originals] if widened else originals
+            self._update(update, group, values, [grads[i].to(self.state_dtype) if widened else grads[i] for i in indices],
+                         [states[i] for i in indices] if states else [])
+            if widened:
+                for param, value in zip(originals, values):
+                    param.copy_(value)  # rounds to nearest even; bumps the version counter as in-place ops do
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
         # Called for every gradient of a group that has a sparse one. Shape, dtype and device need no

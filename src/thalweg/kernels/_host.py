@@ -26,13 +26,16 @@ STEP_DTYPES = (torch.float32, torch.float64)
 class Bucket:
     """Tensors one kernel call updates: ``roles[r][k]`` is role ``r`` (param, grad, states...) of tensor ``k``.
 
-    ``pointers``, when known, is the ``[role, tensor]`` table of data addresses (0 for an unused role),
-    and ``step_pointers`` those of the step counters. ``memo`` keeps what a launcher derives from the
-    sizes alone (its chunk table) for as long as the layout behind the bucket is remembered.
+    ``dtype`` is the params' and grads' dtype, ``state_dtype`` the state tensors' (float32 for bfloat16
+    params with ``state_dtype=torch.float32`` on CPU, else ``dtype``). ``pointers``, when known, is the
+    ``[role, tensor]`` table of data addresses (0 for an unused role), and ``step_pointers`` those of
+    the step counters. ``memo`` keeps what a launcher derives from the sizes alone (its chunk table)
+    for as long as the layout behind the bucket is remembered.
     """
 
     indices: list[int]
     dtype: torch.dtype
+    state_dtype: torch.dtype
     roles: list[list[torch.Tensor | None]]
     steps: list[torch.Tensor]
     numels: list[int]
@@ -43,9 +46,10 @@ class Bucket:
 
 @dataclass
 class _Group:
-    """Parameters of one dtype (and step dtype) whose params and states a kernel can take."""
+    """Parameters of one dtype (and state and step dtype) whose params and states a kernel can take."""
 
     dtype: torch.dtype
+    state_dtype: torch.dtype
     indices: list[int]
     numels: list[int]
     pointers: np.ndarray  # [role, tensor]: the states' rows filled, the param and grad rows filled per step
@@ -104,19 +108,31 @@ _DTYPE_OF = operator.attrgetter("dtype")
 def _layout(params, states, *, state_rows, n_roles, steps, param_pointers) -> _Layout:
     """Check every parameter and state tensor: which a kernel can take, grouped by dtype, with their addresses.
 
-    A kernel needs, for every role, a dense contiguous tensor of the param's dtype, device and size:
-    anything else (a float16 param, a state loaded in another dtype or layout) goes to the reference path.
+    A kernel needs, for every role, a dense contiguous tensor of the param's device and size, and of
+    its dtype — or, on CPU, float32 state for a bfloat16 param (``state_dtype=torch.float32``): the
+    numba kernels type the state roles separately, the Triton ones do not. Anything else (a float16
+    param, a state loaded in another dtype or layout) goes to the reference path.
     """
     n, n_states = len(params), len(state_rows) * len(params)
     device = params[0].device
     dtypes = list(map(_DTYPE_OF, params))
     numels = list(map(_NUMEL, params))
     strided = torch.strided
+    # each param's state dtype: that of its first state tensor (None: a buffer the caller creates)
+    state_dtypes = list(dtypes)
+    for k in reversed(range(n_states)):
+        if states[k] is not None:
+            state_dtypes[k % n] = states[k].dtype
+    widened = device.type == "cpu"
 
     def state_ok(tensor, i: int) -> bool:
-        return tensor is None or (  # None: a buffer the caller creates to match its parameter
-            tensor.layout is strided and tensor.dtype is dtypes[i] and tensor.numel() == numels[i]
+        return tensor is None or (
+            tensor.layout is strided and tensor.dtype is state_dtypes[i] and tensor.numel() == numels[i]
             and tensor.device == device and tensor.is_contiguous())
+
+    def dtypes_ok(i: int) -> bool:
+        return dtypes[i] in KERNEL_DTYPES and (state_dtypes[i] is dtypes[i] or (
+            widened and dtypes[i] is torch.bfloat16 and state_dtypes[i] is torch.float32))
 
     def step_ok(step) -> bool:
         return step.dtype in STEP_DTYPES and step.device.type == "cpu" and step.numel() == 1
@@ -127,17 +143,17 @@ def _layout(params, states, *, state_rows, n_roles, steps, param_pointers) -> _L
     by_kind: dict[tuple, list[int]] = {}
     fallback = []
     for i, param in enumerate(params):
-        if (all(passed[i::n]) and dtypes[i] in KERNEL_DTYPES and param.layout is strided
-                and param.is_contiguous()):
-            by_kind.setdefault((dtypes[i], steps[i].dtype if steps is not None else None), []).append(i)
+        if all(passed[i::n]) and dtypes_ok(i) and param.layout is strided and param.is_contiguous():
+            kind = (dtypes[i], state_dtypes[i], steps[i].dtype if steps is not None else None)
+            by_kind.setdefault(kind, []).append(i)
         else:
             fallback.append(i)
     groups = []
-    for (dtype, _), indices in by_kind.items():
+    for (dtype, state_dtype, _), indices in by_kind.items():
         pointers = np.zeros((n_roles, len(indices)), dtype=np.int64)
         pointers[state_rows] = addresses[:len(state_rows), indices]
         step_pointers = np.ascontiguousarray(addresses[-1, indices]) if steps is not None else None
-        groups.append(_Group(dtype, indices, [numels[i] for i in indices], pointers, step_pointers))
+        groups.append(_Group(dtype, state_dtype, indices, [numels[i] for i in indices], pointers, step_pointers))
     return _Layout(param_pointers, dtypes, numels, groups, fallback)
 
 
@@ -182,7 +198,8 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
         for group in layout.groups:
             keep = [k for k, i in enumerate(group.indices) if i not in bad]
             if keep:
-                groups.append(_Group(group.dtype, [group.indices[k] for k in keep], [group.numels[k] for k in keep],
+                groups.append(_Group(group.dtype, group.state_dtype, [group.indices[k] for k in keep],
+                                     [group.numels[k] for k in keep],
                                      group.pointers[:, keep],
                                      None if group.step_pointers is None else group.step_pointers[keep]))
     buckets = []
@@ -200,8 +217,8 @@ def partition(roles: list[list[torch.Tensor | None]], steps: list[torch.Tensor] 
         pointers[1] = np.fromiter(map(_DATA_PTR, picked[1]), dtype=np.int64, count=len(indices))
         if pending:  # the addresses of the buffers created after this call are not known yet
             pointers = None
-        buckets.append(Bucket(indices, group.dtype, picked, picked_steps, group.numels, pointers, group.step_pointers,
-                              group.memo))
+        buckets.append(Bucket(indices, group.dtype, group.state_dtype, picked, picked_steps, group.numels, pointers,
+                              group.step_pointers, group.memo))
     return buckets, fallback
 
 

@@ -36,12 +36,13 @@ def _launcher(device: torch.device):
     return importlib.import_module("thalweg.kernels.triton_gpu")
 
 
-def _new_buffers(params: list[torch.Tensor], buffers: list[torch.Tensor | None], indices: list[int]) -> list[bool]:
+def _new_buffers(params: list[torch.Tensor], buffers: list[torch.Tensor | None], indices: list[int],
+                 dtype: torch.dtype) -> list[bool]:
     """Create the missing momentum buffers (filled by the kernel with the first direction)."""
     new = []
     for k, i in enumerate(indices):
         if buffers[i] is None:
-            buffers[i] = torch.empty_like(params[k], memory_format=torch.contiguous_format)
+            buffers[i] = torch.empty_like(params[k], dtype=dtype, memory_format=torch.contiguous_format)
             new.append(True)
         else:
             new.append(False)
@@ -65,7 +66,7 @@ def _momentum_buckets(params, grads, momentum_buffers, momentum, reference) -> l
     prepared = []
     for bucket in buckets:
         if momentum != 0:
-            new = _new_buffers(bucket.roles[0], buffers, bucket.indices)
+            new = _new_buffers(bucket.roles[0], buffers, bucket.indices, bucket.state_dtype)
             bucket.roles[2] = [buffers[i] for i in bucket.indices]
         else:
             new = [False] * len(bucket.indices)
@@ -209,16 +210,16 @@ class _Cpu:
         from . import numba_cpu
 
         storage, compute = _NUMPY[bucket.dtype]
-        like = _like(storage)
+        state = _NUMPY[bucket.state_dtype][0]
         _host.mark_written(bucket)
         ptrs = _host.pointer_table(bucket, n_roles)
         chunks = bucket.memo.get("cpu chunks")
         if chunks is None:
             chunks = bucket.memo["cpu chunks"] = _host.chunk_table(bucket.roles[0], numels=bucket.numels)
-        pool = numba_cpu.pool(passes, storage, sum(bucket.numels), len(chunks))
+        pool = numba_cpu.pool(passes, storage, sum(bucket.numels), len(chunks), state)
         steps = _host.step_pointers(bucket)
         step_like = _like(np.float64 if bucket.steps and bucket.steps[0].dtype == torch.float64 else np.float32)
-        return numba_cpu, pool, compute, like, ptrs, chunks, steps, step_like
+        return numba_cpu, pool, compute, (_like(storage), _like(state)), ptrs, chunks, steps, step_like
 
     @staticmethod
     def sgd(bucket, *, new, scales, lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
@@ -230,7 +231,7 @@ class _Cpu:
             coef[:, 0] = new
             if not any(new):
                 bucket.memo["sgd coef"] = coef
-        kernels.sgd(pool, ptrs, chunks, coef, hp, _flags(maximize, weight_decay != 0, momentum != 0, nesterov), like)
+        kernels.sgd(pool, ptrs, chunks, coef, hp, _flags(maximize, weight_decay != 0, momentum != 0, nesterov), *like)
 
     @staticmethod
     def lars(bucket, *, new, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, maximize, trust_ratio) -> None:
@@ -240,7 +241,7 @@ class _Cpu:
         coef = np.ones((len(bucket.indices), 2), dtype=compute)
         coef[:, 0] = new
         flags = _flags(maximize, weight_decay != 0, momentum != 0, nesterov, trust_ratio)
-        kernels.lars(pool, ptrs, chunks, coef, hp, hp64, flags, like)
+        kernels.lars(pool, ptrs, chunks, coef, hp, hp64, flags, *like)
 
     @staticmethod
     def adam(bucket, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize) -> None:
@@ -250,7 +251,7 @@ class _Cpu:
                       dtype=compute)
         hp64 = np.array([lr, beta1, beta2], dtype=np.float64)
         mode = 0 if weight_decay == 0 else 2 if decoupled else 1
-        kernels.adam(pool, ptrs, steps, chunks, hp, hp64, _flags(maximize, mode, amsgrad), like, step_like)
+        kernels.adam(pool, ptrs, steps, chunks, hp, hp64, _flags(maximize, mode, amsgrad), *like, step_like)
 
     @staticmethod
     def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, maximize, trust_ratio) -> None:
@@ -260,7 +261,7 @@ class _Cpu:
         hp = np.array([w1, w1 - compute(1), beta2, 1 - beta2, eps, weight_decay, 0.5], dtype=compute)
         hp64 = np.array([lr, beta1, beta2, 1.0 if bias_correction else 0.0], dtype=np.float64)
         flags = _flags(maximize, weight_decay != 0, trust_ratio)
-        kernels.lamb(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like)
+        kernels.lamb(pool, ptrs, steps, chunks, hp, hp64, flags, *like, step_like)
 
     @staticmethod
     def rmsprop(bucket, *, lr, alpha, eps, weight_decay, momentum, centered, maximize) -> None:
@@ -268,11 +269,11 @@ class _Cpu:
         w = compute(1 - alpha)
         hp = np.array([-lr, alpha, w, eps, weight_decay, momentum, 0.5, w - compute(1)], dtype=compute)
         flags = _flags(maximize, weight_decay != 0, centered, momentum > 0)
-        kernels.rmsprop(pool, ptrs, steps, chunks, hp, flags, like, step_like)
+        kernels.rmsprop(pool, ptrs, steps, chunks, hp, flags, *like, step_like)
 
     @staticmethod
     def adagrad(bucket, *, lr, lr_decay, weight_decay, eps, maximize) -> None:
         kernels, pool, compute, like, ptrs, chunks, steps, step_like = _Cpu._prepare(bucket, 3, ("_adagrad_chunk",))
         hp = np.array([eps, weight_decay], dtype=compute)
         hp64 = np.array([lr, lr_decay], dtype=np.float64)
-        kernels.adagrad(pool, ptrs, steps, chunks, hp, hp64, _flags(maximize, weight_decay != 0), like, step_like)
+        kernels.adagrad(pool, ptrs, steps, chunks, hp, hp64, _flags(maximize, weight_decay != 0), *like, step_like)

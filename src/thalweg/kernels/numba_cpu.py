@@ -20,7 +20,9 @@ the second core gains.
 
 Storage dtypes: float32 and float64 (math in the storage dtype, as torch's for-loop path does), and
 bfloat16 stored as uint16 (widened to float32 by a shift, rounded back to nearest-even with integer
-operations: bf16 is the upper half of a float32). Scalars arrive in ``hp``, an array of the compute
+operations: bf16 is the upper half of a float32). The state roles are typed by their own ``state_like``:
+bfloat16 params may keep float32 state (``state_dtype=torch.float32``), read and written without
+rounding while the param is rounded once per step. Scalars arrive in ``hp``, an array of the compute
 dtype, so float32 kernels never silently compute in float64; per-tensor scalars in ``coef`` (compute
 dtype, ``[tensor, k]``); switches in ``flags`` (int64, read once per chunk, so LLVM unswitches them).
 
@@ -263,21 +265,22 @@ def _parallel(pool, which, ptrs, chunks, coef, hp, flags, partial):
 
 
 @register_jitable
-def _run(chunk, pool, which, ptrs, chunks, coef, hp, flags, partial, like):
+def _run(chunk, pool, which, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """Chunk function ``chunk`` over every chunk: by the team of parallel body ``which`` of ``pool``, or
     on the calling thread when the pool has one thread."""
     if pool[1] > 1:
         _parallel(pool, which, ptrs, chunks, coef, hp, flags, partial)
     else:
         for c in range(chunks.shape[0]):
-            chunk(c, ptrs, chunks, coef, hp, flags, partial, like)
+            chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like)
 
 
 def _body_template(data):
     """A parallel body: take ``grab`` chunks at a time from the shared counter until none are left.
 
     Never compiled as it stands: :func:`_body` gives each copy its own ``_CHUNK`` (the chunk function),
-    ``_STORAGE`` and ``_COMPUTE`` (arrays typing the tensors' and the scalars' dtypes).
+    ``_STORAGE``, ``_STATE`` and ``_COMPUTE`` (arrays typing the param and grad, the state tensors and
+    the scalars).
     """
     counter = _address(data)
     block = carray(_pointer(counter, _INT64), _BLOCK)
@@ -291,24 +294,25 @@ def _body_template(data):
     first = _fetch_add(counter, grab)
     while first < n_chunks:
         for c in range(first, min(first + grab, n_chunks)):
-            _CHUNK(c, ptrs, chunks, coef, hp, flags, partial, _STORAGE)
+            _CHUNK(c, ptrs, chunks, coef, hp, flags, partial, _STORAGE, _STATE)
         first = _fetch_add(counter, grab)
 
 
 # The compiled bodies themselves, not only their addresses: the machine code lives as long as its
 # cfunc object does.
-_BODIES: dict[tuple[str, type], numba.core.ccallback.CFunc] = {}
+_BODIES: dict[tuple[str, type, type], numba.core.ccallback.CFunc] = {}
 
 
-def _body(name: str, storage: type) -> int:
-    """Address of the parallel body running chunk function ``name`` on ``storage`` tensors (compiled once,
-    cached on disk under its own name)."""
-    key = (name, storage)
+def _body(name: str, storage: type, state: type) -> int:
+    """Address of the parallel body running chunk function ``name`` on ``storage`` params and grads with
+    ``state`` state tensors (compiled once, cached on disk under its own name)."""
+    key = (name, storage, state)
     if key not in _BODIES:
         compute = np.float32 if storage is np.uint16 else storage
         scope = dict(globals(), _CHUNK=globals()[name], _STORAGE=np.empty(1, dtype=storage),
-                     _COMPUTE=np.empty(1, dtype=compute))
-        function = pytypes.FunctionType(_body_template.__code__, scope, f"body{name}_{np.dtype(storage).name}")
+                     _STATE=np.empty(1, dtype=state), _COMPUTE=np.empty(1, dtype=compute))
+        kinds = np.dtype(storage).name if state is storage else f"{np.dtype(storage).name}_{np.dtype(state).name}"
+        function = pytypes.FunctionType(_body_template.__code__, scope, f"body{name}_{kinds}")
         function.__qualname__ = function.__name__  # its own on-disk cache entry
         _BODIES[key] = cfunc(types.void(types.voidptr), cache=True, error_model=_ERRORS)(function)
     return _BODIES[key].address
@@ -317,9 +321,10 @@ def _body(name: str, storage: type) -> int:
 _SERIAL_POOLS: dict[int, np.ndarray] = {}
 
 
-def pool(names: tuple[str, ...], storage: type, n_elements: int, n_chunks: int) -> np.ndarray:
-    """How a kernel runs its passes (chunk functions ``names``): ``[GOMP_parallel, threads, chunks per
-    take, body addresses...]``, or one thread (``threads == 1``: the kernel loops on the caller)."""
+def pool(names: tuple[str, ...], storage: type, n_elements: int, n_chunks: int, state: type | None = None) -> np.ndarray:
+    """How a kernel runs its passes (chunk functions ``names``, ``state`` the state tensors' storage when
+    not ``storage``): ``[GOMP_parallel, threads, chunks per take, body addresses...]``, or one thread
+    (``threads == 1``: the kernel loops on the caller)."""
     threads = torch.get_num_threads() if OPENMP_ENTRY and n_elements >= PARALLEL_FROM else 1
     if threads < 2:
         if len(names) not in _SERIAL_POOLS:
@@ -327,7 +332,7 @@ def pool(names: tuple[str, ...], storage: type, n_elements: int, n_chunks: int) 
         return _SERIAL_POOLS[len(names)]
     # takes of ~CHUNK elements each: many small tensors do not pay one atomic per tensor
     grab = max(1, n_chunks * CHUNK_FOR_GRAB // max(n_elements, 1))
-    return np.array([OPENMP_ENTRY, threads, grab] + [_body(name, storage) for name in names], dtype=np.int64)
+    return np.array([OPENMP_ENTRY, threads, grab] + [_body(name, storage, state or storage) for name in names], dtype=np.int64)
 
 
 @_elementwise
@@ -347,7 +352,7 @@ def _param_and_grad(p, g, i, maximize, weight_decay_on, weight_decay):
 
 
 @_elementwise
-def _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+def _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """SGD. Roles: param, grad, momentum_buffer. ``coef[t] = (1 if the buffer is new else 0, scale)``:
     ``scale`` multiplies the direction (LARS's local learning rate; 1 for plain SGD).
     ``hp = (-lr, weight_decay, momentum, 1 - dampening)``; ``flags = (maximize, weight_decay, momentum,
@@ -355,7 +360,7 @@ def _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
     maximize, weight_decay_on, momentum_on, nesterov = flags[0] != 0, flags[1] != 0, flags[2] != 0, flags[3] != 0
     neg_lr, weight_decay, momentum, undampened = hp[0], hp[1], hp[2], hp[3]
     t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-    p, g, b = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
+    p, g, b = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], state_like)
     new_buffer = coef[t, 0] != 0
     scale = coef[t, 1]
     for i in range(lo, hi):
@@ -375,7 +380,7 @@ def _sgd_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
 
 
 @_reduction
-def _norms_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+def _norms_chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """LARS's first pass: ``partial[c] = (Σ w², Σ g²)`` over chunk ``c`` (float64 sums)."""
     t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
     p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
@@ -391,14 +396,14 @@ def _norms_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
 
 
 @njit(cache=True, error_model=_ERRORS)
-def sgd(pool, ptrs, chunks, coef, hp, flags, like):
+def sgd(pool, ptrs, chunks, coef, hp, flags, like, state_like):
     """SGD over every chunk (see :func:`_sgd_chunk`); ``pool`` from :func:`pool` with ``("_sgd_chunk",)``."""
     partial = np.empty((0, 2))
-    _run(_sgd_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_sgd_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like, state_like)
 
 
 @njit(cache=True, error_model=_ERRORS)
-def lars(pool, ptrs, chunks, coef, hp, hp64, flags, like):
+def lars(pool, ptrs, chunks, coef, hp, hp64, flags, like, state_like):
     """LARS: pass 1 sums ‖w‖², ‖g‖² per chunk (reads 2 tensors), then the SGD pass on the scaled direction.
 
     ``hp``, ``coef[t, 0]`` as :func:`_sgd_chunk`; ``hp64 = (trust_coefficient, weight_decay, eps)``;
@@ -407,7 +412,7 @@ def lars(pool, ptrs, chunks, coef, hp, hp64, flags, like):
     n_tensors = ptrs.shape[1]
     if flags[4] != 0:
         partial = np.zeros((chunks.shape[0], 2))
-        _run(_norms_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
+        _run(_norms_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like, state_like)
         sums = _combine(chunks, partial, n_tensors)
         trust_coefficient, weight_decay, eps = hp64[0], hp64[1], hp64[2]
         for t in range(n_tensors):
@@ -415,7 +420,7 @@ def lars(pool, ptrs, chunks, coef, hp, hp64, flags, like):
             if weight_norm > 0 and grad_norm > 0:
                 coef[t, 1] = trust_coefficient * weight_norm / (grad_norm + weight_decay * weight_norm + eps)
     partial = np.empty((0, 2))
-    _run(_sgd_chunk, pool, 1, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_sgd_chunk, pool, 1, ptrs, chunks, coef, hp, flags, partial, like, state_like)
 
 
 # -- Adam / LAMB -----------------------------------------------------------------------------------
@@ -440,7 +445,7 @@ def _adam_moments(p, g, m, v, i, maximize, weight_decay_mode, weight_decay, deca
 
 
 @_elementwise
-def _adam_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+def _adam_chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """Adam/AdamW. Roles: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad).
 
     ``hp = (1-β1, -β1, β2, 1-β2, eps, weight_decay, 1 - lr·weight_decay, 0.5)``; ``coef[t] = (-lr / (1 - β1^t),
@@ -451,7 +456,7 @@ def _adam_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
     w1, w1_minus_one, beta2, w2, eps, weight_decay, decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
     t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
     p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
-    m, v, vmax = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like), _pointer(ptrs[4, t], like)
+    m, v, vmax = _pointer(ptrs[2, t], state_like), _pointer(ptrs[3, t], state_like), _pointer(ptrs[4, t], state_like)
     step_size, correction2_sqrt = coef[t, 0], coef[t, 1]
     # Two loops rather than one with ``if amsgrad`` inside: LLVM unswitches that branch for float32
     # and float64 but not around the bfloat16 store's rounding, and left the bf16 loop scalar (2.7x).
@@ -472,7 +477,7 @@ def _adam_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
 
 
 @njit(cache=True, error_model=_ERRORS)
-def adam(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
+def adam(pool, ptrs, steps, chunks, hp, hp64, flags, like, state_like, step_like):
     """Adam/AdamW over every chunk (see :func:`_adam_chunk`); ``hp64 = (lr, β1, β2)``; ``pool`` with
     ``("_adam_chunk",)``."""
     counts = _increment_steps(steps, step_like)
@@ -481,11 +486,11 @@ def adam(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
         coef[t, 0] = -hp64[0] / (1 - hp64[1] ** counts[t])
         coef[t, 1] = math.sqrt(1 - hp64[2] ** counts[t])
     partial = np.empty((0, 2))
-    _run(_adam_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_adam_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like, state_like)
 
 
 @_reduction
-def _lamb_moments_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+def _lamb_moments_chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """LAMB's first pass. Roles: param, grad, exp_avg, exp_avg_sq. Reads g, m, v (and w), writes m, v,
     and with the trust ratio sums ``partial[c] = (Σ w², Σ r²)``, r the update direction.
 
@@ -496,7 +501,7 @@ def _lamb_moments_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
     w1, w1_minus_one, beta2, w2, eps, weight_decay, half = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]
     t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
     p, g = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like)
-    m, v = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like)
+    m, v = _pointer(ptrs[2, t], state_like), _pointer(ptrs[3, t], state_like)
     correction1, correction2_sqrt = coef[t, 0], coef[t, 1]
     weight_sq = 0.0
     update_sq = 0.0
@@ -524,13 +529,13 @@ def _lamb_moments_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
 
 
 @_elementwise
-def _lamb_update_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+def _lamb_update_chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """LAMB's second pass: recomputes r from m, v, w and writes w (see :func:`_lamb_moments_chunk`)."""
     weight_decay_on = flags[1] != 0
     eps, weight_decay = hp[4], hp[5]
     t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
     p = _pointer(ptrs[0, t], like)
-    m, v = _pointer(ptrs[2, t], like), _pointer(ptrs[3, t], like)
+    m, v = _pointer(ptrs[2, t], state_like), _pointer(ptrs[3, t], state_like)
     correction1, correction2_sqrt, scale = coef[t, 0], coef[t, 1], coef[t, 2]
     for i in range(lo, hi):
         pi = _load(p, i)
@@ -541,7 +546,7 @@ def _lamb_update_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
 
 
 @njit(cache=True, error_model=_ERRORS)
-def lamb(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
+def lamb(pool, ptrs, steps, chunks, hp, hp64, flags, like, state_like, step_like):
     """LAMB in two passes: 40 B/element in float32 (24 + 16), against 28 for Adam, instead of a scratch
     tensor for r. ``hp64 = (lr, β1, β2, bias_correction)``; ``pool`` with ``("_lamb_moments_chunk",
     "_lamb_update_chunk")``.
@@ -558,14 +563,14 @@ def lamb(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
             coef[t, 1] = 1.0
         coef[t, 2] = -hp64[0]
     partial = np.zeros((chunks.shape[0], 2))
-    _run(_lamb_moments_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_lamb_moments_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like, state_like)
     if flags[2] != 0:
         sums = _combine(chunks, partial, n_tensors)
         for t in range(n_tensors):
             weight_norm, update_norm = math.sqrt(sums[t, 0]), math.sqrt(sums[t, 1])
             if weight_norm > 0 and update_norm > 0:
                 coef[t, 2] = -hp64[0] * (weight_norm / update_norm)
-    _run(_lamb_update_chunk, pool, 1, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_lamb_update_chunk, pool, 1, ptrs, chunks, coef, hp, flags, partial, like, state_like)
 
 
 # -- RMSprop / Adagrad -----------------------------------------------------------------------------
@@ -581,7 +586,7 @@ def _rmsprop_square(p, g, sq, i, maximize, weight_decay_on, weight_decay, alpha,
 
 
 @_elementwise
-def _rmsprop_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+def _rmsprop_chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """RMSprop. Roles: param, grad, square_avg, grad_avg (centered), momentum_buffer (momentum).
 
     ``hp = (-lr, α, 1-α, eps, weight_decay, momentum, 0.5, -α)``; ``flags = (maximize, weight_decay,
@@ -590,8 +595,8 @@ def _rmsprop_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
     maximize, weight_decay_on, centered, momentum_on = flags[0] != 0, flags[1] != 0, flags[2] != 0, flags[3] != 0
     neg_lr, alpha, w, eps, weight_decay, momentum, half, w_minus_one = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
     t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-    p, g, sq = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
-    ga, b = _pointer(ptrs[3, t], like), _pointer(ptrs[4, t], like)
+    p, g, sq = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], state_like)
+    ga, b = _pointer(ptrs[3, t], state_like), _pointer(ptrs[4, t], state_like)
     # One loop per (centered, momentum) pair rather than branches in one loop: left to unswitch them,
     # LLVM left plain RMSprop's loop scalar (11 ns/element instead of 0.5) in one build and momentum's
     # in another.
@@ -622,22 +627,22 @@ def _rmsprop_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
 
 
 @njit(cache=True, error_model=_ERRORS)
-def rmsprop(pool, ptrs, steps, chunks, hp, flags, like, step_like):
+def rmsprop(pool, ptrs, steps, chunks, hp, flags, like, state_like, step_like):
     """RMSprop over every chunk (see :func:`_rmsprop_chunk`); ``pool`` with ``("_rmsprop_chunk",)``."""
     _increment_steps(steps, step_like)
     coef = np.empty((0, 1), dtype=hp.dtype)
     partial = np.empty((0, 2))
-    _run(_rmsprop_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_rmsprop_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like, state_like)
 
 
 @_elementwise
-def _adagrad_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+def _adagrad_chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """Adagrad (dense). Roles: param, grad, sum. ``hp = (eps, weight_decay)``; ``coef[t, 0]`` = -(decayed lr);
     ``flags = (maximize, weight_decay)``."""
     maximize, weight_decay_on = flags[0] != 0, flags[1] != 0
     eps, weight_decay = hp[0], hp[1]
     t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-    p, g, s = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], like)
+    p, g, s = _pointer(ptrs[0, t], like), _pointer(ptrs[1, t], like), _pointer(ptrs[2, t], state_like)
     neg_lr = coef[t, 0]
     for i in range(lo, hi):
         pi, gi = _param_and_grad(p, g, i, maximize, weight_decay_on, weight_decay)
@@ -647,7 +652,7 @@ def _adagrad_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
 
 
 @njit(cache=True, error_model=_ERRORS)
-def adagrad(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
+def adagrad(pool, ptrs, steps, chunks, hp, hp64, flags, like, state_like, step_like):
     """Adagrad over every chunk (see :func:`_adagrad_chunk`); ``hp64 = (lr, lr_decay)``; ``pool`` with
     ``("_adagrad_chunk",)``."""
     counts = _increment_steps(steps, step_like)
@@ -655,14 +660,14 @@ def adagrad(pool, ptrs, steps, chunks, hp, hp64, flags, like, step_like):
     for t in range(counts.shape[0]):
         coef[t, 0] = -(hp64[0] / (1 + (counts[t] - 1) * hp64[1]))
     partial = np.empty((0, 2))
-    _run(_adagrad_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_adagrad_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like, state_like)
 
 
 # -- global gradient norm ----------------------------------------------------------------------------
 
 
 @_reduction
-def _squares_chunk(c, ptrs, chunks, coef, hp, flags, partial, like):
+def _squares_chunk(c, ptrs, chunks, coef, hp, flags, partial, like, state_like):
     """``partial[c, 0] = Σ x²`` over chunk ``c`` of role 0 (float64 accumulation)."""
     t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
     x = _pointer(ptrs[0, t], like)
@@ -682,5 +687,5 @@ def sum_of_squares(pool, ptrs, chunks, like):
     coef = np.empty((0, 1), dtype=np.float64)
     hp = np.empty(0, dtype=np.float64)
     flags = np.empty(0, dtype=np.int64)
-    _run(_squares_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like)
+    _run(_squares_chunk, pool, 0, ptrs, chunks, coef, hp, flags, partial, like, like)
     return partial.sum()

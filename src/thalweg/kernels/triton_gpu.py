@@ -469,6 +469,9 @@ def _chunks(bucket: _host.Bucket, device: torch.device):
 
 
 def _prepare(bucket: _host.Bucket, n_roles: int):
+    if bucket.state_dtype is not bucket.dtype:  # partition keeps these to CPU buckets; the kernels type every role alike
+        raise NotImplementedError(f"the Triton kernels take {bucket.dtype} params with state of the same dtype only, "
+                                  f"got {bucket.state_dtype} state")
     params = bucket.roles[0]
     _host.mark_written(bucket)
     device = params[0].device

@@ -40,7 +40,7 @@ class Adagrad(Optimizer):
         initial_accumulator_value: starting value of the ``sum`` state (default 0).
         eps: added to the denominator (default 1e-10).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite: as for every thalweg optimizer.
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
     """
 
     algorithm = "adagrad"
@@ -61,11 +61,13 @@ class Adagrad(Optimizer):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         state_dtype=state_dtype)
         # torch creates Adagrad's state eagerly; doing the same keeps state_dict() layouts equal.
         for group in self.param_groups:
             self._states(group["params"], group)
@@ -91,8 +93,7 @@ class Adagrad(Optimizer):
         for param, state in zip(params, states):
             if "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-                state["sum"] = torch.full_like(param, float(group["initial_accumulator_value"]),
-                                               memory_format=torch.preserve_format)
+                state["sum"] = self._new_state(param, float(group["initial_accumulator_value"]))
         return states
 
     def _update(self, update, group, params, grads, states) -> None:

@@ -45,6 +45,8 @@ class Adam(Optimizer):
         backend: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"``; ``foreach=``/``fused=`` as in torch.
         max_grad_norm: clip the global gradient norm to this before the update (default None: off).
         skip_nonfinite: skip, and count in ``skipped_steps``, a step whose gradients hold NaN/Inf.
+        state_dtype: ``torch.float32`` keeps the state of bfloat16/float16 parameters in float32, each step
+            computed in float32 and the parameter rounded once (default None: the parameter's dtype, as torch).
 
     Example::
 
@@ -72,10 +74,12 @@ class Adam(Optimizer):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -91,10 +95,10 @@ class Adam(Optimizer):
         for param, state in zip(params, states):
             if "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg"] = self._new_state(param)
+                state["exp_avg_sq"] = self._new_state(param)
             if amsgrad and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = self._new_state(param)
         return states
 
     def _update(self, update, group, params, grads, states) -> None:
@@ -142,9 +146,11 @@ class AdamW(Adam):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, backend=backend,
-                         foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+                         foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         state_dtype=state_dtype)
 
 
 @register("adam", "reference")

@@ -44,7 +44,7 @@ class LAMB(Optimizer):
         weight_decay: decoupled decay :math:`\\lambda` inside the trust-scaled direction (default 0.01).
         bias_correction: divide the moments by :math:`1-\\beta^t` (default True).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite: as for every thalweg optimizer.
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
     """
 
     algorithm = "lamb"
@@ -65,11 +65,13 @@ class LAMB(Optimizer):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         maximize=maximize, trust_ratio=True)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -85,8 +87,8 @@ class LAMB(Optimizer):
         for param, state in zip(params, states):
             if "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg"] = self._new_state(param)
+                state["exp_avg_sq"] = self._new_state(param)
         return states
 
     def _update(self, update, group, params, grads, states) -> None:

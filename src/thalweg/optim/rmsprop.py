@@ -40,7 +40,7 @@ class RMSprop(Optimizer):
         momentum: momentum factor (default 0).
         centered: normalise by the estimated variance instead of the raw second moment (default False).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite: as for every thalweg optimizer.
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
     """
 
     algorithm = "rmsprop"
@@ -61,11 +61,13 @@ class RMSprop(Optimizer):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         centered=centered, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -83,11 +85,11 @@ class RMSprop(Optimizer):
         for param, state in zip(params, states):
             if "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-                state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["square_avg"] = self._new_state(param)
             if momentum and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = self._new_state(param)
             if centered and "grad_avg" not in state:
-                state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["grad_avg"] = self._new_state(param)
         return states
 
     def _update(self, update, group, params, grads, states) -> None:

@@ -38,7 +38,7 @@ class SGD(Optimizer):
         weight_decay: L2 penalty :math:`\\lambda` (default 0).
         nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0`` (default False).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite: as for every thalweg optimizer
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer
             (see :class:`thalweg.Adam`).
     """
 
@@ -59,11 +59,13 @@ class SGD(Optimizer):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -118,9 +120,11 @@ class Momentum(SGD):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, backend=backend,
-                         foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+                         foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         state_dtype=state_dtype)
 
 
 @register("sgd", "reference")
