@@ -1,6 +1,8 @@
 """Every option combination of every fused CPU kernel, in ns per element: finds a variant LLVM left scalar.
 
-    python benchmarks/kernel_variants.py [float32|float64|bfloat16]
+    python benchmarks/kernel_variants.py [float32|float64|bfloat16] [float32]
+
+(the second argument: ``state_dtype``, for bfloat16 params with float32 state)
 
 A kernel is one loop per chunk with the options as run-time switches that LLVM moves out of the loop
 ("unswitches") and then vectorises; when it gives up on one combination, that combination alone runs
@@ -33,11 +35,12 @@ OPTIONS = {
 }
 
 
-def ns_per_element(cls, dtype, n=1 << 21, **options):
+def ns_per_element(cls, dtype, state_dtype, n=1 << 21, **options):
     param = torch.randn(n, dtype=dtype, requires_grad=True)
     param.grad = torch.randn(n, dtype=dtype)
-    optimizer = cls([param], backend="fused", **options)
+    optimizer = cls([param], backend="fused", state_dtype=state_dtype, **options)
     optimizer.step()
+    optimizer.step()  # SGD's first momentum step creates its buffer outside the kernel
     times = []
     for _ in range(5):
         start = time.perf_counter()
@@ -48,6 +51,7 @@ def ns_per_element(cls, dtype, n=1 << 21, **options):
 
 def main():
     dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32")
+    state_dtype = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else None
     numba_cpu.PARALLEL_FROM = 1 << 62  # one thread: the loop's own speed
     for name, (cls, grid) in OPTIONS.items():
         results = []
@@ -55,7 +59,7 @@ def main():
             options = dict(zip(grid, values))
             if options.get("nesterov") and not options.get("momentum"):
                 continue
-            results.append((ns_per_element(cls, dtype, **options), options))
+            results.append((ns_per_element(cls, dtype, state_dtype, **options), options))
         fastest = min(ns for ns, _ in results)
         for ns, options in results:
             mark = "   <-- more than 3x the fastest variant" if ns > 3 * fastest else ""
