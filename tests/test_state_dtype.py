@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import thalweg
-from specs import SPECS, assert_close, assert_same_state, grad_stream, make_params
+from specs import SHAPES as ODD_SHAPES
+from specs import SPECS, assert_close, assert_same_state, grad_stream, hyperparameters, make_params, split_groups
 from test_backends import SHAPES, groups_for, none_at
 
 STEPS = 12
@@ -37,16 +40,19 @@ def run_thalweg(spec, backend, dtype, **extra):
     return optimizer, params
 
 
-def run_emulation(spec, dtype):
+def run_emulation(spec, dtype, *, shapes=SHAPES, seed=7, steps=STEPS, build=None, missing=none_at):
     """The counterpart on float32 copies of ``dtype`` parameters, rounded back after every step."""
-    params = make_params(SHAPES, dtype, 7)
+    params = make_params(shapes, dtype, seed)
     copies = [p.detach().float().requires_grad_() for p in params]
-    optimizer = spec.counterpart(groups_for(spec, copies, counterpart=True), **_ctor(spec))
-    for step, grads in enumerate(_grads(dtype)):
+    if build is None:
+        optimizer = spec.counterpart(groups_for(spec, copies, counterpart=True), **_ctor(spec))
+    else:
+        optimizer = build(copies)
+    for step, grads in enumerate(grad_stream(shapes, dtype, seed, steps)):
         with torch.no_grad():
             for index, (param, copy, grad) in enumerate(zip(params, copies, grads)):
                 copy.copy_(param)
-                copy.grad = None if none_at(step, index) else grad.float()
+                copy.grad = None if missing(step, index) else grad.float()
         optimizer.step()
         with torch.no_grad():
             for param, copy in zip(params, copies):
@@ -64,6 +70,26 @@ def test_low_precision_params_step_in_float32_on_float32_state(spec, backend, dt
         for key, value in state.items():
             if key != "step":
                 assert value.dtype is torch.float32, f"{key} is {value.dtype}"
+    assert_same_state(ours, expected, params, expected_params)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+@given(data=st.data())
+def test_random_hyperparameters_and_shapes_step_in_float32(spec, backend, data):
+    combo = data.draw(hyperparameters(spec), label="hyper-parameters")
+    shapes = data.draw(st.lists(st.sampled_from(ODD_SHAPES), min_size=1, max_size=4), label="shapes")
+    dtype = data.draw(st.sampled_from([torch.bfloat16, torch.float16]), label="dtype")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    params = make_params(shapes, dtype, seed)
+    ours = spec.build(spec.cls, split_groups(params, combo, spec), combo, backend=backend, state_dtype=torch.float32)
+    for grads in grad_stream(shapes, dtype, seed, STEPS):
+        for param, grad in zip(params, grads):
+            param.grad = grad.clone()
+        ours.step()
+    expected, expected_params = run_emulation(
+        spec, dtype, shapes=shapes, seed=seed,
+        build=lambda copies: spec.build(spec.counterpart, split_groups(copies, combo, spec), combo),
+        missing=lambda step, index: False)
     assert_same_state(ours, expected, params, expected_params)
 
 
