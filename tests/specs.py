@@ -257,6 +257,16 @@ def hyperparameters(spec: Spec) -> st.SearchStrategy[dict[str, Any]]:
     return st.sampled_from(spec.grid).flatmap(randomise)
 
 
+def draw_case(data, spec: Spec, dtypes: list[torch.dtype]):
+    """Random hyper-parameters (:func:`hyperparameters`), 1-4 shapes from ``SHAPES``, a dtype and a seed,
+    each drawn under its own label so that hypothesis reports a failing case by name."""
+    combo = data.draw(hyperparameters(spec), label="hyper-parameters")
+    shapes = data.draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4), label="shapes")
+    dtype = data.draw(st.sampled_from(dtypes), label="dtype")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    return combo, shapes, dtype, seed
+
+
 # -- harness -----------------------------------------------------------------------------------
 
 SHAPES = [(), (0,), (7,), (3, 5), (1, 1, 9), (2, 0, 3), (4, 4)]

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specs import (PAPER_SPECS, SHAPES, Spec, assert_same_state, clone_params, grad_stream, hyperparameters,
-                   make_params, run, split_groups)
+from specs import (PAPER_SPECS, Spec, assert_same_state, clone_params, draw_case, grad_stream, make_params, run,
+                   split_groups)
 
 FIXED_SHAPES = [(3, 5), (4, 4), (), (0,), (7,), (1, 1, 9)]
 
@@ -45,9 +45,6 @@ def test_every_option_combination_matches_the_paper_in_float64(spec, combo, back
 @pytest.mark.parametrize("spec", PAPER_SPECS, ids=repr)
 @given(data=st.data())
 def test_random_hyperparameters_and_shapes_match_the_paper(spec, backend, data):
-    combo = data.draw(hyperparameters(spec), label="hyper-parameters")
-    shapes = data.draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4), label="shapes")
-    dtype = data.draw(st.sampled_from([torch.float64, torch.float32]), label="dtype")
-    seed = data.draw(st.integers(0, 2**16), label="seed")
+    combo, shapes, dtype, seed = draw_case(data, spec, [torch.float64, torch.float32])
     steps = data.draw(st.integers(25, 40), label="steps")
     check_against_paper(spec, combo, backend, shapes, dtype, seed, steps)

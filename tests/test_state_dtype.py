@@ -15,8 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import thalweg
-from specs import SHAPES as ODD_SHAPES
-from specs import SPECS, assert_close, assert_same_state, grad_stream, hyperparameters, make_params, split_groups
+from specs import SPECS, assert_close, assert_same_state, draw_case, grad_stream, make_params, split_groups
 from test_backends import SHAPES, groups_for, none_at
 
 STEPS = 12
@@ -76,10 +75,7 @@ def test_low_precision_params_step_in_float32_on_float32_state(spec, backend, dt
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 @given(data=st.data())
 def test_random_hyperparameters_and_shapes_step_in_float32(spec, backend, data):
-    combo = data.draw(hyperparameters(spec), label="hyper-parameters")
-    shapes = data.draw(st.lists(st.sampled_from(ODD_SHAPES), min_size=1, max_size=4), label="shapes")
-    dtype = data.draw(st.sampled_from([torch.bfloat16, torch.float16]), label="dtype")
-    seed = data.draw(st.integers(0, 2**16), label="seed")
+    combo, shapes, dtype, seed = draw_case(data, spec, [torch.bfloat16, torch.float16])
     params = make_params(shapes, dtype, seed)
     ours = spec.build(spec.cls, split_groups(params, combo, spec), combo, backend=backend, state_dtype=torch.float32)
     for grads in grad_stream(shapes, dtype, seed, STEPS):
