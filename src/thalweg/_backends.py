@@ -91,6 +91,11 @@ def lookup(algorithm: str, backend: str, device: torch.device) -> Callable[..., 
         raise RuntimeError(f"no {backend!r} backend is registered for {algorithm!r}") from None
 
 
+def pick(tensors: list, indices: list[int]) -> list:
+    """``tensors`` at ``indices`` (an empty list, an unused state, stays empty)."""
+    return [tensors[i] for i in indices] if tensors else []
+
+
 def group_by_device_and_dtype(tensor_lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
     """Split parallel tensor lists into buckets whose first list shares one device and dtype.
 

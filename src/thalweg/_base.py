@@ -127,10 +127,14 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------------------
 
+    def _widens(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s state is kept in ``state_dtype`` rather than the param's own dtype."""
+        return self.state_dtype is not None and param.dtype in _NARROW
+
     def _new_state(self, param: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """A state tensor for ``param`` filled with ``fill``: the param's dtype, or ``state_dtype`` for a
-        bfloat16/float16 param when that is set (torch's memory format rule either way)."""
-        dtype = self.state_dtype if self.state_dtype is not None and param.dtype in _NARROW else param.dtype
+        """A state tensor for ``param`` filled with ``fill``, in ``state_dtype`` where :meth:`_widens` says
+        so, else in the param's dtype (torch's memory format rule either way)."""
+        dtype = self.state_dtype if self._widens(param) else param.dtype
         return torch.full_like(param, fill, dtype=dtype, memory_format=torch.preserve_format)
 
     # -- parameter groups ------------------------------------------------------------------
@@ -197,7 +201,7 @@ class Optimizer(torch.optim.Optimizer):
             indices = [index for group in state_dict["param_groups"] for index in group["params"]]
             params = [param for group in self.param_groups for param in group["params"]]
             for index, param in zip(indices, params):
-                if param.dtype in _NARROW and index in saved:
+                if self._widens(param) and index in saved:
                     for key, value in saved[index].items():
                         if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
                             self.state[param][key] = value.to(device=param.device, dtype=self.state_dtype)
@@ -329,20 +333,18 @@ class Optimizer(torch.optim.Optimizer):
         as_is, widen = [], []
         for i, param in enumerate(params):
             in_kernel = fused_cpu and param.dtype is torch.bfloat16 and (not states or bool(states[i]))
-            (as_is if param.dtype not in _NARROW or in_kernel else widen).append(i)
+            (widen if self._widens(param) and not in_kernel else as_is).append(i)
         if not widen:
             self._update(update, group, params, grads, states)
             return
-        for indices, widened in ((as_is, False), (widen, True)):
-            if not indices:
-                continue
-            originals = [params[i] for i in indices]
-            values = [p.detach().to(self.state_dtype) for p in originals] if widened else originals
-            self._update(update, group, values, [grads[i].to(self.state_dtype) if widened else grads[i] for i in indices],
-                         [states[i] for i in indices] if states else [])
-            if widened:
-                for param, value in zip(originals, values):
-                    param.copy_(value)  # rounds to nearest even; bumps the version counter as in-place ops do
+        pick = _backends.pick
+        if as_is:
+            self._update(update, group, pick(params, as_is), pick(grads, as_is), pick(states, as_is))
+        originals = pick(params, widen)
+        copies = [p.detach().to(self.state_dtype) for p in originals]
+        self._update(update, group, copies, [g.to(self.state_dtype) for g in pick(grads, widen)], pick(states, widen))
+        for param, widened in zip(originals, copies):
+            param.copy_(widened)  # rounds to nearest even; bumps the version counter as in-place ops do
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
         # Called for every gradient of a group that has a sparse one. Shape, dtype and device need no

@@ -123,7 +123,7 @@ def _layout(params, states, *, state_rows, n_roles, steps, param_pointers) -> _L
     for k in reversed(range(n_states)):
         if states[k] is not None:
             state_dtypes[k % n] = states[k].dtype
-    widened = device.type == "cpu"
+    float32_state_ok = device.type == "cpu"  # for bfloat16 params: the numba kernels type state roles apart
 
     def state_ok(tensor, i: int) -> bool:
         return tensor is None or (
@@ -132,7 +132,7 @@ def _layout(params, states, *, state_rows, n_roles, steps, param_pointers) -> _L
 
     def dtypes_ok(i: int) -> bool:
         return dtypes[i] in KERNEL_DTYPES and (state_dtypes[i] is dtypes[i] or (
-            widened and dtypes[i] is torch.bfloat16 and state_dtypes[i] is torch.float32))
+            float32_state_ok and dtypes[i] is torch.bfloat16 and state_dtypes[i] is torch.float32))
 
     def step_ok(step) -> bool:
         return step.dtype in STEP_DTYPES and step.device.type == "cpu" and step.numel() == 1
@@ -231,11 +231,6 @@ def mark_written(bucket: Bucket) -> None:
     inplace operation"). Only the parameters: state tensors are not part of a model's graph.
     """
     torch.autograd.graph.increment_version(bucket.roles[0])
-
-
-def pick(tensors: list, indices: list[int]) -> list:
-    """``tensors`` at ``indices`` (an empty list, an unused state, stays empty)."""
-    return [tensors[i] for i in indices] if tensors else []
 
 
 def pointer_table(bucket: Bucket, n_roles: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import importlib
 import numpy as np
 import torch
 
-from .._backends import register
+from .._backends import pick, register
 from ..optim.adagrad import adagrad_reference
 from ..optim.adam import adam_reference
 from ..optim.lamb import lamb_reference
@@ -23,7 +23,6 @@ from ..optim.lars import lars_reference
 from ..optim.rmsprop import rmsprop_reference
 from ..optim.sgd import sgd_reference
 from . import _host
-from ._host import pick
 
 _NUMPY = {torch.float32: (np.float32, np.float32), torch.float64: (np.float64, np.float64),
           torch.bfloat16: (np.uint16, np.float32)}  # storage (bfloat16 travels as its bits), compute

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import _checks
-from .._backends import group_by_device_and_dtype, register
+from .._backends import group_by_device_and_dtype, pick, register
 from .._base import Optimizer, scalar_dtype
 
 
@@ -166,7 +166,6 @@ def adagrad_foreach(
     """All dense tensors of a (device, dtype) bucket per ``torch._foreach_*`` call; sparse ones one by one."""
     sparse = [i for i, grad in enumerate(grads) if grad.is_sparse]
     if sparse:
-        pick = lambda tensors, keep: [tensors[i] for i in keep]  # noqa: E731
         adagrad_reference(pick(params, sparse), pick(grads, sparse), state_sums=pick(state_sums, sparse),
                           steps=pick(steps, sparse), lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                           eps=eps, maximize=maximize)
