@@ -159,9 +159,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_step_speed.py needs a CUDA device (torch.cuda.is_available() is False); "
                  "for CPU timings run benchmarks/step_speed.py")
-    from thalweg import kernels
+    from thalweg import engine
 
-    reason = kernels.unavailable_reason(torch.device("cuda"))
+    reason = engine.unavailable_reason(torch.device("cuda"))
     if reason is not None:
         sys.exit(f"backend='fused' is not available on CUDA here: {reason}")
     result = run(args.quick)

@@ -20,7 +20,7 @@ import time
 import torch
 
 import thalweg
-from thalweg.kernels import numba_cpu
+from thalweg.engine import cpu as numba_cpu
 
 OPTIONS = {
     "SGD": (thalweg.SGD, dict(lr=[0.1], momentum=[0, 0.9], nesterov=[False, True], maximize=[False, True],

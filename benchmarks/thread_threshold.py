@@ -1,4 +1,4 @@
-"""Where a fused CPU step starts to gain from torch's thread team: ``numba_cpu.PARALLEL_FROM``.
+"""Where a fused CPU step starts to gain from torch's thread team: ``thalweg.engine.cpu.PARALLEL_FROM``.
 
     python benchmarks/thread_threshold.py
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 import thalweg
-from thalweg.kernels import numba_cpu
+from thalweg.engine import cpu as numba_cpu
 
 SIZES = [1 << k for k in range(12, 21)]
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
-from thalweg import _backends
+# Without a GPU, Triton kernels can only run in Triton's interpreter, and TRITON_INTERPRET must be set
+# before triton is imported (its own library functions, tl.zeros and tl.sum among them, are decorated at
+# import). Building any torch optimizer imports torch._dynamo, which imports triton: so here, first.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from thalweg import engine  # noqa: E402
 
 # Examples are cheap (tiny tensors, 25-40 steps) but many tests draw them: modest counts keep the
 # core suite within its CI budget. THALWEG_HYPOTHESIS=thorough for a longer local hunt.
@@ -23,7 +30,7 @@ BACKENDS = ("reference", "foreach", "fused")
 
 def _skip_unavailable(name: str) -> None:
     if name == "fused":
-        reason = _backends.fused_unavailable_reason(torch.device("cpu"))
+        reason = engine.unavailable_reason(torch.device("cpu"))
         if reason is not None:
             pytest.skip(f"backend='fused' unavailable on CPU: {reason}")
 

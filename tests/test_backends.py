@@ -98,7 +98,7 @@ def test_fused_false_keeps_auto_off_the_fused_path():
     assert optimizer.backend_for(torch.device("cpu")) != "fused"
 
 
-@pytest.mark.skipif(thalweg._backends.fused_unavailable_reason(torch.device("cpu")) is not None,
+@pytest.mark.skipif(thalweg.engine.unavailable_reason(torch.device("cpu")) is not None,
                     reason="the auto rule chooses between fused and the for-loop only where fused exists")
 @pytest.mark.parametrize("cls, shapes, expected", [
     (thalweg.SGD, [(1 << 20,)] * 2, "reference"),     # large tensors: SGD's one in-place op per tensor wins

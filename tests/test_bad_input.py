@@ -243,9 +243,9 @@ def test_a_sparse_grad_in_one_group_fails_the_step_and_changes_nothing(spec):
 def test_an_unavailable_backend_fails_the_step_and_changes_nothing(spec, monkeypatch):
     # e.g. backend="fused" on a machine without numba (or CUDA without triton): the error must come
     # before any state is created or any gradient clipped.
-    from thalweg import _backends
+    from thalweg import engine
 
-    monkeypatch.setattr(_backends, "fused_unavailable_reason", lambda device: "numba is missing (simulated)")
+    monkeypatch.setattr(engine, "unavailable_reason", lambda device: "numba is missing (simulated)")
     params = make_params([(3, 2), (4,)], torch.float32, 1)
     optimizer = spec.cls(params, **spec.required, backend="fused", max_grad_norm=0.1)
     for p in params:

@@ -21,8 +21,7 @@ import torch
 
 import thalweg
 import thalweg.distributed
-from thalweg import _backends
-from thalweg.optim import _norms
+from thalweg import engine
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -121,8 +120,9 @@ def test_matches_single_process(results, mode, name, dtype):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_backend_on_local_shards(results, name, dtype):
-    """backend="fused" under FSDP2: the kernels see plain local shards (LARS/LAMB are routed to foreach)."""
-    reason = _backends.fused_unavailable_reason(torch.device("cpu"))
+    """backend="fused" under FSDP2: the kernels see plain local shards; LARS/LAMB stay fused, their per-tensor
+    norms summed across the shards between the two passes."""
+    reason = engine.unavailable_reason(torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"backend='fused' unavailable on CPU: {reason}")
     for entry in _result(results, f"fsdp2-fused/{name}/{dtype}"):
@@ -187,33 +187,6 @@ def test_plain_groups_have_no_sharding():
     params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
     assert thalweg.distributed.group_sharding(0, params) is None
     assert thalweg.distributed.local(params[0]) is params[0]
-
-
-def test_norms_together_equals_separate_norms():
-    a = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
-    b = [torch.randn(2, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)]
-    together = _norms.norms_together(a, b)
-    assert torch.equal(together[0], _norms.norms(a)) and torch.equal(together[1], _norms.norms(b))
-    assert torch.equal(together[0], torch.stack([t.norm() for t in a]))
-
-
-def test_norms_use_the_cross_process_sum_only_inside_summed_across():
-    tensors = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
-    doubled = lambda squares: squares.mul_(2)  # noqa: E731 - stands in for an all_reduce over 2 equal shards
-    with thalweg.distributed.summed_across(doubled):
-        inside = _norms.norms(tensors)
-        single = _norms.norm(tensors[0])
-    torch.testing.assert_close(inside, torch.tensor([5.0, 1.0]) * 2**0.5)
-    torch.testing.assert_close(single, torch.tensor(5.0 * 2**0.5))
-    assert torch.equal(_norms.norms(tensors), torch.tensor([5.0, 1.0]))
-
-
-def test_backend_for_shards_routes_layerwise_to_foreach():
-    route = thalweg.distributed.backend_for_shards
-    assert route("fused", requested="auto", layerwise=True) == "foreach"
-    assert route("reference", requested="auto", layerwise=True) == "foreach"
-    assert route("reference", requested="reference", layerwise=True) == "reference"
-    assert route("fused", requested="fused", layerwise=False) == "fused"
 
 
 def test_reduce_grad_norm_over_rejects_other_optimizers():

@@ -91,30 +91,31 @@ def test_random_hyperparameters_and_shapes_step_in_float32(spec, backend, data):
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_fused_cpu_kernel_takes_bfloat16_params_with_float32_state(spec, monkeypatch):
-    """From the step after the state exists, every tensor of the fused CPU step is in a kernel bucket of
-    bfloat16 params and float32 state, none on the reference path."""
-    from thalweg.kernels import _host, fused
+    """Every tensor of the fused CPU step is in a kernel bucket of bfloat16 params and float32 state, none on
+    the foreach path (SGD's first momentum step too: its buffer is created before the kernel runs)."""
+    from thalweg.engine import host
 
     seen = []
-    original = _host.partition
+    original = host.partition
 
-    def partition(roles, steps):
-        buckets, fallback = original(roles, steps)
+    def partition(params, grads, roles, steps):
+        buckets, fallback, step_addresses = original(params, grads, roles, steps)
         seen.append(([(b.dtype, b.state_dtype, len(b.indices)) for b in buckets], fallback))
-        return buckets, fallback
+        return buckets, fallback, step_addresses
 
     params = make_params([(5,), (300,), (2, 3)], torch.bfloat16, 3)
     optimizer = spec.cls(params, **spec.required, backend="fused", state_dtype=torch.float32)
     for _ in range(2):
         for param in params:
             param.grad = torch.randn_like(param)
-        monkeypatch.setattr(fused._host, "partition", partition)
+        monkeypatch.setattr(host, "partition", partition)
         optimizer.step()
         monkeypatch.undo()
-    buckets, fallback = seen[-1]
-    assert fallback == []
     has_state = bool(spec.state_keys(spec.required) - {"step"})  # plain SGD has none
-    assert buckets == [(torch.bfloat16, torch.float32 if has_state else torch.bfloat16, 3)]
+    assert len(seen) == 2
+    for buckets, fallback in seen:
+        assert fallback == []
+        assert buckets == [(torch.bfloat16, torch.float32 if has_state else torch.bfloat16, 3)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)

@@ -1,26 +1,28 @@
-"""What every thalweg optimizer shares: input checks, backend choice, clipping, non-finite skipping.
+"""What every thalweg optimizer shares: input checks, backend choice, state, clipping, non-finite skipping.
 
-An optimizer subclass only states its algorithm: its hyper-parameter checks, its state, and how one
-group's tensors are handed to the backend function. Everything cross-cutting lives here, once.
+An optimizer subclass states its algorithm — its rule (:mod:`thalweg.engine`), its hyper-parameter
+checks and which group keys feed the rule — and this base does the rest, once: it creates the state the
+rule's program needs, picks the backend per device, clips, skips non-finite steps, and hands each group's
+tensors (local shards under FSDP2) to :func:`thalweg.engine.run`.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import operator
 from typing import Any, Callable, ClassVar, Iterable
 
+import numpy as np
 import torch
 
 from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
 
-from . import _backends, _checks, distributed
+from . import _checks, distributed, engine
 
+BACKENDS = ("auto", *engine.BACKENDS)
 _IS_SPARSE = operator.attrgetter("is_sparse")
 _IS_CPU = operator.attrgetter("is_cpu")
-_NUMEL = torch.Tensor.numel
 _CPU = torch.device("cpu")
 
 # Parameter dtypes whose state ``state_dtype=torch.float32`` widens.
@@ -41,8 +43,8 @@ def resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> t
 
     Returns the backend and whether ``"auto"`` may pick the fused path (``fused=False`` forbids it).
     """
-    if backend not in _backends.BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, _backends.BACKENDS))}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     for name, value in (("foreach", foreach), ("fused", fused)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be True, False or None, got {value!r}")
@@ -59,14 +61,18 @@ def resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> t
 class Optimizer(torch.optim.Optimizer):
     """Base of every thalweg optimizer: a ``torch.optim.Optimizer`` with checked input and shared options.
 
-    Subclasses set :attr:`algorithm` (the backend registry key) and implement
-    :meth:`_check_hyperparameters`, :meth:`_states` and :meth:`_update`.
+    Subclasses set :attr:`rule` (their elementwise update, see :mod:`thalweg.engine`) and implement
+    :meth:`_check_hyperparameters`; :meth:`_scalars` (which group keys feed the rule) and
+    :meth:`_initial_value` (a state's starting value) have defaults that fit most.
     """
 
-    algorithm: ClassVar[str]
+    rule: ClassVar[engine.Rule]
+    name: ClassVar[str]  # the name thalweg.create knows it by
+    # create and advance a ``step`` counter per parameter, as torch.optim does for all but SGD
+    counts_steps: ClassVar[bool] = True
     accepts_sparse_grads: ClassVar[bool] = False
-    # Layer-wise optimizers (LARS, LAMB) scale each tensor's step by a trust ratio that a param group
-    # can turn off with ``trust_ratio=False``.
+    # Layer-wise optimizers scale each tensor's step by a trust ratio that a param group can turn off
+    # with ``trust_ratio=False`` (thalweg.create puts biases and norms in such a group).
     layerwise: ClassVar[bool] = False
     # The process group over which the gradient norm (max_grad_norm, skip_nonfinite) is summed when
     # each process holds different whole parameters (ZeroRedundancyOptimizer); set it with
@@ -114,16 +120,28 @@ class Optimizer(torch.optim.Optimizer):
         """Raise ValueError/TypeError for an invalid hyper-parameter in ``group`` (or the defaults)."""
         raise NotImplementedError
 
-    def _states(self, params: list[torch.Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
-        """``self.state[p]`` of each param with its missing entries created (torch's key names), or ``[]``
-        when the group's options need no state (as torch, which then leaves ``self.state`` untouched)."""
+    def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The rule's flags and hyper-parameters from a param group: by default each rule scalar is the group
+        key of the same name (numbers as Python floats, a tensor ``lr`` read once)."""
+        values = {}
+        for name in self.rule.scalars:
+            value = group[name]
+            values[name] = value if type(value) is bool else _checks.as_number(name, value)
+        return values
+
+    def _initial_value(self, role: str, group: dict[str, Any]) -> float:
+        """The value a new state tensor of ``role`` starts from (0 unless the algorithm says otherwise)."""
+        return 0.0
+
+    def _sparse_update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                       states: list[dict[str, Any]]) -> None:
+        """Step parameters whose gradient is sparse (only optimizers with ``accepts_sparse_grads``)."""
         raise NotImplementedError
 
-    def _update(self, update: Callable[..., None], group: dict[str, Any], params: list[torch.Tensor],
-                grads: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
-        """Call ``update`` (a backend function) with this group's tensors, ``states`` (from :meth:`_states`)
-        and hyper-parameters."""
-        raise NotImplementedError
+    def _auto_fused(self, device: torch.device, params: list[torch.Tensor], group: dict[str, Any]) -> bool:
+        """Whether ``backend="auto"`` takes the fused path for these tensors (where fused is available): yes,
+        unless an optimizer measured otherwise (SGD's one-op update on a few large tensors)."""
+        return True
 
     # -- state -------------------------------------------------------------------------------
 
@@ -136,6 +154,32 @@ class Optimizer(torch.optim.Optimizer):
         so, else in the param's dtype (torch's memory format rule either way)."""
         dtype = self.state_dtype if self._widens(param) else param.dtype
         return torch.full_like(param, fill, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _states(self, params: list[torch.Tensor], group: dict[str, Any],
+                program: engine.Program) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+        """``self.state[p]`` of each param with what ``program`` needs created (torch's key names), and per
+        param whether its state was created now (the rule's ``first``; None when it does not read it).
+
+        A program that needs no state leaves ``self.state`` untouched, as torch's SGD without momentum does.
+        """
+        roles = program.state_roles
+        if not roles and not self.counts_steps:
+            return [], None
+        states = [self.state[p] for p in params]
+        created = None
+        counts_steps = self.counts_steps
+        for i, (param, state) in enumerate(zip(params, states)):
+            if counts_steps and "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+            for role in roles:
+                if role not in state:
+                    state[role] = self._new_state(param, self._initial_value(role, group))
+                    if created is None:
+                        created = np.zeros(len(params), dtype=np.bool_)
+                    created[i] = True
+        if program.uses_first and created is None:
+            created = np.zeros(len(params), dtype=np.bool_)
+        return states, created
 
     # -- parameter groups ------------------------------------------------------------------
 
@@ -210,15 +254,18 @@ class Optimizer(torch.optim.Optimizer):
 
     def backend_for(self, device: torch.device, params: list[torch.Tensor] | None = None,
                     group: dict[str, Any] | None = None) -> str:
-        """The backend this optimizer uses for ``params`` (all on ``device``, from param group ``group``)."""
+        """The backend this optimizer uses for ``params`` (all on ``device``, from param group ``group``).
+
+        ``"auto"``: the fused kernels where their compiler is installed and the optimizer does not know them
+        to be slower for these tensors (:meth:`_auto_fused`); otherwise torch.optim's own default for the
+        device: the for-loop on CPU (where ``foreach`` is slower, see NOTES.md) and ``foreach`` elsewhere.
+        """
         if self.backend != "auto":
             return self.backend
-        sizes_matter = params is not None and self.algorithm == "sgd" and device.type == "cpu"
-        n_elements = sum(map(_NUMEL, params)) if sizes_matter else None
-        momentum = group is not None and self.algorithm == "sgd" and group.get("momentum", 0) != 0
-        return _backends.auto_backend(device, allow_fused=self._auto_may_fuse, algorithm=self.algorithm,
-                                      n_tensors=None if params is None else len(params), n_elements=n_elements,
-                                      momentum=momentum)
+        if self._auto_may_fuse and engine.unavailable_reason(device) is None and (
+                params is None or group is None or self._auto_fused(device, params, group)):
+            return "fused"
+        return "reference" if device.type == "cpu" else "foreach"
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
@@ -280,8 +327,10 @@ class Optimizer(torch.optim.Optimizer):
                 for param, grad in zip(params, grads):
                     self._check_grad(param, grad, group_index, group)
             # DTensor (FSDP2) groups: which processes hold the other shards; a ValueError for mixed groups.
-            work.append((group, params, grads, distributed.group_sharding(group_index, group["params"])))
-        grads = [g for _, _, group_grads, _ in work for g in group_grads]
+            sharding = distributed.group_sharding(group_index, group["params"])
+            scalars = self._scalars(group)
+            work.append((group, params, grads, sharding, scalars, self.rule.program(scalars)))
+        grads = [g for _, _, group_grads, *_ in work for g in group_grads]
         if not grads and self.grad_norm_process_group is None:
             return loss
 
@@ -289,24 +338,22 @@ class Optimizer(torch.optim.Optimizer):
         # without numba or triton) fails the step with gradients, state and parameters as they were.
         plan = []
         backends_used = set()
-        for group, params, group_grads, sharding in work:
+        for group, params, group_grads, sharding, scalars, program in work:
             for device, device_params, device_grads in _split_by_device(params, group_grads):
                 backend = self.backend_for(device, device_params, group)
+                if backend == "fused":
+                    reason = engine.unavailable_reason(device)
+                    if reason is not None:
+                        raise RuntimeError(f"backend='fused' is not available for {device.type} tensors: {reason}")
                 backends_used.add((device.type, backend))
-                if sharding is None:
-                    update = _backends.lookup(self.algorithm, backend, device)
-                else:  # the backends see local shards; norms inside are summed across processes
-                    backend = distributed.backend_for_shards(backend, requested=self.backend, layerwise=self.layerwise)
-                    update = distributed.on_local_shards(_backends.lookup(self.algorithm, backend, device), sharding)
-                plan.append((group, device_params, device_grads, update, device.type == "cpu" and backend == "fused"))
+                plan.append((group, device_params, device_grads, sharding, scalars, program, backend))
 
         if self.max_grad_norm is not None or self.skip_nonfinite:
             # Sharded or partitioned gradients: local squared norms summed across processes, once.
             # A step that runs fused on CPU takes the norm with the fused kernel too.
             fused_cpu = backends_used == {("cpu", "fused")}
-            norm = distributed.total_grad_norm(functools.partial(global_grad_norm, fused_cpu=fused_cpu),
-                                               [(sharding, g) for _, _, g, sharding in work],
-                                               self.grad_norm_process_group)
+            norm = distributed.total_grad_norm(lambda gs: global_grad_norm(gs, fused_cpu=fused_cpu),
+                                               [(w[3], w[2]) for w in work], self.grad_norm_process_group)
             grads = [distributed.local(g) for g in grads]
             if self.max_grad_norm is not None:
                 self.last_grad_norm = norm
@@ -316,35 +363,25 @@ class Optimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 clip_grads_(grads, norm, self.max_grad_norm)
 
-        for group, device_params, device_grads, update, fused_cpu in plan:
-            # looked up once per step and handed on: a tensor's hash is Python code
-            states = self._states(device_params, group)
-            if self.state_dtype is None:
-                self._update(update, group, device_params, device_grads, states)
-            else:
-                self._update_widened(update, group, device_params, device_grads, states, fused_cpu=fused_cpu)
+        for group, params, group_grads, sharding, scalars, program, backend in plan:
+            states, created = self._states(params, group, program)
+            if any(map(_IS_SPARSE, group_grads)):
+                sparse = [i for i, g in enumerate(group_grads) if g.is_sparse]
+                self._sparse_update(group, [params[i] for i in sparse], [group_grads[i] for i in sparse],
+                                    [states[i] for i in sparse])
+                dense = [i for i, g in enumerate(group_grads) if not g.is_sparse]
+                params, group_grads, states = ([seq[i] for i in dense] for seq in (params, group_grads, states))
+                if created is not None:
+                    created = created[dense]
+            local = distributed.local if sharding is not None else None
+            roles = [[state[role] for state in states] for role in program.state_roles]
+            steps = [state["step"] for state in states] if self.counts_steps and states else None
+            if local is not None:
+                params, group_grads = [local(p) for p in params], [local(g) for g in group_grads]
+                roles = [[local(t) for t in role] for role in roles]
+            engine.run(program, backend, params, group_grads, roles, steps, created, scalars,
+                       sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self.state_dtype)
         return loss
-
-    def _update_widened(self, update: Callable[..., None], group: dict[str, Any], params: list[torch.Tensor],
-                        grads: list[torch.Tensor], states: list[dict[str, Any]], *, fused_cpu: bool) -> None:
-        """:meth:`_update` with ``state_dtype`` set: a bfloat16/float16 parameter is stepped as a float32 copy
-        (float32 gradient, its float32 state) and rounded back once. The fused CPU kernels do the same in
-        one pass for bfloat16 parameters whose state exists (SGD's first momentum step creates it here)."""
-        as_is, widen = [], []
-        for i, param in enumerate(params):
-            in_kernel = fused_cpu and param.dtype is torch.bfloat16 and (not states or bool(states[i]))
-            (widen if self._widens(param) and not in_kernel else as_is).append(i)
-        if not widen:
-            self._update(update, group, params, grads, states)
-            return
-        pick = _backends.pick
-        if as_is:
-            self._update(update, group, pick(params, as_is), pick(grads, as_is), pick(states, as_is))
-        originals = pick(params, widen)
-        copies = [p.detach().to(self.state_dtype) for p in originals]
-        self._update(update, group, copies, [g.to(self.state_dtype) for g in pick(grads, widen)], pick(states, widen))
-        for param, widened in zip(originals, copies):
-            param.copy_(widened)  # rounds to nearest even; bumps the version counter as in-place ops do
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
         # Called for every gradient of a group that has a sparse one. Shape, dtype and device need no
@@ -389,13 +426,13 @@ def global_grad_norm(grads: list[torch.Tensor], *, fused_cpu: bool = False) -> t
     dense = [g for g in grads if not g.is_sparse]
     squares = []  # float64 sums of squares, from the fused kernel
     if fused_cpu:
-        from .kernels import fused
+        from .engine import cpu as fused_kernels
 
-        cpu = [g for g in dense if g.is_cpu]
-        squares, fallback = fused.grad_sum_of_squares(cpu)
-        dense = [cpu[i] for i in fallback] + [g for g in dense if not g.is_cpu]
+        on_cpu = [g for g in dense if g.is_cpu]
+        squares, fallback = fused_kernels.sum_of_squares(on_cpu)
+        dense = [on_cpu[i] for i in fallback] + [g for g in dense if not g.is_cpu]
     norms = []
-    for (bucket,) in _backends.group_by_device_and_dtype([dense]):
+    for (bucket,) in group_by_device_and_dtype([dense]):
         accumulate = torch.float64 if bucket[0].dtype == torch.float64 else torch.float32
         norms.extend(torch._foreach_norm(bucket, 2, dtype=accumulate))
     for grad in grads:
@@ -413,8 +450,18 @@ def global_grad_norm(grads: list[torch.Tensor], *, fused_cpu: bool = False) -> t
 def clip_grads_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
     """Scale ``grads`` in place so that their global norm is at most ``max_norm`` (torch's clip_grad_norm_ rule)."""
     coefficient = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
-    for (bucket,) in _backends.group_by_device_and_dtype([[g for g in grads if not g.is_sparse]]):
+    for (bucket,) in group_by_device_and_dtype([[g for g in grads if not g.is_sparse]]):
         torch._foreach_mul_(bucket, coefficient.to(device=bucket[0].device, dtype=bucket[0].dtype))
     for grad in grads:
         if grad.is_sparse:
             grad.mul_(coefficient.to(device=grad.device, dtype=grad.dtype))
+
+
+def group_by_device_and_dtype(tensor_lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
+    """Split parallel tensor lists into buckets whose first list shares one device and dtype
+    (``torch._foreach_*`` needs one device and dtype per call), each in the original order."""
+    order: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensor_lists[0]):
+        order.setdefault((tensor.device, tensor.dtype), []).append(index)
+    return [[[tensors[i] for i in indices] if tensors else [] for tensors in tensor_lists]
+            for indices in order.values()]

@@ -4,13 +4,12 @@ Every thalweg optimizer runs unchanged under DDP, FSDP2 (``fully_shard``), ``Zer
 and ``torch.distributed.checkpoint``. The shared base (:meth:`thalweg.Optimizer.step`) calls this
 module for param groups whose parameters are DTensors:
 
-- Elementwise math runs on each process's local shard. The backend functions (reference, foreach,
-  fused) are handed plain local tensors by :func:`on_local_shards`, with unchanged signatures; state
-  stays DTensors, so ``torch.distributed.checkpoint`` saves and reshards it.
+- Elementwise math runs on each process's local shard: the engine is handed plain local tensors
+  (:func:`local`); state stays DTensors, so ``torch.distributed.checkpoint`` saves and reshards it.
 - A norm of a sharded tensor needs every shard (NOTES.md: the local ``_foreach_norm`` of a shard is a
-  *partial* result). While a sharded group's backend runs, ``thalweg.optim._norms`` sums local squared
-  norms across the shard's processes: all norms a LARS/LAMB bucket needs are stacked and reduced with
-  ONE ``all_reduce`` (one float per tensor), then square-rooted.
+  *partial* result). The engine sums each tensor's local squares in float64 and hands all of a group's
+  sums to :meth:`Sharding.sum_across_shards_` at once: ONE ``all_reduce`` per group and step, whatever the
+  backend (the fused kernels included), then takes the square roots.
 - ``max_grad_norm``/``skip_nonfinite`` use :func:`total_grad_norm`: one ``all_reduce`` per step.
 
 ``ZeroRedundancyOptimizer`` gives each process whole parameters, so per-tensor norms are already right.
@@ -21,33 +20,11 @@ needs the explicit :func:`reduce_grad_norm_over`.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-# Set only while a sharded group's backend runs (see on_local_shards); read by thalweg.optim._norms.
-# A context variable, not a module global, so threads and re-entrant steps cannot see each other's.
-_NORM_SUM: ContextVar[Callable[[torch.Tensor], None] | None] = ContextVar("thalweg_norm_sum", default=None)
-
-
-def norm_sum() -> Callable[[torch.Tensor], None] | None:
-    """The in-place cross-process sum that squared norms need right now, or None (unsharded: norms are local)."""
-    return _NORM_SUM.get()
-
-
-@contextmanager
-def summed_across(sum_: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """Within the block, ``thalweg.optim._norms`` sums squared norms with ``sum_`` before the square root."""
-    token = _NORM_SUM.set(sum_)
-    try:
-        yield
-    finally:
-        _NORM_SUM.reset(token)
-
 
 def _dtensor_class() -> type | None:
     # No parameter can be a DTensor unless torch.distributed.tensor was imported by someone (FSDP2
@@ -125,45 +102,6 @@ def group_sharding(group_index: int, params: list[torch.Tensor]) -> Sharding | N
     return first
 
 
-def backend_for_shards(backend: str, *, requested: str, layerwise: bool) -> str:
-    """The backend a sharded group runs: layer-wise optimizers (LARS, LAMB) use ``"foreach"``.
-
-    The foreach path batches all trust-ratio norms of a bucket into one reduction. The reference path
-    would run one collective per tensor (it stays available when asked for by name, as the oracle);
-    the fused kernels compute norms inside the kernel, on the local shard only, so they cannot be used.
-    """
-    if layerwise and backend != "foreach" and requested != "reference":
-        return "foreach"
-    return backend
-
-
-def on_local_shards(update: Callable[..., None], sharding: Sharding) -> Callable[..., None]:
-    """Wrap a backend function so that it runs on the local shards of a sharded group.
-
-    Every list argument with one entry per parameter (params, grads, state) is replaced by the local
-    shards; state tensors a backend creates (a first momentum buffer) are wrapped back into DTensors
-    laid out like their parameter. Norms taken inside are summed across the shards (``_norms``).
-    """
-
-    def update_local_shards(params: list[torch.Tensor], grads: list[torch.Tensor], **kwargs: Any) -> None:
-        per_param = {name: value for name, value in kwargs.items() if isinstance(value, list) and len(value) == len(params)}
-        locals_ = {name: [None if t is None else local(t) for t in value] for name, value in per_param.items()}
-        with summed_across(sharding.sum_across_shards_):
-            update([local(p) for p in params], [local(g) for g in grads], **{**kwargs, **locals_})
-        for name, value in per_param.items():
-            for i, (before, after) in enumerate(zip(value, locals_[name])):
-                if after is None or (before is not None and local(before) is after):
-                    continue
-                param = params[i]
-                if before is not None and not is_sharded(before) or after.shape != local(param).shape:
-                    value[i] = after  # a plain tensor (a step counter) replaced by another
-                else:
-                    value[i] = type(param).from_local(after, param.device_mesh, param.placements, run_check=False,
-                                                      shape=param.shape, stride=param.stride())
-
-    return update_local_shards
-
-
 def total_grad_norm(
     norm_of: Callable[[list[torch.Tensor]], torch.Tensor],
     parts: list[tuple[Sharding | None, list[torch.Tensor]]],
@@ -222,12 +160,10 @@ def reduce_grad_norm_over(optimizer: Any, process_group: Any = None) -> None:
     inner = getattr(optimizer, "optim", optimizer)
     if process_group is None:
         process_group = getattr(optimizer, "process_group", None) or torch.distributed.group.WORLD
-    from ._base import Optimizer
-
-    if not isinstance(inner, Optimizer):
+    # thalweg.Optimizer declares the attribute (this module does not import it: the base imports this one)
+    if not hasattr(type(inner), "grad_norm_process_group"):
         raise TypeError(f"optimizer must be a thalweg optimizer or a ZeroRedundancyOptimizer around one, got {type(inner).__name__}")
     inner.grad_norm_process_group = process_group
 
 
-__all__ = ["Sharding", "backend_for_shards", "group_sharding", "is_sharded", "local", "norm_sum", "on_local_shards",
-           "reduce_grad_norm_over", "summed_across", "total_grad_norm"]
+__all__ = ["Sharding", "group_sharding", "is_sharded", "local", "reduce_grad_norm_over", "total_grad_norm"]

@@ -10,16 +10,8 @@ from torch import nn
 from . import optim
 from ._base import Optimizer
 
-_OPTIMIZERS: dict[str, type[Optimizer]] = {
-    "sgd": optim.SGD,
-    "momentum": optim.Momentum,
-    "adam": optim.Adam,
-    "adamw": optim.AdamW,
-    "rmsprop": optim.RMSprop,
-    "adagrad": optim.Adagrad,
-    "lars": optim.LARS,
-    "lamb": optim.LAMB,
-}
+# every optimizer of thalweg.optim under its own ``name``, in the package's (the README's) order
+_OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in map(optim.__dict__.get, optim.__all__)}
 
 # Biases and the gains/shifts of normalisation layers (all the 1-d and 0-d parameters) and embedding
 # tables are not weights to shrink: decaying them towards zero, or rescaling their step by ‖w‖/‖g‖,

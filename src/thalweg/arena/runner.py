@@ -33,7 +33,7 @@ def check_positive(name: str, value: float, integer: bool = False) -> None:
 
 
 def check_backend(backend: str) -> None:
-    from thalweg._backends import BACKENDS
+    from thalweg._base import BACKENDS
 
     if backend not in BACKENDS:
         raise ArenaError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")

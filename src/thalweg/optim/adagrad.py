@@ -25,8 +25,21 @@ from typing import Any, Iterable
 import torch
 
 from .. import _checks
-from .._backends import group_by_device_and_dtype, pick, register
-from .._base import Optimizer, scalar_dtype
+from .._base import Optimizer
+from ..engine import Flag, rule, sqrt
+
+
+@rule
+def adagrad(param, grad, sum, *, step, lr, lr_decay, weight_decay, eps, maximize: Flag):  # noqa: A002
+    """One dense Adagrad step of one tensor, in torch.optim's order of operations (``sum`` is torch's name)."""
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    sum = sum + grad * grad  # noqa: A001
+    step_lr = lr / (1 + (step - 1) * lr_decay)
+    param = param - step_lr * grad / (sqrt(sum) + eps)
+    return param, sum
 
 
 class Adagrad(Optimizer):
@@ -43,7 +56,9 @@ class Adagrad(Optimizer):
         backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
     """
 
-    algorithm = "adagrad"
+    name = "adagrad"  # thalweg.create's name
+
+    rule = adagrad
     accepts_sparse_grads = True
 
     def __init__(
@@ -70,7 +85,7 @@ class Adagrad(Optimizer):
                          state_dtype=state_dtype)
         # torch creates Adagrad's state eagerly; doing the same keeps state_dict() layouts equal.
         for group in self.param_groups:
-            self._states(group["params"], group)
+            self._states(group["params"], group, self.rule.program(self._scalars(group)))
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -88,56 +103,21 @@ class Adagrad(Optimizer):
                 f"{group_index}): it would touch every row; put the embedding in a group with weight_decay=0"
             )
 
-    def _states(self, params, group) -> list[dict[str, Any]]:
-        states = [self.state[p] for p in params]
-        for param, state in zip(params, states):
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-                state["sum"] = self._new_state(param, float(group["initial_accumulator_value"]))
-        return states
+    def _initial_value(self, role: str, group: dict[str, Any]) -> float:
+        return float(group["initial_accumulator_value"])
 
-    def _update(self, update, group, params, grads, states) -> None:
-        update(
-            params,
-            grads,
-            state_sums=[s["sum"] for s in states],
-            steps=[s["step"] for s in states],
-            lr=_checks.as_number("lr", group["lr"]),
-            lr_decay=float(group["lr_decay"]),
-            weight_decay=float(group["weight_decay"]),
-            eps=float(group["eps"]),
-            maximize=group["maximize"],
-        )
+    def _sparse_update(self, group, params, grads, states) -> None:
+        """Only the rows present in each sparse gradient are read and written (torch's sparse Adagrad)."""
+        lr, lr_decay, eps = _checks.as_number("lr", group["lr"]), float(group["lr_decay"]), float(group["eps"])
+        for param, grad, state in zip(params, grads, states):
+            grad = -grad if group["maximize"] else grad
+            state["step"] += 1
+            step_lr = lr / (1 + (state["step"].item() - 1) * lr_decay)
+            _sparse_row_update(param, grad, state["sum"], step_lr=step_lr, eps=eps)
 
 
-@register("adagrad", "reference")
-def adagrad_reference(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    *,
-    state_sums: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-) -> None:
-    """One tensor at a time; a sparse gradient updates only the rows it holds."""
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        grad = -grad if maximize else grad
-        steps[i] += 1
-        step_lr = lr / (1 + (steps[i].item() - 1) * lr_decay)
-        if grad.is_sparse:
-            _adagrad_sparse_row_update(param, grad, state_sums[i], step_lr=step_lr, eps=eps)
-            continue
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        state_sums[i].addcmul_(grad, grad, value=1)
-        param.addcdiv_(grad, state_sums[i].sqrt().add_(eps), value=-step_lr)
-
-
-def _adagrad_sparse_row_update(param: torch.Tensor, grad: torch.Tensor, state_sum: torch.Tensor, *, step_lr: float, eps: float) -> None:
+def _sparse_row_update(param: torch.Tensor, grad: torch.Tensor, state_sum: torch.Tensor, *, step_lr: float,
+                       eps: float) -> None:
     grad = grad.coalesce()  # repeated indices must be summed before squaring
     indices, values = grad._indices(), grad._values()
 
@@ -148,36 +128,3 @@ def _adagrad_sparse_row_update(param: torch.Tensor, grad: torch.Tensor, state_su
     state_sum.add_(sparse_like(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
     param.add_(sparse_like(values / std_values), alpha=-step_lr)
-
-
-@register("adagrad", "foreach")
-def adagrad_foreach(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    *,
-    state_sums: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-) -> None:
-    """All dense tensors of a (device, dtype) bucket per ``torch._foreach_*`` call; sparse ones one by one."""
-    sparse = [i for i, grad in enumerate(grads) if grad.is_sparse]
-    if sparse:
-        adagrad_reference(pick(params, sparse), pick(grads, sparse), state_sums=pick(state_sums, sparse),
-                          steps=pick(steps, sparse), lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                          eps=eps, maximize=maximize)
-        dense = [i for i, grad in enumerate(grads) if not grad.is_sparse]
-        params, grads, state_sums, steps = (pick(t, dense) for t in (params, grads, state_sums, steps))
-    for params_, grads_, state_sums_, steps_ in group_by_device_and_dtype([params, grads, state_sums, steps]):
-        grads_ = torch._foreach_neg(grads_) if maximize else grads_
-        torch._foreach_add_(steps_, 1)
-        if weight_decay != 0:
-            grads_ = torch._foreach_add(grads_, params_, alpha=weight_decay)
-        torch._foreach_addcmul_(state_sums_, grads_, grads_, 1)
-        stds = torch._foreach_sqrt(state_sums_)
-        torch._foreach_add_(stds, eps)
-        step_lrs = [-lr / (1 + (step.item() - 1) * lr_decay) for step in steps_]
-        torch._foreach_addcdiv_(params_, grads_, stds, step_lrs)

@@ -21,14 +21,36 @@ State (torch's names): ``step`` (a 0-d float tensor), ``exp_avg`` (:math:`m`), `
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
 
 from .. import _checks
-from .._backends import group_by_device_and_dtype, register
-from .._base import Optimizer, scalar_dtype
+from .._base import Optimizer
+from ..engine import Flag, lerp, maximum, rule, sqrt
+
+
+@rule
+def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
+         amsgrad: Flag, decoupled: Flag, maximize: Flag):
+    """One Adam/AdamW step of one tensor, in torch.optim's order of operations."""
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    second_moment = exp_avg_sq
+    if amsgrad:
+        max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = sqrt(1 - beta2**step)
+    param = param - step_size * exp_avg / (sqrt(second_moment) / bias_correction2_sqrt + eps)
+    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
 class Adam(Optimizer):
@@ -56,7 +78,9 @@ class Adam(Optimizer):
         optimizer.zero_grad()
     """
 
-    algorithm = "adam"
+    name = "adam"  # thalweg.create's name
+
+    rule = adam
     decoupled_weight_decay = False
 
     def __init__(
@@ -89,36 +113,12 @@ class Adam(Optimizer):
         _checks.flag("amsgrad", group["amsgrad"])
         _checks.flag("maximize", group["maximize"])
 
-    def _states(self, params, group) -> list[dict[str, Any]]:
-        states = [self.state[p] for p in params]
-        amsgrad = group["amsgrad"]
-        for param, state in zip(params, states):
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-                state["exp_avg"] = self._new_state(param)
-                state["exp_avg_sq"] = self._new_state(param)
-            if amsgrad and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = self._new_state(param)
-        return states
-
-    def _update(self, update, group, params, grads, states) -> None:
+    def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
-        update(
-            params,
-            grads,
-            exp_avgs=[s["exp_avg"] for s in states],
-            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            steps=[s["step"] for s in states],
-            lr=_checks.as_number("lr", group["lr"]),
-            beta1=_checks.as_number("betas[0]", beta1),
-            beta2=_checks.as_number("betas[1]", beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            decoupled_weight_decay=self.decoupled_weight_decay,
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-        )
+        return dict(lr=_checks.as_number("lr", group["lr"]), beta1=_checks.as_number("betas[0]", beta1),
+                    beta2=_checks.as_number("betas[1]", beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"],
+                    decoupled=self.decoupled_weight_decay, maximize=group["maximize"])
 
 
 class AdamW(Adam):
@@ -128,7 +128,8 @@ class AdamW(Adam):
     each step instead of entering the gradient.
     """
 
-    algorithm = "adam"
+    name = "adamw"  # thalweg.create's name
+
     decoupled_weight_decay = True
 
     def __init__(
@@ -151,83 +152,3 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, backend=backend,
                          foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          state_dtype=state_dtype)
-
-
-@register("adam", "reference")
-def adam_reference(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    *,
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-) -> None:
-    """One tensor at a time, as the equations in the module docstring read."""
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        grad = -grad if maximize else grad
-        steps[i] += 1
-        t = steps[i].item()
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad.add(param, alpha=weight_decay)
-        exp_avgs[i].lerp_(grad, 1 - beta1)
-        exp_avg_sqs[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        second_moment = exp_avg_sqs[i]
-        if amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], exp_avg_sqs[i], out=max_exp_avg_sqs[i])
-            second_moment = max_exp_avg_sqs[i]
-        denom = (second_moment.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-        param.addcdiv_(exp_avgs[i], denom, value=-lr / (1 - beta1**t))
-
-
-@register("adam", "foreach")
-def adam_foreach(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    *,
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-) -> None:
-    """All tensors of a (device, dtype) bucket per ``torch._foreach_*`` call."""
-    buckets = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps])
-    for params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_ in buckets:
-        grads_ = torch._foreach_neg(grads_) if maximize else grads_
-        torch._foreach_add_(steps_, 1)
-        ts = [step.item() for step in steps_]
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                torch._foreach_mul_(params_, 1 - lr * weight_decay)
-            else:
-                grads_ = torch._foreach_add(grads_, params_, alpha=weight_decay)
-        torch._foreach_lerp_(exp_avgs_, grads_, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs_, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs_, grads_, grads_, 1 - beta2)
-        second_moments = exp_avg_sqs_
-        if amsgrad:
-            torch._foreach_maximum_(max_exp_avg_sqs_, exp_avg_sqs_)
-            second_moments = max_exp_avg_sqs_
-        denoms = torch._foreach_sqrt(second_moments)
-        torch._foreach_div_(denoms, [math.sqrt(1 - beta2**t) for t in ts])
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(params_, exp_avgs_, denoms, [-lr / (1 - beta1**t) for t in ts])

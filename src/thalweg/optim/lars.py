@@ -27,10 +27,32 @@ from typing import Any, Iterable
 import torch
 
 from .. import _checks
-from .._backends import group_by_device_and_dtype, register
 from .._base import Optimizer
-from ._norms import norm, norms_together
-from .sgd import sgd_foreach, sgd_reference
+from ..engine import Flag, norm, rule, where
+
+
+@rule
+def lars(param, grad, momentum_buffer, *, first, lr, momentum, weight_decay, trust_coefficient, eps,
+         nesterov: Flag, maximize: Flag, trust_ratio: Flag):
+    """One LARS step of one tensor: the layer-wise scaled direction, then SGD's momentum (``first``: new buffer)."""
+    if maximize:
+        grad = -grad
+    direction = grad
+    if weight_decay != 0:
+        direction = grad + weight_decay * param
+    if trust_ratio:
+        weight_norm = norm(param)
+        grad_norm = norm(grad)
+        local_lr = trust_coefficient * weight_norm / (grad_norm + weight_decay * weight_norm + eps)
+        direction = direction * where((weight_norm > 0) & (grad_norm > 0), local_lr, 1.0)
+    if momentum != 0:
+        momentum_buffer = where(first, direction, momentum * momentum_buffer + direction)
+        if nesterov:
+            direction = direction + momentum * momentum_buffer
+        else:
+            direction = momentum_buffer
+    param = param - lr * direction
+    return param, momentum_buffer
 
 
 class LARS(Optimizer):
@@ -49,8 +71,11 @@ class LARS(Optimizer):
         backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
     """
 
-    algorithm = "lars"
+    name = "lars"  # thalweg.create's name
+
+    rule = lars
     layerwise = True
+    counts_steps = False
 
     def __init__(
         self,
@@ -87,89 +112,3 @@ class LARS(Optimizer):
         _checks.flag("trust_ratio", group["trust_ratio"])
         if group["nesterov"] and _checks.as_number("momentum", group["momentum"]) <= 0:
             raise ValueError(f"nesterov=True requires momentum > 0, got momentum={group['momentum']}")
-
-    def _states(self, params, group) -> list[dict[str, Any]]:
-        # the momentum buffer is the first step's direction, created by the update itself
-        return [self.state[p] for p in params] if _checks.as_number("momentum", group["momentum"]) != 0 else []
-
-    def _update(self, update, group, params, grads, states) -> None:
-        momentum = _checks.as_number("momentum", group["momentum"])
-        buffers = [s.get("momentum_buffer") for s in states] if momentum != 0 else []
-        update(
-            params,
-            grads,
-            momentum_buffers=buffers,
-            lr=_checks.as_number("lr", group["lr"]),
-            momentum=momentum,
-            weight_decay=float(group["weight_decay"]),
-            trust_coefficient=float(group["trust_coefficient"]),
-            eps=float(group["eps"]),
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-            trust_ratio=group["trust_ratio"],
-        )
-        for state, buffer in zip(states, buffers):
-            state["momentum_buffer"] = buffer
-
-
-@register("lars", "reference")
-def lars_reference(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    *,
-    momentum_buffers: list[torch.Tensor | None],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    nesterov: bool,
-    maximize: bool,
-    trust_ratio: bool,
-) -> None:
-    """One tensor at a time: the layer-wise direction, then SGD's momentum step on it."""
-    directions = []
-    for param, grad in zip(params, grads):
-        grad = -grad if maximize else grad
-        direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
-        if trust_ratio:
-            weight_norm, grad_norm = norm(param).item(), norm(grad).item()
-            if weight_norm > 0 and grad_norm > 0:
-                local_lr = trust_coefficient * weight_norm / (grad_norm + weight_decay * weight_norm + eps)
-                direction = direction.mul(local_lr)
-        directions.append(direction)
-    sgd_reference(params, directions, momentum_buffers=momentum_buffers, lr=lr, momentum=momentum, dampening=0.0,
-                  weight_decay=0.0, nesterov=nesterov, maximize=False)
-
-
-@register("lars", "foreach")
-def lars_foreach(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    *,
-    momentum_buffers: list[torch.Tensor | None],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    nesterov: bool,
-    maximize: bool,
-    trust_ratio: bool,
-) -> None:
-    """Norms of a whole bucket in one batched call, the ratios without a host sync, then SGD's foreach step."""
-    directions: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
-    indices = list(range(len(params)))
-    for params_, grads_, indices_ in group_by_device_and_dtype([params, grads, indices]):
-        grads_ = torch._foreach_neg(grads_) if maximize else grads_
-        directions_ = torch._foreach_add(grads_, params_, alpha=weight_decay) if weight_decay != 0 else grads_
-        if trust_ratio:
-            weight_norms, grad_norms = norms_together(params_, grads_)  # sharded: one reduction
-            usable = (weight_norms > 0) & (grad_norms > 0)
-            local_lrs = trust_coefficient * weight_norms / (grad_norms + weight_decay * weight_norms + eps)
-            local_lrs = torch.where(usable, local_lrs, torch.ones_like(local_lrs))
-            directions_ = torch._foreach_mul(directions_, list(local_lrs.unbind()))
-        for i, direction in zip(indices_, directions_):
-            directions[i] = direction
-    sgd_foreach(params, directions, momentum_buffers=momentum_buffers, lr=lr, momentum=momentum, dampening=0.0,
-                weight_decay=0.0, nesterov=nesterov, maximize=False)

@@ -24,8 +24,34 @@ from typing import Any, Iterable
 import torch
 
 from .. import _checks
-from .._backends import group_by_device_and_dtype, register
-from .._base import Optimizer, scalar_dtype
+from .._base import Optimizer
+from ..engine import Flag, lerp, rule, sqrt
+
+
+@rule
+def rmsprop(param, grad, square_avg, grad_avg, momentum_buffer, *, lr, alpha, eps, weight_decay, momentum,
+            centered: Flag, maximize: Flag):
+    """One RMSprop step of one tensor, in torch.optim's order of operations.
+
+    ``momentum_buffer`` and ``grad_avg`` are created when first needed (the ``if`` tests decide which state
+    a group's options use), so a schedule that turns momentum on later (CyclicLR) works.
+    """
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+    if centered:
+        grad_avg = lerp(grad_avg, grad, 1 - alpha)
+        denominator = sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        denominator = sqrt(square_avg) + eps
+    if momentum > 0:
+        momentum_buffer = momentum * momentum_buffer + grad / denominator
+        param = param - lr * momentum_buffer
+    else:
+        param = param - lr * grad / denominator
+    return param, square_avg, grad_avg, momentum_buffer
 
 
 class RMSprop(Optimizer):
@@ -43,7 +69,9 @@ class RMSprop(Optimizer):
         backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
     """
 
-    algorithm = "rmsprop"
+    name = "rmsprop"  # thalweg.create's name
+
+    rule = rmsprop
 
     def __init__(
         self,
@@ -77,112 +105,3 @@ class RMSprop(Optimizer):
         _checks.non_negative("momentum", group["momentum"])
         _checks.flag("centered", group["centered"])
         _checks.flag("maximize", group["maximize"])
-
-    def _states(self, params, group) -> list[dict[str, Any]]:
-        states = [self.state[p] for p in params]
-        # Created when first needed, so a schedule that turns momentum on later (CyclicLR) works.
-        momentum, centered = group["momentum"] > 0, group["centered"]
-        for param, state in zip(params, states):
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-                state["square_avg"] = self._new_state(param)
-            if momentum and "momentum_buffer" not in state:
-                state["momentum_buffer"] = self._new_state(param)
-            if centered and "grad_avg" not in state:
-                state["grad_avg"] = self._new_state(param)
-        return states
-
-    def _update(self, update, group, params, grads, states) -> None:
-        momentum = _checks.as_number("momentum", group["momentum"])
-        update(
-            params,
-            grads,
-            square_avgs=[s["square_avg"] for s in states],
-            grad_avgs=[s["grad_avg"] for s in states] if group["centered"] else [],
-            momentum_buffers=[s["momentum_buffer"] for s in states] if momentum > 0 else [],
-            steps=[s["step"] for s in states],
-            lr=_checks.as_number("lr", group["lr"]),
-            alpha=float(group["alpha"]),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            momentum=momentum,
-            centered=group["centered"],
-            maximize=group["maximize"],
-        )
-
-
-@register("rmsprop", "reference")
-def rmsprop_reference(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    *,
-    square_avgs: list[torch.Tensor],
-    grad_avgs: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-) -> None:
-    """One tensor at a time, as the equations in the module docstring read."""
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        grad = -grad if maximize else grad
-        steps[i] += 1
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        square_avgs[i].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-        if centered:
-            grad_avgs[i].lerp_(grad, 1 - alpha)
-            denom = square_avgs[i].addcmul(grad_avgs[i], grad_avgs[i], value=-1).sqrt_().add_(eps)
-        else:
-            denom = square_avgs[i].sqrt().add_(eps)
-        if momentum > 0:
-            momentum_buffers[i].mul_(momentum).addcdiv_(grad, denom)
-            param.add_(momentum_buffers[i], alpha=-lr)
-        else:
-            param.addcdiv_(grad, denom, value=-lr)
-
-
-@register("rmsprop", "foreach")
-def rmsprop_foreach(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    *,
-    square_avgs: list[torch.Tensor],
-    grad_avgs: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-) -> None:
-    """All tensors of a (device, dtype) bucket per ``torch._foreach_*`` call."""
-    buckets = group_by_device_and_dtype([params, grads, square_avgs, grad_avgs, momentum_buffers, steps])
-    for params_, grads_, square_avgs_, grad_avgs_, momentum_buffers_, steps_ in buckets:
-        grads_ = torch._foreach_neg(grads_) if maximize else grads_
-        torch._foreach_add_(steps_, 1)
-        if weight_decay != 0:
-            grads_ = torch._foreach_add(grads_, params_, alpha=weight_decay)
-        torch._foreach_mul_(square_avgs_, alpha)
-        torch._foreach_addcmul_(square_avgs_, grads_, grads_, 1 - alpha)
-        if centered:
-            torch._foreach_lerp_(grad_avgs_, grads_, 1 - alpha)
-            denoms = torch._foreach_addcmul(square_avgs_, grad_avgs_, grad_avgs_, -1)
-            torch._foreach_sqrt_(denoms)
-        else:
-            denoms = torch._foreach_sqrt(square_avgs_)
-        torch._foreach_add_(denoms, eps)
-        if momentum > 0:
-            torch._foreach_mul_(momentum_buffers_, momentum)
-            torch._foreach_addcdiv_(momentum_buffers_, grads_, denoms)
-            torch._foreach_add_(params_, momentum_buffers_, alpha=-lr)
-        else:
-            torch._foreach_addcdiv_(params_, grads_, denoms, -lr)

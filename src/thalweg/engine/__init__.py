@@ -1,0 +1,93 @@
+"""The rule engine: each optimizer's elementwise math written once, every backend derived from it.
+
+An optimizer states its update as a *rule* (:func:`rule`, :mod:`.rules`): a plain Python function of the
+parameter, its gradient and its state tensors, with keyword-only hyper-parameters and flags. From that one
+definition the engine runs
+
+- ``reference``: the rule itself on torch tensors, one parameter at a time (the oracle);
+- ``foreach``: the rule's program on lists of tensors, one ``torch._foreach_*`` call per operation;
+- ``fused``: kernels generated from the program — numba on CPU, Triton on CUDA — each updating every
+  tensor of a bucket in one pass over memory (two when the rule takes norms).
+
+Everything here imports numba and Triton lazily and names no optimizer: ``thalweg.optim`` imports this
+package, never the reverse. See ``CONTRIBUTING.md`` ("Adding an optimizer") for a walk-through.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import torch
+
+from .driver import BACKENDS, run
+from .rules import Flag, Program, Rule, RuleError, rule
+from .vocabulary import abs, lerp, maximum, minimum, norm, sign, sqrt, where  # noqa: A004
+
+_INSTALL = "pip install 'thalweg[fused]'"
+_CHECKED: dict[str, str | None] = {}
+
+
+def _missing(module: str) -> bool:
+    """Whether ``module`` is not installed (found, not imported: numba takes 0.4 s to import, and a
+    kernel loaded from the native cache never needs it)."""
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why ``backend="fused"`` cannot run on ``device`` here, or None when it can."""
+    device = torch.device(device)
+    if device.type in _CHECKED:
+        return _CHECKED[device.type]
+    if device.type == "cpu":
+        reason = f"numba is not installed ({_INSTALL}, or pip install numba)" if _missing("numba") else None
+    elif device.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = "CUDA is not available"
+        elif _missing("triton"):
+            reason = f"triton is not installed ({_INSTALL}, or pip install triton)"
+        else:
+            reason = None
+    else:
+        reason = f"no fused kernels exist for {device.type} tensors (numba covers CPU, Triton covers CUDA)"
+    _CHECKED[device.type] = reason
+    return reason
+
+
+def show(rule_: Rule, backend: str = "fused", *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+         state_dtype: torch.dtype | None = None, **scalars: Any) -> str:
+    """The code ``rule_`` becomes for ``backend`` (and, for ``"fused"``, ``device`` and dtypes) with the given
+    flags and hyper-parameters: the specialised program, then the generated source.
+
+        print(thalweg.engine.show(thalweg.optim.adam.adam, "fused", lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                  weight_decay=0.0, amsgrad=False, decoupled=True, maximize=False))
+    """
+    missing = [name for name in rule_.scalars if name not in scalars]
+    if missing:
+        raise TypeError(f"show() needs a value for every flag and hyper-parameter of rule {rule_.name}: missing "
+                        f"{', '.join(missing)}")
+    program = rule_.program(scalars)
+    if backend == "reference":
+        return program.describe() + "\n\n# reference: the rule itself, one tensor at a time\n" + rule_.source
+    if backend == "foreach":
+        from . import lists
+
+        return lists.source(program)
+    if backend != "fused":
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    state_dtype = state_dtype or dtype
+    if torch.device(device).type == "cuda":
+        from . import gpu
+
+        return gpu.source(program, dtype, state_dtype)
+    from . import cpu
+
+    return cpu.source(program, dtype, state_dtype)
+
+
+__all__ = ["BACKENDS", "Flag", "Program", "Rule", "RuleError", "abs", "lerp", "maximum", "minimum", "norm", "rule",
+           "run", "show", "sign", "sqrt", "unavailable_reason", "where"]

@@ -1,0 +1,170 @@
+"""One step of one param group on one device, on any backend: the order of the stages.
+
+1. The step counters are advanced (when the optimizer keeps them), and the program's host values
+   computed in float64: per group from the hyper-parameters, per tensor from the step counts.
+2. Fused: the tensors are split into kernel buckets (:func:`.host.partition`); the rest, and every
+   tensor on the foreach backend, run the program's foreach functions (:mod:`.lists`).
+3. A program with norms runs its first pass, which sums the squares of each norm's term per tensor
+   (float64); the sums of the whole group are summed across processes at once (``sum_across``: one
+   collective per group and step, whatever mix of buckets the group holds), the per-tensor values that
+   depend on them are computed, then the last pass runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import host, lists, reference
+from .rules import Program
+from .vocabulary import TensorList
+
+BACKENDS = ("reference", "foreach", "fused")
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[torch.Tensor],
+        roles: list[list[torch.Tensor]], steps: list[torch.Tensor] | None, first: np.ndarray | None,
+        scalars: dict[str, Any], *, sum_across: Callable[[torch.Tensor], None] | None = None,
+        widen_to: torch.dtype | None = None) -> None:
+    """Step ``params`` (one device) with ``program``.
+
+    ``roles``: the state tensors of ``program.state_roles``, one list per role; ``steps``: the step
+    counters to advance (None when the optimizer keeps none); ``first``: per tensor, whether its state was
+    created this step; ``scalars``: the rule's flags and hyper-parameters (Python numbers);
+    ``sum_across``: the in-place cross-process sum of per-tensor squared norms (sharded tensors), or None;
+    ``widen_to``: the dtype bfloat16/float16 parameters are stepped in (``state_dtype``): the fused kernels
+    compute in float32 and round once anyway, the other paths step a copy and round it back once.
+    """
+    if not params:
+        return
+    compute = None
+    if widen_to is not None:
+        compute = [widen_to if p.dtype in _NARROW else None for p in params]
+        if not any(d is not None for d in compute):
+            compute = None
+    if backend == "reference":
+        reference.run(program, params, grads, roles, steps, None if first is None else first.tolist(), scalars,
+                      compute_dtypes=compute, sum_across=sum_across)
+        return
+    if backend == "fused":
+        buckets, rest, step_addresses = host.partition(params, grads, roles, steps)
+    else:
+        buckets, rest, step_addresses = [], list(range(len(params))), None
+    n = len(params)
+    counts = _advance(steps, step_addresses) if steps is not None else None
+    if program.uses_step and counts is None:
+        raise RuntimeError(f"rule {program.rule.name} reads `step` but the optimizer keeps no step counters")
+    group = program.group_values(scalars)
+    first_values = first if first is not None else np.zeros(n, dtype=np.bool_)
+    early = program.early_values(group, counts, first_values)
+    named = dict(zip(program.early_vars, early))
+    columns = [np.broadcast_to(np.asarray(named[name], dtype=np.float64), (n,)) for name in program.columns]
+    hp_values = dict(zip(program.group_vars, group))
+    hp = [hp_values[name] for name in program.hp]
+
+    device = params[0].device
+    launcher = _launcher(device) if buckets else None
+    if launcher is not None:
+        host.mark_written(params if not rest else [params[i] for b in buckets for i in b.indices.tolist()])
+    plans = [launcher.prepare(program, bucket, hp, columns, device) for bucket in buckets] if buckets else []
+    lists_ = _lists(program, params, grads, roles, rest, compute) if rest else []
+    n_passes = len(program.passes)
+    sums = None
+    for index in range(n_passes):
+        if index == n_passes - 1 and program.slots:
+            sums = _reduce(sums, sum_across)
+            late = program.late_values(group, _on(device, early), [sums[:, j] for j in range(sums.shape[1])])
+            late_named = dict(zip(program.late_vars, late))
+            late_columns = [_per_tensor(late_named[name], n, device) for name in program.late_columns]
+            for plan in plans:
+                launcher.set_late(plan, late_columns)
+        else:
+            late_columns = []
+        partial = index == 0 and n_passes > 1
+        if partial:
+            sums = torch.zeros((n, len(program.slots)), dtype=torch.float64, device=device)
+        for plan in plans:
+            launcher.run(plan, index, sums if partial else None)
+        for indices, tensors in lists_:
+            pass_columns = [c[indices] for c in columns] + [_take(c, indices) for c in late_columns]
+            out = torch.zeros((len(indices), len(program.slots)), dtype=torch.float64, device=device) if partial else None
+            lists.functions(program)[index](*tensors, hp, pass_columns, out)
+            if partial:
+                sums[torch.as_tensor(indices, device=device)] = out
+    for indices, tensors in lists_:
+        _round_back(params, indices, tensors[0], compute)
+
+
+def _advance(steps: list[torch.Tensor], addresses: np.ndarray | None) -> np.ndarray:
+    """Add 1 to every step counter and return the new counts (float64, one per tensor).
+
+    ``addresses``: the counters' addresses when all of them are 0-d CPU tensors of one float dtype (the
+    fused path checked it): one compiled loop then advances them all; otherwise one foreach call.
+    """
+    if addresses is not None:
+        from . import cpu
+
+        return cpu.steps_in_place(steps, addresses)
+    torch._foreach_add_(steps, 1)
+    return torch.stack([s.detach().reshape(()).to("cpu", torch.float64) for s in steps]).numpy()
+
+
+def _lists(program: Program, params, grads, roles, indices: list[int], compute) -> list[tuple[np.ndarray, list]]:
+    """The foreach work: per (dtype, state dtype, device) sub-bucket, its positions and TensorLists."""
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
+        key = (params[i].dtype, roles[0][i].dtype if roles else None, params[i].device)
+        groups.setdefault(key, []).append(i)
+    out = []
+    for positions in groups.values():
+        dtype = compute[positions[0]] if compute is not None else None
+        ps = [params[i] for i in positions]
+        gs = [grads[i] for i in positions]
+        if dtype is not None:  # stepped as float32 copies, rounded back once at the end
+            ps = [p.to(dtype) for p in ps]
+            gs = [g.to(dtype) for g in gs]
+        tensors = [TensorList(ps), TensorList(gs)] + [TensorList([role[i] for i in positions]) for role in roles]
+        out.append((np.array(positions, dtype=np.int64), tensors))
+    return out
+
+
+def _round_back(params, indices: np.ndarray, stepped: TensorList, compute) -> None:
+    if compute is None or compute[int(indices[0])] is None:
+        return
+    torch._foreach_copy_([params[i] for i in indices.tolist()], stepped.tensors)
+
+
+def _reduce(sums: torch.Tensor, sum_across) -> torch.Tensor:
+    if sum_across is not None:
+        sum_across(sums)
+    return sums if sums.device.type != "cpu" else sums
+
+
+def _on(device: torch.device, values: tuple) -> tuple:
+    """Per-tensor numpy values as the late stage needs them: numpy on CPU, tensors on an accelerator."""
+    if device.type == "cpu":
+        return values
+    return tuple(torch.as_tensor(v, device=device) if isinstance(v, np.ndarray) else v for v in values)
+
+
+def _per_tensor(value: Any, n: int, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        if device.type == "cpu":
+            return np.broadcast_to(value.numpy().astype(np.float64, copy=False), (n,))
+        return value.to(torch.float64).expand(n)
+    return np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
+
+
+def _take(column, indices: np.ndarray):
+    if isinstance(column, torch.Tensor):
+        return column[torch.as_tensor(indices, device=column.device)]
+    return column[indices]
+
+
+def _launcher(device: torch.device):
+    """The module that runs kernel buckets on ``device``."""
+    return importlib.import_module(".cpu" if device.type == "cpu" else ".gpu", __package__)
