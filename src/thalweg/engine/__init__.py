@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from .driver import BACKENDS, run
-from .rules import Flag, Program, Rule, RuleError, rule
+from .language import Flag, RuleError
+from .program import Program
+from .rules import Rule, rule
 from .vocabulary import abs, lerp, maximum, minimum, norm, sign, sqrt, where  # noqa: A004
 
 _INSTALL = "pip install 'thalweg[fused]'"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ast
 
-from .rules import TENSOR, Program
+from .language import TENSOR
+from .program import Program
 
 _SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**", ast.BitAnd: "&", ast.BitOr: "|",
             ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}

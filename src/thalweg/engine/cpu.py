@@ -20,7 +20,7 @@ import torch
 
 from . import generated
 from .codegen import Dialect, header, render
-from .rules import Program
+from .program import Program
 
 STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "uint16"}  # bfloat16 as its bits
 COMPUTE = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "float32"}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import host, lists, reference
-from .rules import Program
+from .program import Program
 from .vocabulary import TensorList
 
 BACKENDS = ("reference", "foreach", "fused")

@@ -29,7 +29,7 @@ import torch
 
 from . import generated
 from .codegen import Dialect, header, render
-from .rules import Program
+from .program import Program
 
 # Elements per program. 16k keeps 256M parameters at 16k programs (every SM busy) while a norm pass's
 # partial sums per tensor stay few; BLOCK elements are processed per loop iteration (4 warps x 8 floats).

@@ -15,7 +15,7 @@ import torch
 
 from . import generated, torchops, vocabulary
 from .codegen import header
-from .rules import Program
+from .program import Program
 from .vocabulary import TensorList
 
 _LOCK = threading.Lock()

@@ -18,7 +18,7 @@ import torch
 
 from . import generated, torchops
 from .codegen import header
-from .rules import Program
+from .program import Program
 from .vocabulary import NORM_SUM
 
 _LOCK = threading.Lock()

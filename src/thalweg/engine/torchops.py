@@ -22,7 +22,8 @@ import ast
 import copy
 
 from .codegen import TorchOps, _compound, render
-from .rules import TENSOR, Program, Stmt
+from .language import TENSOR
+from .program import Program, Stmt
 
 _DIALECT = TorchOps()
 _IN_PLACE_COMPOUND = {"add": "add_alpha_", "addcmul": "addcmul_", "addcdiv": "addcdiv_"}
