@@ -64,6 +64,7 @@ class Derived:
     """One step through the engine, the bucket partition taken once."""
 
     def __init__(self, optimizer):
+        self.optimizer = optimizer  # owns the state (the partition below holds raw addresses)
         group = optimizer.param_groups[0]
         self.scalars = optimizer._scalars(group)
         self.program = optimizer.rule.program(self.scalars)

@@ -35,6 +35,7 @@ class HandWritten:
 
     def __init__(self, name, optimizer):
         self.name = name
+        self.optimizer = optimizer  # owns the state tensors whose raw addresses the kernel writes through
         group = optimizer.param_groups[0]
         self.group = group
         params = group["params"]
@@ -56,6 +57,7 @@ class HandWritten:
         self.n = len(params)
 
     def step(self):
+        host.mark_written(self.group["params"])  # as the old launcher did before every kernel call
         g, c, kernels = self.group, self.compute, numba_cpu
         pool, ptrs, chunks, steps, like, step_like = self.pool, self.ptrs, self.chunks, self.steps, self.like, self.step_like
         lr, weight_decay = float(g["lr"]), float(g.get("weight_decay", 0.0))

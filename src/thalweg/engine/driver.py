@@ -62,7 +62,7 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
     first_values = first if first is not None else np.zeros(n, dtype=np.bool_)
     early = program.early_values(group, counts, first_values)
     named = dict(zip(program.early_vars, early))
-    columns = [np.broadcast_to(np.asarray(named[name], dtype=np.float64), (n,)) for name in program.columns]
+    columns = [_column(named[name], n) for name in program.columns]
     hp_values = dict(zip(program.group_vars, group))
     hp = [hp_values[name] for name in program.hp]
 
@@ -74,10 +74,13 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
     lists_ = _lists(program, params, grads, roles, rest, compute) if rest else []
     n_passes = len(program.passes)
     sums = None
+    on_cpu = device.type == "cpu"
     for index in range(n_passes):
         if index == n_passes - 1 and program.slots:
-            sums = _reduce(sums, sum_across)
-            late = program.late_values(group, _on(device, early), [sums[:, j] for j in range(sums.shape[1])])
+            if sum_across is not None:  # on CPU a tensor sharing the numpy array's memory
+                sum_across(torch.from_numpy(sums) if on_cpu else sums)
+            with np.errstate(divide="ignore", invalid="ignore"):  # a zero norm: where() picks the other side
+                late = program.late_values(group, _on(device, early), [sums[:, j] for j in range(sums.shape[1])])
             late_named = dict(zip(program.late_vars, late))
             late_columns = [_per_tensor(late_named[name], n, device) for name in program.late_columns]
             for plan in plans:
@@ -85,8 +88,9 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
         else:
             late_columns = []
         partial = index == 0 and n_passes > 1
-        if partial:
-            sums = torch.zeros((n, len(program.slots)), dtype=torch.float64, device=device)
+        if partial:  # each tensor's sums of squares, one column per norm (numpy on CPU)
+            sums = (np.zeros((n, len(program.slots))) if on_cpu
+                    else torch.zeros((n, len(program.slots)), dtype=torch.float64, device=device))
         for plan in plans:
             launcher.run(plan, index, sums if partial else None)
         for indices, tensors in lists_:
@@ -94,7 +98,10 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
             out = torch.zeros((len(indices), len(program.slots)), dtype=torch.float64, device=device) if partial else None
             lists.functions(program)[index](*tensors, hp, pass_columns, out)
             if partial:
-                sums[torch.as_tensor(indices, device=device)] = out
+                if on_cpu:
+                    sums[indices] = out.numpy()
+                else:
+                    sums[torch.as_tensor(indices, device=device)] = out
     for indices, tensors in lists_:
         _round_back(params, indices, tensors[0], compute)
 
@@ -138,17 +145,18 @@ def _round_back(params, indices: np.ndarray, stepped: TensorList, compute) -> No
     torch._foreach_copy_([params[i] for i in indices.tolist()], stepped.tensors)
 
 
-def _reduce(sums: torch.Tensor, sum_across) -> torch.Tensor:
-    if sum_across is not None:
-        sum_across(sums)
-    return sums if sums.device.type != "cpu" else sums
-
-
 def _on(device: torch.device, values: tuple) -> tuple:
     """Per-tensor numpy values as the late stage needs them: numpy on CPU, tensors on an accelerator."""
     if device.type == "cpu":
         return values
     return tuple(torch.as_tensor(v, device=device) if isinstance(v, np.ndarray) else v for v in values)
+
+
+def _column(value: Any, n: int) -> np.ndarray:
+    """A per-tensor host value as a float64 array of ``n`` entries."""
+    if isinstance(value, np.ndarray) and value.shape == (n,) and value.dtype == np.float64:
+        return value
+    return np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
 
 
 def _per_tensor(value: Any, n: int, device: torch.device):
@@ -167,4 +175,11 @@ def _take(column, indices: np.ndarray):
 
 def _launcher(device: torch.device):
     """The module that runs kernel buckets on ``device``."""
-    return importlib.import_module(".cpu" if device.type == "cpu" else ".gpu", __package__)
+    name = ".cpu" if device.type == "cpu" else ".gpu"
+    module = _LAUNCHERS.get(name)
+    if module is None:
+        module = _LAUNCHERS[name] = importlib.import_module(name, __package__)
+    return module
+
+
+_LAUNCHERS: dict = {}

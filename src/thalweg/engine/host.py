@@ -68,6 +68,9 @@ class _Group:
     indices: np.ndarray
     numels: list[int]
     chunks: np.ndarray
+    pointers: np.ndarray  # [role, tensor]; the gradients' row is refilled every step
+    step_pointers: np.ndarray | None
+    whole: bool  # the group holds every position, in order
     memo: dict = field(default_factory=dict)
 
 
@@ -79,6 +82,7 @@ class _Layout:
     strides: list[tuple]  # of params, then states
     state_dtypes: list[torch.dtype]
     steps_ok: bool  # every step counter is a 0-d CPU tensor of one float dtype (advanced by address)
+    step_addresses: np.ndarray | None
     grad_dtypes: list[torch.dtype]  # what each gradient must be (its parameter's dtype)
     param_strides: list[tuple]  # what each gradient's strides must be (another shape has other strides)
     numels: list[int]
@@ -137,7 +141,7 @@ def partition(params: list[torch.Tensor], grads: list[torch.Tensor], roles: list
     layout = _LAYOUTS.get(key)
     if layout is None or layout.fingerprint != fingerprint or layout.strides != strides \
             or layout.state_dtypes != state_dtypes:
-        layout = _layout(params, roles, steps, fingerprint, numels[:n].tolist(), strides, state_dtypes)
+        layout = _layout(params, roles, steps, addresses, fingerprint, numels[:n].tolist(), strides, state_dtypes)
         _LAYOUTS.put(key, layout, owned)
 
     # gradients are new objects every step: each is checked every step (sparse ones never reach here);
@@ -152,25 +156,17 @@ def partition(params: list[torch.Tensor], grads: list[torch.Tensor], roles: list
         groups, fallback = _without(layout.groups, bad), sorted(set(fallback) | bad)
 
     grad_addresses = np.fromiter(map(_DATA_PTR, grads), dtype=np.int64, count=n)
-    table = np.empty((2 + len(roles), n), dtype=np.int64)
-    table[0] = addresses[:n]
-    table[1] = grad_addresses
-    for r in range(len(roles)):
-        table[2 + r] = addresses[n * (1 + r):n * (2 + r)]
-    step_table = addresses[n * (1 + len(roles)):] if steps is not None else None
     buckets: list[Bucket] = []
     for group in groups:
-        indices = group.indices
-        whole = len(indices) == n
-        buckets.append(Bucket(indices, group.dtype, group.state_dtype, group.numels,
-                              table if whole else np.ascontiguousarray(table[:, indices]),
-                              None if step_table is None else (step_table if whole else step_table[indices]),
-                              group.chunks, group.memo))
-    return buckets, fallback, step_table if layout.steps_ok else None
+        # the layout was built from (or checked against) these very addresses: only the gradients' move
+        group.pointers[1] = grad_addresses if group.whole else grad_addresses[group.indices]
+        buckets.append(Bucket(group.indices, group.dtype, group.state_dtype, group.numels, group.pointers,
+                              group.step_pointers, group.chunks, group.memo))
+    return buckets, fallback, layout.step_addresses if layout.steps_ok else None
 
 
-def _layout(params, roles, steps, fingerprint: bytes, numels: list[int], strides: list[tuple],
-            state_dtypes: list[torch.dtype]) -> _Layout:
+def _layout(params, roles, steps, addresses: np.ndarray, fingerprint: bytes, numels: list[int],
+            strides: list[tuple], state_dtypes: list[torch.dtype]) -> _Layout:
     """Check every parameter, state tensor and step counter: which a kernel can take, grouped by dtype pair."""
     n = len(params)
     device = params[0].device
@@ -193,14 +189,29 @@ def _layout(params, roles, steps, fingerprint: bytes, numels: list[int], strides
             by_kind.setdefault(kind, []).append(i)
         else:
             fallback.append(i)
-    groups = []
-    for (dtype, state_dtype, _), indices in by_kind.items():
-        sizes = [numels[i] for i in indices]
-        groups.append(_Group(dtype, state_dtype, np.array(indices, dtype=np.int64), sizes, chunk_table(sizes)))
+    # the address table of every position: params, (gradients: filled per step), then each state role
+    table = np.zeros((2 + len(roles), n), dtype=np.int64)
+    table[0] = addresses[:n]
+    for r in range(len(roles)):
+        table[2 + r] = addresses[n * (1 + r):n * (2 + r)]
+    step_table = addresses[n * (1 + len(roles)):] if steps is not None else None
+    groups = [_group(dtype, state_dtype, indices, numels, table, step_table, n)
+              for (dtype, state_dtype, _), indices in by_kind.items()]
     steps_ok = steps is not None and len({s.dtype for s in steps}) == 1 and all(
         s.dtype in STEP_DTYPES and s.device.type == "cpu" and s.numel() == 1 for s in steps)
-    return _Layout(fingerprint, strides, state_dtypes, steps_ok, [p.dtype for p in params], strides[:n], numels,
-                   groups, fallback)
+    return _Layout(fingerprint, strides, state_dtypes, steps_ok,
+                   None if step_table is None else np.ascontiguousarray(step_table), [p.dtype for p in params],
+                   strides[:n], numels, groups, fallback)
+
+
+def _group(dtype, state_dtype, indices: list[int], numels: list[int], table: np.ndarray,
+           step_table: np.ndarray | None, n: int) -> _Group:
+    whole = len(indices) == n
+    positions = np.array(indices, dtype=np.int64)
+    pointers = table.copy() if whole else np.ascontiguousarray(table[:, positions])
+    steps = None if step_table is None else np.ascontiguousarray(step_table if whole else step_table[positions])
+    sizes = [numels[i] for i in indices]
+    return _Group(dtype, state_dtype, positions, sizes, chunk_table(sizes), pointers, steps, whole)
 
 
 def _without(groups: list[_Group], bad: set[int]) -> list[_Group]:
@@ -210,7 +221,9 @@ def _without(groups: list[_Group], bad: set[int]) -> list[_Group]:
         keep = [k for k, i in enumerate(group.indices.tolist()) if i not in bad]
         if keep:
             sizes = [group.numels[k] for k in keep]
-            kept.append(_Group(group.dtype, group.state_dtype, group.indices[keep], sizes, chunk_table(sizes)))
+            steps = None if group.step_pointers is None else np.ascontiguousarray(group.step_pointers[keep])
+            kept.append(_Group(group.dtype, group.state_dtype, group.indices[keep], sizes, chunk_table(sizes),
+                               np.ascontiguousarray(group.pointers[:, keep]), steps, False))
     return kept
 
 
