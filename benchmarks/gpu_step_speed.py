@@ -1,7 +1,14 @@
-"""CUDA optimizer step speed: thalweg's Triton kernels against torch.optim and the copy bandwidth.
+"""CUDA: every Triton kernel checked against the reference backend, then timed against torch.optim.
 
     python benchmarks/gpu_step_speed.py            # writes benchmarks/results/gpu-<device>-<date>.{json,md}
     python benchmarks/gpu_step_speed.py --quick    # smoke run: small layouts, few repeats
+    TRITON_INTERPRET=1 python benchmarks/gpu_step_speed.py --dry-run   # the check only, CPU tensors, interpreter
+
+First the check: every optimizer and option set of ``CHECK_CASES``, in float32, float64, bfloat16, float16
+and bfloat16/float16 with float32 state, on 0-d, empty, odd-sized and multi-chunk tensors (some without a
+gradient on some steps): backend="fused" against backend="reference" on the same device after 10 steps,
+params and every state tensor, each against the tolerance of its dtype. The results head the report; a
+kernel that disagrees is listed there and does not stop the timing.
 
 Layouts: (a) 64 tensors of 4M float32 (256M parameters), (b) 2000 tensors of 1000 (many small).
 Candidates per optimizer: thalweg backend="fused" (Triton), thalweg backend="foreach", torch.optim's
@@ -40,6 +47,82 @@ OPTIMIZERS = {
     "lars": (thalweg.LARS, dict(lr=0.1), None, False),
     "lamb": (thalweg.LAMB, dict(lr=1e-3), None, False),
 }
+
+
+# -- the check ---------------------------------------------------------------------------------------
+
+CHECK_CASES = [
+    ("SGD", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3, maximize=True)),
+    ("Adam", dict(lr=0.01)), ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=0.01, betas=(0.3, 0.4), maximize=True)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
+    ("RMSprop", dict(lr=0.01)), ("RMSprop", dict(lr=0.01, centered=True, momentum=0.9, weight_decay=0.1)),
+    ("Adagrad", dict(lr=0.1)), ("Adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.1)),
+    ("LARS", dict(lr=0.5)), ("LARS", dict(lr=0.5, nesterov=True, weight_decay=0.01, maximize=True)),
+    ("LARS", dict(lr=0.5, trust_ratio=False)),
+    ("LAMB", dict(lr=0.01)), ("LAMB", dict(lr=0.01, bias_correction=False, weight_decay=0)),
+    ("LAMB", dict(lr=0.01, maximize=True, trust_ratio=False)),
+]
+CHECK_DTYPES = {"float32": (torch.float32, None), "float64": (torch.float64, None), "bfloat16": (torch.bfloat16, None),
+                "float16": (torch.float16, None), "bfloat16+float32-state": (torch.bfloat16, torch.float32),
+                "float16+float32-state": (torch.float16, torch.float32)}
+# bf16/fp16: the kernels round each stored value once, the reference after every torch op
+CHECK_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+CHECK_SHAPES = [(3, 5), (), (0,), (7,), (70_001,), (2, 3, 4), (1,), (1 << 17,)]
+
+
+def _check_run(name, options, backend, dtype, state_dtype, device, steps=10):
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+              for s in CHECK_SHAPES]
+    options = dict(options)
+    group = {"params": params}
+    if "trust_ratio" in options:
+        group["trust_ratio"] = options.pop("trust_ratio")
+    optimizer = getattr(thalweg, name)([group], backend=backend, state_dtype=state_dtype, **options)
+    for step in range(steps):
+        for i, param in enumerate(params):
+            skip = (step + i) % 4 == 0 and i % 2 == 0
+            grad = torch.randn(param.shape, generator=generator, dtype=torch.float64).to(dtype).to(device)
+            param.grad = None if skip else grad
+        optimizer.step()
+    return params, optimizer
+
+
+def check(device: torch.device) -> list[dict]:
+    """backend="fused" against backend="reference" on ``device``, every case and dtype (see the docstring)."""
+    rows = []
+    for name, options in CHECK_CASES:
+        for label, (dtype, state_dtype) in CHECK_DTYPES.items():
+            row = dict(optimizer=name, options=options, dtype=label)
+            try:
+                expected = _check_run(name, options, "reference", dtype, state_dtype, device)
+                actual = _check_run(name, options, "fused", dtype, state_dtype, device)
+                param_error, state_error = 0.0, 0.0
+                for e, a in zip(expected[0], actual[0]):
+                    if e.numel():
+                        scale = float(e.detach().abs().max().double()) or 1.0
+                        param_error = max(param_error, float((a.detach().double() - e.detach().double()).abs().max()) / scale)
+                    for key, value in expected[1].state[e].items():
+                        got = actual[1].state[a][key]
+                        if value.numel() and key != "step":
+                            scale = float(value.abs().max().double()) or 1.0
+                            state_error = max(state_error, float((got.double() - value.double()).abs().max()) / scale)
+                state_tolerance = CHECK_TOLERANCE[state_dtype or dtype]
+                # a low-precision parameter is its float32 result rounded once: one ulp either way
+                param_tolerance = max(CHECK_TOLERANCE[dtype], 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10) \
+                    if state_dtype is not None else CHECK_TOLERANCE[dtype]
+                row.update(param_error=param_error, state_error=state_error,
+                           ok=param_error <= param_tolerance and state_error <= state_tolerance)
+            except Exception as error:  # noqa: BLE001 - recorded: the report lists every failing kernel
+                row.update(ok=False, error=f"{type(error).__name__}: {str(error)[:300]}")
+            rows.append(row)
+            print(f"check {name:8s} {label:24s} {str(options):60s} "
+                  + ("ok" if row["ok"] else f"FAILED {row.get('error', '')}")
+                  + (f" (param {row['param_error']:.1e}, state {row['state_error']:.1e})" if "param_error" in row else ""),
+                  flush=True)
+    return rows
 
 
 def layouts(quick: bool) -> dict[str, list[tuple[int, ...]]]:
@@ -139,7 +222,14 @@ def markdown(result: dict) -> str:
     def fmt(value, spec=".3f"):
         return "-" if value is None else format(value, spec)
 
+    checks = result.get("checks", [])
+    failed = [c for c in checks if not c["ok"]]
     lines = [f"# GPU step speed: {result['device']} ({result['date']})", "",
+             f"Check, backend='fused' against 'reference' on the GPU: {len(checks) - len(failed)} of {len(checks)} "
+             "cases within tolerance." + ("" if not failed else " Failing:"), ""]
+    lines += [f"- {c['optimizer']} {c['options']} {c['dtype']}: {c.get('error') or (c['param_error'], c['state_error'])}"
+              for c in failed]
+    lines += ["",
              f"torch {result['torch']}, triton {result['triton']}; copy bandwidth {result['copy_gbps']:.0f} GB/s "
              f"(read + write). Median of {result['repeats']} steps after {result['warmup']} warm-up steps, CUDA events.",
              "", "| layout | optimizer | thalweg fused ms | thalweg foreach ms | torch foreach ms | torch fused ms "
@@ -155,7 +245,16 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small layouts, few repeats (smoke run)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the check on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1), no timing")
     args = parser.parse_args()
+    if args.dry_run:
+        from thalweg.engine import driver, gpu
+
+        driver._launcher = lambda device: gpu  # CPU buckets to the Triton launcher, as tests/test_triton.py does
+        rows = check(torch.device("cpu"))
+        failed = [r for r in rows if not r["ok"]]
+        sys.exit(f"{len(failed)} of {len(rows)} checks failed" if failed else None)
     if not torch.cuda.is_available():
         sys.exit("gpu_step_speed.py needs a CUDA device (torch.cuda.is_available() is False); "
                  "for CPU timings run benchmarks/step_speed.py")
@@ -164,7 +263,9 @@ def main() -> None:
     reason = engine.unavailable_reason(torch.device("cuda"))
     if reason is not None:
         sys.exit(f"backend='fused' is not available on CUDA here: {reason}")
+    checks = check(torch.device("cuda"))
     result = run(args.quick)
+    result["checks"] = checks
     out = pathlib.Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     device = torch.cuda.get_device_name().lower().replace(" ", "-")

@@ -251,11 +251,17 @@ def _rule_error(source: str) -> str:
     ("    param = param ** 3\n    return param", r"a tensor may only be squared"),
     ("    param = param.exp()\n    return param", r"calls are limited to"),
     ("    param, grad = grad, param\n    return param", r"assign one name at a time"),
+    ("    _hidden = param * lr\n    return _hidden", r"`_hidden` is a name the generated code uses"),
 ])
 def test_rule_language_errors_say_what_and_where(body, message):
     text = _rule_error(f"@rule\ndef bad(param, grad, *, lr):\n{body}\n")
     assert "rule bad" in text and "_generated_rule_for_test.py" in text and "line" in text
     assert __import__("re").search(message, text), text
+
+
+def test_a_rule_may_not_take_a_name_the_generated_code_uses():
+    text = _rule_error("@rule\ndef bad(param, grad, load, *, lr):\n    return param - lr * grad, load\n")
+    assert "`load` is a name the generated code uses" in text
 
 
 def test_a_rule_needs_a_return_of_every_role():

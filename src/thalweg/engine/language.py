@@ -7,6 +7,12 @@ from __future__ import annotations
 
 VOCABULARY = ("sqrt", "abs", "sign", "where", "maximum", "minimum", "lerp", "norm")
 PER_TENSOR = ("step", "first")  # the per-tensor inputs the engine provides
+# names the generated code itself uses (modules, helpers); with every name beginning with "_", a rule
+# may not take or assign them
+RESERVED = frozenset({"np", "tl", "triton", "torch", "math", "carray", "load", "store", "pointer", "address",
+                      "fetch_add", "accumulate", "round_to", "square", "where", "add", "addcmul", "addcdiv",
+                      "sum_of_squares", "load_bf16", "store_bf16", "round_bf16", "data", "P", "S", "C", "I64",
+                      "F64", "BLOCK", "partial", "ptrs", "chunks", "sc", "late", "n"})
 
 
 class Flag:

@@ -26,7 +26,9 @@ _FUNCTIONS: dict[str, Any] = {}
 
 
 def source(program: Program) -> str:
-    """The generated module: ``step(roles..., *, inputs...)`` returning the new values of the written roles."""
+    """The generated module: ``step(roles..., *, inputs...)`` for one tensor, returning the new values of the
+    written roles, and ``step_all`` running the same statements over every tensor of a list in one loop
+    (no call, no keyword arguments per tensor: torch.optim's for-loop spends about that much around its ops)."""
     rule = program.rule
     written = [program.outputs[role] for role in (rule.roles[0],) + rule.state_roles]
     body = torchops.lower(program, program.statements, inputs={role: role for role in rule.roles},
@@ -37,16 +39,33 @@ def source(program: Program) -> str:
              f"def step({', '.join(rule.roles)}, *, {', '.join(rule.inputs)}):"]
     lines += [f"    {line}" for line in body]
     lines.append(f"    return ({', '.join(written)},)")
+    # the loop: role lists in, each written role's new value copied in unless computed in its own tensor
+    lists = [f"{role}_list" for role in rule.roles]
+    scalars = [name for name in rule.inputs if name not in ("step", "first")]
+    lines += ["", "", f"def step_all({', '.join(lists)}, steps, firsts, {', '.join(scalars)}):",
+              f"    for _i in range(len({lists[0]})):"]
+    for role, name in zip(rule.roles, lists):
+        lines.append(f"        {role} = None if {name} is None else {name}[_i]")
+    if "step" in rule.inputs:
+        lines += ["        steps[_i] += 1", "        step = steps[_i].item()"]
+    else:
+        lines += ["        if steps is not None:", "            steps[_i] += 1"]
+    if "first" in rule.inputs:
+        lines.append("        first = firsts is not None and bool(firsts[_i])")
+    lines += [f"        {line}" for line in body]
+    for role, final in zip((rule.roles[0],) + rule.state_roles, written):
+        if final != role:
+            lines.append(f"        if {final} is not {role}:")
+            lines.append(f"            {role}.copy_({final})")
     return "\n".join(lines) + "\n"
 
 
-def function(program: Program):
-    """The program's per-tensor step function (generated once per program)."""
+def module(program: Program):
+    """The program's generated reference module (``step`` and ``step_all``; generated once per program)."""
     found = _FUNCTIONS.get(program.digest)
     if found is None:
         with _LOCK:
-            found = _FUNCTIONS[program.digest] = generated.module(f"reference_{program.rule.name}",
-                                                                  source(program)).step
+            found = _FUNCTIONS[program.digest] = generated.module(f"reference_{program.rule.name}", source(program))
     return found
 
 
@@ -57,36 +76,46 @@ def run(program: Program, params: list[torch.Tensor], grads: list[torch.Tensor],
     stepped in (float32 for a bfloat16 parameter with float32 state: stepped as a float32 copy, rounded
     back once)."""
     rule = program.rule
-    state_roles = program.state_roles
-    step_function = function(program)
-    inputs = {name: scalars[name] for name in rule.scalars}
-    inputs.setdefault("step", None)
-    inputs.setdefault("first", False)
+    if compute_dtypes is None:  # the generated loop (the per-tensor function below serves widened steps)
+        by_role = dict(zip(program.state_roles, roles))
+        token = NORM_SUM.set(sum_across)
+        try:
+            module(program).step_all(
+                params, grads, *(by_role.get(role) for role in rule.state_roles), steps, first,
+                *(scalars[name] for name in rule.inputs if name not in ("step", "first")))
+        finally:
+            NORM_SUM.reset(token)
+        return
+    step_function = module(program).step
+    kwargs = {name: scalars[name] for name in rule.scalars}
+    takes_step, takes_first = "step" in rule.per_tensor, "first" in rule.per_tensor
+    # each role's tensors in the rule's order (None: a role this group's options leave out)
+    by_role = dict(zip(program.state_roles, roles))
+    columns = [params, grads] + [by_role.get(role) for role in rule.state_roles]
+    written = [0] + [k + 2 for k, role in enumerate(rule.state_roles)]  # positions of the returned roles
     token = NORM_SUM.set(sum_across)
     try:
-        for i, (param, grad) in enumerate(zip(params, grads)):
+        for i in range(len(params)):
             if steps is not None:
                 steps[i] += 1
-                if "step" in rule.per_tensor:
-                    inputs["step"] = steps[i].item()
-            if "first" in rule.per_tensor:
-                inputs["first"] = bool(first[i]) if first is not None else False
-            call_inputs = {name: inputs[name] for name in rule.inputs}
+                if takes_step:
+                    kwargs["step"] = steps[i].item()
+            if takes_first:
+                kwargs["first"] = bool(first[i]) if first is not None else False
+            inputs = [None if column is None else column[i] for column in columns]
             widened = compute_dtypes is not None and compute_dtypes[i] is not None
-            target = param.to(compute_dtypes[i]) if widened else param
-            values = {rule.roles[0]: target, rule.roles[1]: grad.to(compute_dtypes[i]) if widened else grad}
-            for role, tensors in zip(state_roles, roles):
-                values[role] = tensors[i]
-            results = step_function(*(values.get(role) for role in rule.roles), **call_inputs)
-            for role, result in zip((rule.roles[0],) + rule.state_roles, results):
-                old = values.get(role)
+            if widened:  # a float32 copy of the parameter and its gradient
+                inputs[0], inputs[1] = inputs[0].to(compute_dtypes[i]), inputs[1].to(compute_dtypes[i])
+            results = step_function(*inputs, **kwargs)
+            for position, result in zip(written, results):
+                old = inputs[position]
                 if result is old:
                     continue
                 if old is None:
-                    raise RuntimeError(f"rule {rule.name} returned a new {role} that this group's options do not "
-                                       "create (state roles follow the rule's `if` tests)")
+                    raise RuntimeError(f"rule {rule.name} returned a new {rule.roles[position]} that this group's "
+                                       "options do not create (state roles follow the rule's `if` tests)")
                 old.copy_(result)
             if widened:
-                param.copy_(target)  # rounds to nearest even, bumps the version counter as in-place ops do
+                params[i].copy_(inputs[0])  # rounds to nearest even, bumps the version counter as in-place ops do
     finally:
         NORM_SUM.reset(token)

@@ -42,7 +42,7 @@ import inspect
 import textwrap
 from typing import Any, Callable
 
-from .language import PER_TENSOR, VOCABULARY, Flag, RuleError
+from .language import PER_TENSOR, RESERVED, VOCABULARY, Flag, RuleError
 from .program import Program
 
 _BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.BitAnd, ast.BitOr)
@@ -70,6 +70,8 @@ class Rule:
         if args.vararg or args.kwarg or args.defaults or any(d is not None for d in args.kw_defaults):
             raise self._error(function, "a rule takes roles and keyword-only scalars, without defaults, *args or **kwargs")
         self.roles = tuple(a.arg for a in args.posonlyargs + args.args)
+        for argument in args.posonlyargs + args.args + args.kwonlyargs:
+            self._check_name(argument, argument.arg)
         if len(self.roles) < 2:
             raise self._error(function, "a rule's first two parameters are the parameter and its gradient")
         self.flags = tuple(a.arg for a in args.kwonlyargs if _is_flag(a.annotation))
@@ -151,6 +153,12 @@ class Rule:
     def _check_target(self, target: ast.Name) -> None:
         if target.id in self.inputs or target.id in VOCABULARY:
             raise self._error(target, f"`{target.id}` is a scalar input or a vocabulary function and cannot be reassigned")
+        self._check_name(target, target.id)
+
+    def _check_name(self, node: ast.AST, name: str) -> None:
+        if name.startswith("_") or name in RESERVED or name in VOCABULARY:
+            raise self._error(node, f"`{name}` is a name the generated code uses: rename it (names beginning with `_` "
+                                    "and the engine's helpers are reserved)")
 
     def _check_expr(self, node: ast.expr) -> None:
         for child in ast.walk(node):
