@@ -96,19 +96,26 @@ def check(device: torch.device) -> list[dict]:
     for name, options in CHECK_CASES:
         for label, (dtype, state_dtype) in CHECK_DTYPES.items():
             row = dict(optimizer=name, options=options, dtype=label)
+            # low-precision state: the reference rounds after every op, the kernels once per stored value, and
+            # an ill-conditioned rule (centred RMSprop's E[g²] - E[g]²) drifts apart: 5 steps, as the tests
+            steps = 5 if dtype in (torch.bfloat16, torch.float16) and state_dtype is None else 10
             try:
-                expected = _check_run(name, options, "reference", dtype, state_dtype, device)
-                actual = _check_run(name, options, "fused", dtype, state_dtype, device)
-                param_error, state_error = 0.0, 0.0
+                expected = _check_run(name, options, "reference", dtype, state_dtype, device, steps)
+                actual = _check_run(name, options, "fused", dtype, state_dtype, device, steps)
+                # errors relative to the largest magnitude of the run (a one-element tensor that has drifted
+                # near zero would make its own maximum a meaningless scale in bfloat16)
+                param_scale = max((float(e.detach().abs().max().double()) for e in expected[0] if e.numel()), default=1.0)
+                param_error, state_diff, state_scale = 0.0, 0.0, 0.0
                 for e, a in zip(expected[0], actual[0]):
                     if e.numel():
-                        scale = float(e.detach().abs().max().double()) or 1.0
-                        param_error = max(param_error, float((a.detach().double() - e.detach().double()).abs().max()) / scale)
+                        param_error = max(param_error, float((a.detach().double() - e.detach().double()).abs().max()))
                     for key, value in expected[1].state[e].items():
                         got = actual[1].state[a][key]
                         if value.numel() and key != "step":
-                            scale = float(value.abs().max().double()) or 1.0
-                            state_error = max(state_error, float((got.double() - value.double()).abs().max()) / scale)
+                            state_scale = max(state_scale, float(value.abs().max().double()))
+                            state_diff = max(state_diff, float((got.double() - value.double()).abs().max()))
+                param_error /= param_scale or 1.0
+                state_error = state_diff / (state_scale or 1.0)
                 state_tolerance = CHECK_TOLERANCE[state_dtype or dtype]
                 # a low-precision parameter is its float32 result rounded once: one ulp either way
                 param_tolerance = max(CHECK_TOLERANCE[dtype], 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10) \
@@ -252,6 +259,8 @@ def main() -> None:
         from thalweg.engine import driver, gpu
 
         driver._launcher = lambda device: gpu  # CPU buckets to the Triton launcher, as tests/test_triton.py does
+        gpu.CHUNK, gpu.BLOCK, gpu.SEGMENT_BLOCK = 256, 128, 2  # the interpreter is slow: small programs,
+        CHECK_SHAPES[:] = [s if torch.Size(s).numel() < 5000 else (1000,) for s in CHECK_SHAPES]  # multi-chunk still
         rows = check(torch.device("cpu"))
         failed = [r for r in rows if not r["ok"]]
         sys.exit(f"{len(failed)} of {len(rows)} checks failed" if failed else None)

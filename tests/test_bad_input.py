@@ -106,6 +106,17 @@ def test_lr_must_be_a_number(spec):
         build(spec, lr="0.1")
 
 
+@pytest.mark.parametrize("lr, error, message", [
+    (torch.tensor(0.1, device="meta"), ValueError, r"^lr must be a number or a one-element tensor holding one, got a meta tensor"),
+    (torch.tensor(0.1 + 0j), TypeError, r"^lr must be a real number, got a torch\.complex64 tensor$"),
+    (torch.tensor(True), TypeError, r"^lr must be a real number, got a torch\.bool tensor$"),
+])
+def test_a_tensor_lr_without_a_real_value_is_refused_by_name(lr, error, message):
+    # issue #16, finding 8: these reached torch's own error ("Cannot copy out of meta tensor", float(complex))
+    with pytest.raises(error, match=message):
+        thalweg.Adam(make_params([(3,)], torch.float32, 0), lr=lr)
+
+
 # -- backend, clipping ------------------------------------------------------------------------
 
 

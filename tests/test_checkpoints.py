@@ -133,3 +133,23 @@ def test_named_parameters_are_accepted_with_param_names_as_torch(spec):
         train(m, o, 3, seed=1)
     assert_same_state(resumed, ours, list(resumed_model.parameters()), list(model.parameters()), exact=True)
     assert_same_state(into_torch, ours, list(torch_model.parameters()), list(model.parameters()))
+
+
+@pytest.mark.parametrize("transport", [via_memory, via_file], ids=["memory", "torch.save"])
+def test_skipped_steps_survive_a_checkpoint(transport):
+    """Issue #16, finding 7: the count of skipped non-finite steps restarted at 0 after a resume."""
+    params = make_params([(3,), (2, 2)], torch.float32, 0)
+    optimizer = thalweg.Adam(params, lr=0.1, skip_nonfinite=True)
+    for bad in (True, False, True):
+        for p in params:
+            p.grad = torch.full_like(p, float("nan") if bad else 1.0)
+        optimizer.step()
+    assert optimizer.skipped_steps == 2
+    saved = transport(optimizer.state_dict())
+    resumed = thalweg.Adam(clone_params(params), lr=0.1, skip_nonfinite=True)
+    resumed.load_state_dict(saved)
+    assert resumed.skipped_steps == 2
+    assert "skipped_steps" not in resumed.param_groups[0]  # back where it lives, not a hyper-parameter
+    assert resumed.state_dict()["param_groups"][0]["skipped_steps"] == 2
+    into_torch = torch.optim.Adam(clone_params(params), lr=0.1)
+    into_torch.load_state_dict(transport(optimizer.state_dict()))  # torch ignores the extra group key

@@ -157,3 +157,27 @@ def test_without_skip_nonfinite_a_nan_grad_is_applied_as_torch_does():
     params[0].grad = torch.tensor([1.0, float("nan"), 0.0])
     optimizer.step()
     assert torch.isnan(params[0][1]) and optimizer.skipped_steps == 0
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.name in ("adam", "momentum", "lamb")], ids=repr)
+def test_finite_gradients_whose_float32_squares_overflow_are_not_nonfinite(spec):
+    """The rule (issue #16, finding 5): a step is non-finite when a gradient holds a NaN or an infinity.
+    Gradients of 1e20 are finite, but the sum of their squares overflows float32: the global norm is
+    accumulated in float64 on every backend, so every backend takes the step (none skips it) and clips by
+    the same finite norm."""
+    results = {}
+    for backend in ("reference", "foreach", "fused"):
+        if backend == "fused" and thalweg.engine.unavailable_reason(torch.device("cpu")) is not None:
+            continue
+        params = make_params([(4,), (3, 2)], torch.float32, 11)
+        optimizer = spec.cls(params, **spec.required, backend=backend, skip_nonfinite=True, max_grad_norm=1.0)
+        for p in params:
+            p.grad = torch.full_like(p, 1e20)
+        optimizer.step()
+        assert optimizer.skipped_steps == 0, backend
+        assert torch.isfinite(optimizer.last_grad_norm) and float(optimizer.last_grad_norm) > 1e20, backend
+        results[backend] = [p.detach().clone() for p in params]
+    reference = results.pop("reference")
+    for backend, params in results.items():
+        for a, e in zip(params, reference):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{backend}: {m}")

@@ -235,8 +235,23 @@ class Optimizer(torch.optim.Optimizer):
                            ("state_dtype", None)):
             self.__dict__.setdefault(key, value)
 
+    # What thalweg adds to an optimizer's own state travels in the first param group of a state_dict (DCP
+    # keeps only "state" and "param_groups"); torch.optim ignores a group key it does not know.
+    _OWN_STATE = ("skipped_steps",)
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        if state_dict["param_groups"]:
+            for key in self._OWN_STATE:
+                state_dict["param_groups"][0][key] = getattr(self, key)
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        for key in self._OWN_STATE:  # back from the group into the optimizer (absent: a torch.optim checkpoint)
+            values = [group.pop(key) for group in self.param_groups if key in group]
+            if values:
+                setattr(self, key, values[0])
         if self.state_dtype is not None:
             # torch.optim casts every floating state tensor to its parameter's dtype on load; the state of
             # bfloat16/float16 parameters is taken again from the checkpoint itself, in state_dtype, so a
@@ -356,7 +371,7 @@ class Optimizer(torch.optim.Optimizer):
                                                [(w[3], w[2]) for w in work], self.grad_norm_process_group)
             grads = [distributed.local(g) for g in grads]
             if self.max_grad_norm is not None:
-                self.last_grad_norm = norm
+                self.last_grad_norm = norm.to(report_dtype(grads))
             if self.skip_nonfinite and not bool(torch.isfinite(norm)):
                 self.skipped_steps += 1
                 return loss
@@ -418,33 +433,36 @@ def _split_by_device(params: list[torch.Tensor], grads: list[torch.Tensor]):
 
 
 def global_grad_norm(grads: list[torch.Tensor], *, fused_cpu: bool = False) -> torch.Tensor:
-    """The L2 norm of all gradients together, as a 0-d float32 (float64 for float64 grads) tensor; no host sync.
+    """The L2 norm of all gradients together, accumulated in float64 on every backend (a 0-d float64 tensor;
+    no host sync).
 
-    With ``fused_cpu`` (the step runs the fused backend on CPU), dense CPU gradients are summed by one
-    numba call per dtype instead of torch's foreach norm, which loops over the tensors on CPU.
+    float64 accumulation makes "non-finite" mean one thing whatever the backend: a gradient holds a NaN or an
+    infinity. Finite float32 gradients whose sum of squares would overflow float32 (entries around 1e20)
+    have a finite norm, so ``skip_nonfinite`` takes the step and ``max_grad_norm`` clips by it. With
+    ``fused_cpu`` (the step runs the fused backend on CPU), dense CPU gradients are summed by one kernel
+    call per dtype instead of torch's foreach norm, which loops over the tensors on CPU.
     """
     dense = [g for g in grads if not g.is_sparse]
-    squares = []  # float64 sums of squares, from the fused kernel
+    squares = []  # float64 sums of squares
     if fused_cpu:
         from .engine import cpu as fused_kernels
 
         on_cpu = [g for g in dense if g.is_cpu]
         squares, fallback = fused_kernels.sum_of_squares(on_cpu)
         dense = [on_cpu[i] for i in fallback] + [g for g in dense if not g.is_cpu]
-    norms = []
+    device = grads[0].device
     for (bucket,) in group_by_device_and_dtype([dense]):
-        accumulate = torch.float64 if bucket[0].dtype == torch.float64 else torch.float32
-        norms.extend(torch._foreach_norm(bucket, 2, dtype=accumulate))
+        norms = torch.stack(torch._foreach_norm(bucket, 2, dtype=torch.float64))
+        squares.append(norms.square().sum())
     for grad in grads:
         if grad.is_sparse:
-            values = grad.coalesce()._values()
-            norms.append(torch.linalg.vector_norm(values, dtype=torch.float64 if values.dtype == torch.float64 else torch.float32))
-    device = grads[0].device
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    if not squares:  # as torch.nn.utils.clip_grad_norm_ computes it
-        return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
-    parts = [n.to(device=device, dtype=torch.float64) for n in norms] + [torch.stack(squares).sum().sqrt().to(device)]
-    return torch.linalg.vector_norm(torch.stack(parts)).to(dtype)
+            squares.append(torch.linalg.vector_norm(grad.coalesce()._values(), dtype=torch.float64).square())
+    return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+
+
+def report_dtype(grads: list[torch.Tensor]) -> torch.dtype:
+    """The dtype ``last_grad_norm`` is reported in, as torch.nn.utils.clip_grad_norm_ returns it."""
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
 
 
 def clip_grads_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:

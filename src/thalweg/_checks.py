@@ -19,6 +19,10 @@ def as_number(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.is_meta:
+            raise ValueError(f"{name} must be a number or a one-element tensor holding one, got a meta tensor (no value)")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         return float(value.detach().cpu().reshape(()).item())
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")

@@ -120,7 +120,7 @@ def total_grad_norm(
     by_sharding: dict[Sharding | None, list[torch.Tensor]] = {}
     for sharding, grads in parts:
         by_sharding.setdefault(sharding, []).extend(local(g) for g in grads)
-    device, dtype = None, torch.float32
+    device, dtype = None, torch.float64  # the local norms are float64; a rank without gradients must match
     squares = []
     for sharding, grads in by_sharding.items():
         if not grads:
