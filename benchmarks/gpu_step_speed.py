@@ -160,7 +160,6 @@ def copy_bandwidth(warmup: int, repeats: int) -> float:
     target = torch.empty_like(source)
     ms = time_ms(lambda: target.copy_(source), warmup, repeats)
     nbytes = 2 * source.numel() * source.element_size()
-    del source, target
     return nbytes / ms / 1e6
 
 

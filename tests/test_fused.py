@@ -334,7 +334,7 @@ def test_a_gradient_that_no_longer_matches_its_parameter_is_not_read_by_a_kernel
 @pytest.mark.parametrize("with_float64", [False, True], ids=["float32+bf16", "with-float64"])
 def test_fused_global_grad_norm_matches_float64_sum(with_float64, kernel_build):
     """max_grad_norm's norm on the fused path: one numba sum per dtype, strided/float16 grads through torch."""
-    from thalweg._base import global_grad_norm
+    from thalweg._base import global_grad_norm, report_dtype
 
     generator = torch.Generator().manual_seed(3)
     grads = [torch.randn(shape, generator=generator) for shape in SHAPES]
@@ -344,9 +344,10 @@ def test_fused_global_grad_norm_matches_float64_sum(with_float64, kernel_build):
         grads.append(torch.randn(9, generator=generator, dtype=torch.float64))
     expected = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]))
     norm = global_grad_norm(grads, fused_cpu=True)
-    assert norm.dtype == (torch.float64 if with_float64 else torch.float32)
-    # 1e-6: the fallback tensors' norms come from torch's float32 foreach norm
-    torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+    assert norm.dtype == torch.float64  # accumulated in float64 on every backend (issue #16, finding 5)
+    assert report_dtype(grads) == (torch.float64 if with_float64 else torch.float32)  # as clip_grad_norm_ returns it
+    torch.testing.assert_close(norm, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(global_grad_norm(grads), expected, rtol=1e-12, atol=0)  # the foreach path alike
 
 
 def test_a_fused_cpu_step_takes_the_clipping_norm_with_the_kernel(monkeypatch):

@@ -229,19 +229,23 @@ LOAD_CASES = [("Adam", dict(lr=0.01), "exp_avg"), ("SGD", dict(lr=0.1, momentum=
 @pytest.mark.parametrize("name,options,key", LOAD_CASES, ids=[case[0] + "-" + case[2] for case in LOAD_CASES])
 def test_a_loaded_state_of_the_right_size_but_another_shape_fails_as_the_reference_does(name, options, key):
     """A checkpoint whose state for a (2, 2) parameter has shape (4,) (a reshaped model, a hand-edited
-    file): torch.optim loads it as it is, and its step then raises; the fused step must not apply it."""
+    file): ``load_state_dict`` refuses it (torch.optim loads it and its step then raises); put into the
+    state by hand instead, the fused step must not apply it in storage order."""
     generator = torch.Generator().manual_seed(0)
     source = [torch.randn(2, 2, generator=generator).requires_grad_(), torch.randn(7, generator=generator).requires_grad_()]
     saver = getattr(thalweg, name)(source, backend="reference", **options)
     _grads(source, generator)
     saver.step()
-    checkpoint = saver.state_dict()
+    checkpoint = copy.deepcopy(saver.state_dict())  # (its per-parameter dicts are the optimizer's own)
     checkpoint["state"][0][key] = checkpoint["state"][0][key].reshape(4)
 
     def make(backend, generator):
         params = [p.detach().clone().requires_grad_() for p in source]
         optimizer = getattr(thalweg, name)(params, backend=backend, **options)
-        optimizer.load_state_dict(copy.deepcopy(checkpoint))
+        with pytest.raises(ValueError, match=r"has shape \(4,\) but the parameter has \(2, 2\)"):
+            optimizer.load_state_dict(copy.deepcopy(checkpoint))
+        optimizer.load_state_dict(saver.state_dict())
+        optimizer.state[params[0]][key] = optimizer.state[params[0]][key].reshape(4)
         _grads(params, generator)
         return optimizer, params
 

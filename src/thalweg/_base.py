@@ -70,6 +70,10 @@ class Optimizer(torch.optim.Optimizer):
     name: ClassVar[str]  # the name thalweg.create knows it by
     # create and advance a ``step`` counter per parameter, as torch.optim does for all but SGD
     counts_steps: ClassVar[bool] = True
+    # group keys a checkpoint may lack (filled from the defaults, as torch.optim's __setstate__ does for keys
+    # added over the releases); any other hyper-parameter missing from a checkpoint's group is an error
+    optional_group_keys: ClassVar[frozenset[str]] = frozenset({"maximize", "foreach", "fused", "capturable",
+                                                                "differentiable"})
     accepts_sparse_grads: ClassVar[bool] = False
     # Layer-wise optimizers scale each tensor's step by a trust ratio that a param group can turn off
     # with ``trust_ratio=False`` (thalweg.create puts biases and norms in such a group).
@@ -155,25 +159,42 @@ class Optimizer(torch.optim.Optimizer):
         dtype = self.state_dtype if self._widens(param) else param.dtype
         return torch.full_like(param, fill, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _states(self, params: list[torch.Tensor], group: dict[str, Any],
-                program: engine.Program) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+    def _states(self, params: list[torch.Tensor], group: dict[str, Any], program: engine.Program,
+                created_log: list | None = None, where=None) -> tuple[list[dict[str, Any]], np.ndarray | None]:
         """``self.state[p]`` of each param with what ``program`` needs created (torch's key names), and per
         param whether its state was created now (the rule's ``first``; None when it does not read it).
 
         A program that needs no state leaves ``self.state`` untouched, as torch's SGD without momentum does.
+        ``created_log`` receives ``(mapping, key)`` for everything created, so that a step that fails later
+        can take it back; ``where(k)`` names parameter ``k`` in errors.
         """
         roles = program.state_roles
         if not roles and not self.counts_steps:
             return [], None
-        states = [self.state[p] for p in params]
+        table = self.state
+        if created_log is not None:
+            created_log.extend((table, p) for p in params if p not in table)
+        states = [table[p] for p in params]
         created = None
         counts_steps = self.counts_steps
+        core = self.rule.core_roles
         for i, (param, state) in enumerate(zip(params, states)):
+            fresh = not state  # a count alone is no fresh state: torch.optim refuses it too (KeyError)
             if counts_steps and "step" not in state:
+                if state:  # moments without a count: the next step would start them over (torch refuses it too)
+                    raise RuntimeError(f"{_name(where, i)}: its state has {sorted(state)} but no 'step'; it is not a "
+                                       f"{type(self).__name__} state (a checkpoint of another optimizer?)")
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+                if created_log is not None:
+                    created_log.append((state, "step"))
             for role in roles:
                 if role not in state:
+                    if role in core and not fresh:
+                        raise RuntimeError(f"{_name(where, i)}: its state has {sorted(state)} but no {role!r}, which "
+                                           f"every {type(self).__name__} state holds")
                     state[role] = self._new_state(param, self._initial_value(role, group))
+                    if created_log is not None:
+                        created_log.append((state, role))
                     if created is None:
                         created = np.zeros(len(params), dtype=np.bool_)
                     created[i] = True
@@ -247,7 +268,14 @@ class Optimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``, after checking that the checkpoint fits this optimizer: a checkpoint of
+        another optimizer, or a damaged one, is refused with nothing changed (see the README's list)."""
+        self._check_checkpoint(state_dict)
         super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch < 1.12 wrote `step` as a plain number
+            step = state.get("step")
+            if step is not None and not isinstance(step, torch.Tensor):
+                state["step"] = torch.tensor(float(step), dtype=scalar_dtype())
         for key in self._OWN_STATE:  # back from the group into the optimizer (absent: a torch.optim checkpoint)
             values = [group.pop(key) for group in self.param_groups if key in group]
             if values:
@@ -264,6 +292,45 @@ class Optimizer(torch.optim.Optimizer):
                     for key, value in saved[index].items():
                         if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
                             self.state[param][key] = value.to(device=param.device, dtype=self.state_dtype)
+
+    def _check_checkpoint(self, state_dict: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"a {name} checkpoint is a dict with 'state' and 'param_groups', got "
+                             f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the checkpoint has {len(groups)} param groups, this {name} has {len(self.param_groups)}")
+        required = set(self.defaults) - self.optional_group_keys
+        params = {}
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            missing = sorted(required - set(saved))
+            if missing:
+                raise ValueError(f"param group {index} of the checkpoint has no {', '.join(map(repr, missing))}: it is "
+                                 f"not a {name} checkpoint (its keys: {sorted(k for k in saved if k != 'params')})")
+            params.update(zip(saved["params"], group["params"]))
+        allowed = set(self.rule.state_roles) | ({"step"} if self.counts_steps else set())
+        for index, state in state_dict["state"].items():
+            where = f"state of param {index} in the checkpoint"
+            foreign = sorted(set(state) - allowed)
+            if foreign:
+                raise ValueError(f"{where} holds {', '.join(map(repr, foreign))}, which a {name} does not keep "
+                                 f"(it keeps {sorted(allowed)}): a checkpoint of another optimizer?")
+            if self.counts_steps and state and "step" not in state:
+                raise ValueError(f"{where} has {sorted(state)} but no 'step'")
+            param = params.get(index)
+            for key, value in state.items():
+                if key == "step":
+                    number = value if not isinstance(value, torch.Tensor) else (
+                        float(value) if value.numel() == 1 else None)
+                    if not isinstance(number, (int, float)) or isinstance(number, bool) or not number >= 0:
+                        raise ValueError(f"{where}: 'step' must be a count >= 0 (a number or a one-element tensor), "
+                                         f"got {value!r}")
+                elif not isinstance(value, torch.Tensor):
+                    raise ValueError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
+                elif param is not None and value.shape != param.shape:
+                    raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)} but the parameter has "
+                                     f"{tuple(param.shape)}")
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -328,24 +395,30 @@ class Optimizer(torch.optim.Optimizer):
             torch._C._set_grad_enabled(previous)
 
     def _update_all(self, loss: Any) -> Any:
-        """The step itself (gradients off): checks, clipping, then every group's update; returns ``loss``."""
-        # Everything that can reject the step is checked before anything is written.
+        """The step itself (gradients off): checks, clipping, then every group's update; returns ``loss``.
+
+        A step that raises changes nothing: everything is checked — hyper-parameters, backends, gradients and
+        every state tensor the step will touch, in every group — before anything is written, and state
+        created for the step is taken back if a later check fails.
+        """
         work = []
         for group_index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group)
             params = group["params"]
             grads = [p.grad for p in params]
+            positions = None  # where each stepped param sits in the group (None: all of them, in order)
             if any(g is None for g in grads):
-                params = [p for p, g in zip(params, grads) if g is not None]
-                grads = [g for g in grads if g is not None]
+                positions = [i for i, g in enumerate(grads) if g is not None]
+                params = [params[i] for i in positions]
+                grads = [grads[i] for i in positions]
             if any(map(_IS_SPARSE, grads)):  # the one kind of gradient an optimizer may refuse
                 for param, grad in zip(params, grads):
                     self._check_grad(param, grad, group_index, group)
             # DTensor (FSDP2) groups: which processes hold the other shards; a ValueError for mixed groups.
             sharding = distributed.group_sharding(group_index, group["params"])
             scalars = self._scalars(group)
-            work.append((group, params, grads, sharding, scalars, self.rule.program(scalars)))
-        grads = [g for _, _, group_grads, *_ in work for g in group_grads]
+            work.append((group_index, group, positions, params, grads, sharding, scalars, self.rule.program(scalars)))
+        grads = [g for w in work for g in w[4]]
         if not grads and self.grad_norm_process_group is None:
             return loss
 
@@ -353,50 +426,79 @@ class Optimizer(torch.optim.Optimizer):
         # without numba or triton) fails the step with gradients, state and parameters as they were.
         plan = []
         backends_used = set()
-        for group, params, group_grads, sharding, scalars, program in work:
-            for device, device_params, device_grads in _split_by_device(params, group_grads):
+        for group_index, group, positions, params, group_grads, sharding, scalars, program in work:
+            for device, indices in _split_by_device(params):
+                device_params = params if indices is None else [params[i] for i in indices]
+                device_grads = group_grads if indices is None else [group_grads[i] for i in indices]
+                where = _Where(group_index, group, positions, indices)
                 backend = self.backend_for(device, device_params, group)
                 if backend == "fused":
                     reason = engine.unavailable_reason(device)
                     if reason is not None:
                         raise RuntimeError(f"backend='fused' is not available for {device.type} tensors: {reason}")
                 backends_used.add((device.type, backend))
-                plan.append((group, device_params, device_grads, sharding, scalars, program, backend))
+                plan.append((group, device_params, device_grads, sharding, scalars, program, backend, where))
 
+        norm = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
             # Sharded or partitioned gradients: local squared norms summed across processes, once.
             # A step that runs fused on CPU takes the norm with the fused kernel too.
             fused_cpu = backends_used == {("cpu", "fused")}
             norm = distributed.total_grad_norm(lambda gs: global_grad_norm(gs, fused_cpu=fused_cpu),
-                                               [(w[3], w[2]) for w in work], self.grad_norm_process_group)
-            grads = [distributed.local(g) for g in grads]
-            if self.max_grad_norm is not None:
-                self.last_grad_norm = norm.to(report_dtype(grads))
+                                               [(w[5], w[4]) for w in work], self.grad_norm_process_group)
             if self.skip_nonfinite and not bool(torch.isfinite(norm)):
+                if self.max_grad_norm is not None:
+                    self.last_grad_norm = norm.to(report_dtype(grads))
                 self.skipped_steps += 1
                 return loss
-            if self.max_grad_norm is not None:
-                clip_grads_(grads, norm, self.max_grad_norm)
 
-        for group, params, group_grads, sharding, scalars, program, backend in plan:
-            states, created = self._states(params, group, program)
-            if any(map(_IS_SPARSE, group_grads)):
-                sparse = [i for i, g in enumerate(group_grads) if g.is_sparse]
-                self._sparse_update(group, [params[i] for i in sparse], [group_grads[i] for i in sparse],
-                                    [states[i] for i in sparse])
-                dense = [i for i, g in enumerate(group_grads) if not g.is_sparse]
-                params, group_grads, states = ([seq[i] for i in dense] for seq in (params, group_grads, states))
-                if created is not None:
-                    created = created[dense]
-            local = distributed.local if sharding is not None else None
-            roles = [[state[role] for state in states] for role in program.state_roles]
-            steps = [state["step"] for state in states] if self.counts_steps and states else None
-            if local is not None:
-                params, group_grads = [local(p) for p in params], [local(g) for g in group_grads]
-                roles = [[local(t) for t in role] for role in roles]
-            engine.run(program, backend, params, group_grads, roles, steps, created, scalars,
-                       sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self.state_dtype)
+        # Nothing is written yet: create the state each group needs and check every tensor the step touches.
+        created: list = []
+        try:
+            ready = [self._ready(*entry, created) for entry in plan]
+        except BaseException:
+            for mapping, key in reversed(created):  # the state this step created, taken back
+                del mapping[key]
+            raise
+        if norm is not None:
+            local_grads = [distributed.local(g) for g in grads]
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = norm.to(report_dtype(local_grads))
+                clip_grads_(local_grads, norm, self.max_grad_norm)
+        for arguments, keywords, sparse in ready:
+            if sparse is not None:
+                self._sparse_update(*sparse)
+            engine.run(*arguments, **keywords)
         return loss
+
+    def _ready(self, group, params, grads, sharding, scalars, program, backend, where, created):
+        """A group's tensors on one device made ready for :func:`thalweg.engine.run`, every one of them checked."""
+        states, first = self._states(params, group, program, created, where)
+        sparse = None
+        if any(map(_IS_SPARSE, grads)):
+            kept = [i for i, g in enumerate(grads) if not g.is_sparse]
+            taken = [i for i, g in enumerate(grads) if g.is_sparse]
+            sparse = (group, [params[i] for i in taken], [grads[i] for i in taken], [states[i] for i in taken])
+            where = where.subset(kept)
+            params, grads, states = ([seq[i] for i in kept] for seq in (params, grads, states))
+            if first is not None:
+                first = first[kept]
+        roles = [[state[role] for state in states] for role in program.state_roles]
+        steps = [state["step"] for state in states] if self.counts_steps and states else None
+        if sharding is not None:
+            local = distributed.local
+            params, grads = [local(p) for p in params], [local(g) for g in grads]
+            roles = [[local(t) if isinstance(t, torch.Tensor) else t for t in role] for role in roles]
+        try:  # the fused path checks what its kernels touch; only what it leaves to foreach is checked here
+            partitioned = engine.partition(backend, params, grads, roles, steps)
+            unchecked = partitioned[1]
+        except (AttributeError, TypeError, RuntimeError):  # a state entry that is not a tensor at all
+            partitioned, unchecked = None, range(len(params))
+        _check_tensors(where, params, grads, roles, steps, program.state_roles, unchecked)
+        arguments = (program, backend, params, grads, roles, steps, first, scalars)
+        keywords = dict(sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self.state_dtype,
+                        partitioned=partitioned)
+        return arguments, keywords, sparse
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
         # Called for every gradient of a group that has a sparse one. Shape, dtype and device need no
@@ -417,19 +519,71 @@ def _position(group: dict[str, Any], param: torch.Tensor) -> int:
     return -1
 
 
-def _split_by_device(params: list[torch.Tensor], grads: list[torch.Tensor]):
-    """``[(device, params, grads)]`` per device, in first-seen order (one entry, the lists as given, in the usual case)."""
-    if all(map(_IS_CPU, params)):  # the usual case, told without building a device object per tensor
-        return [(_CPU, params, grads)] if params else []
+def _split_by_device(params: list[torch.Tensor]) -> list[tuple[torch.device, list[int] | None]]:
+    """``[(device, positions)]`` per device, in first-seen order; one entry with ``None`` (all positions, in
+    order) in the usual case, told without building a device object per tensor."""
+    if all(map(_IS_CPU, params)):
+        return [(_CPU, None)] if params else []
     devices = {p.device for p in params}
     if len(devices) <= 1:
-        return [(devices.pop(), params, grads)] if devices else []
-    split: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for param, grad in zip(params, grads):
-        bucket = split.setdefault(param.device, ([], []))
-        bucket[0].append(param)
-        bucket[1].append(grad)
-    return [(device, p, g) for device, (p, g) in split.items()]
+        return [(devices.pop(), None)] if devices else []
+    split: dict[torch.device, list[int]] = {}
+    for index, param in enumerate(params):
+        split.setdefault(param.device, []).append(index)
+    return list(split.items())
+
+
+class _Where:
+    """How errors name a stepped parameter: its param group, its position there, its name when known."""
+
+    __slots__ = ("group_index", "group", "positions")
+
+    def __init__(self, group_index: int, group: dict[str, Any], positions: list[int] | None,
+                 indices: list[int] | None) -> None:
+        self.group_index, self.group = group_index, group
+        if indices is not None:
+            positions = [indices[k] if positions is None else positions[indices[k]] for k in range(len(indices))]
+        self.positions = positions
+
+    def subset(self, kept: list[int]) -> "_Where":
+        narrowed = _Where(self.group_index, self.group, None, None)
+        narrowed.positions = [self.position(k) for k in kept]
+        return narrowed
+
+    def position(self, k: int) -> int:
+        return k if self.positions is None else self.positions[k]
+
+    def __call__(self, k: int) -> str:
+        position = self.position(k)
+        names = self.group.get("param_names")
+        name = f" ({names[position]!r})" if names and position < len(names) else ""
+        return f"param group {self.group_index}, params[{position}]{name}"
+
+
+def _name(where, k: int) -> str:
+    return where(k) if where is not None else f"params[{k}]"
+
+
+def _check_tensors(where: _Where, params, grads, roles, steps, role_names, positions) -> None:
+    """Raise, naming the parameter and the entry, for a gradient or state tensor the step cannot use."""
+    for k in positions:
+        param, grad = params[k], grads[k]
+        if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
+            raise RuntimeError(f"{where(k)}: its gradient is a {_describe(grad)} tensor but the parameter is "
+                               f"{_describe(param)} (was p.grad.data or p.data assigned?)")
+        for role, tensors in zip(role_names, roles):
+            value = tensors[k]
+            if not isinstance(value, torch.Tensor):
+                raise RuntimeError(f"{where(k)}: state[{role!r}] is {type(value).__name__}, not a tensor")
+            if value.shape != param.shape or value.device != param.device or not value.is_floating_point():
+                raise RuntimeError(f"{where(k)}: state[{role!r}] is a {_describe(value)} tensor but the parameter is "
+                                   f"{_describe(param)}")
+        if steps is not None and not (isinstance(steps[k], torch.Tensor) and steps[k].numel() == 1):
+            raise RuntimeError(f"{where(k)}: state['step'] is {steps[k]!r}, not a one-element tensor")
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')} {tensor.device}"
 
 
 def global_grad_norm(grads: list[torch.Tensor], *, fused_cpu: bool = False) -> torch.Tensor:

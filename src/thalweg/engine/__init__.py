@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .driver import BACKENDS, run
+from .driver import BACKENDS, partition, run
 from .language import Flag, RuleError
 from .program import Program
 from .rules import Rule, rule
@@ -91,5 +91,5 @@ def show(rule_: Rule, backend: str = "fused", *, device: str = "cpu", dtype: tor
     return cpu.source(program, dtype, state_dtype)
 
 
-__all__ = ["BACKENDS", "Flag", "Program", "Rule", "RuleError", "abs", "lerp", "maximum", "minimum", "norm", "rule",
-           "run", "show", "sign", "sqrt", "unavailable_reason", "where"]
+__all__ = ["BACKENDS", "Flag", "Program", "Rule", "RuleError", "abs", "lerp", "maximum", "minimum", "norm", "partition",
+           "rule", "run", "show", "sign", "sqrt", "unavailable_reason", "where"]

@@ -26,10 +26,19 @@ BACKENDS = ("reference", "foreach", "fused")
 _NARROW = (torch.bfloat16, torch.float16)
 
 
+def partition(backend: str, params: list[torch.Tensor], grads: list[torch.Tensor], roles: list[list[torch.Tensor]],
+              steps: list[torch.Tensor] | None) -> tuple[list, list[int], np.ndarray | None]:
+    """Which positions the fused kernels take (in buckets) and which the foreach path does, before anything
+    is written: ``(buckets, rest, step addresses)``. Nothing is written; hand the result to :func:`run`."""
+    if backend == "fused" and params:
+        return host.partition(params, grads, roles, steps)
+    return [], list(range(len(params))), None
+
+
 def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[torch.Tensor],
         roles: list[list[torch.Tensor]], steps: list[torch.Tensor] | None, first: np.ndarray | None,
         scalars: dict[str, Any], *, sum_across: Callable[[torch.Tensor], None] | None = None,
-        widen_to: torch.dtype | None = None) -> None:
+        widen_to: torch.dtype | None = None, partitioned: tuple | None = None) -> None:
     """Step ``params`` (one device) with ``program``.
 
     ``roles``: the state tensors of ``program.state_roles``, one list per role; ``steps``: the step
@@ -37,7 +46,8 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
     created this step; ``scalars``: the rule's flags and hyper-parameters (Python numbers);
     ``sum_across``: the in-place cross-process sum of per-tensor squared norms (sharded tensors), or None;
     ``widen_to``: the dtype bfloat16/float16 parameters are stepped in (``state_dtype``): the fused kernels
-    compute in float32 and round once anyway, the other paths step a copy and round it back once.
+    compute in float32 and round once anyway, the other paths step a copy and round it back once;
+    ``partitioned``: what :func:`partition` returned for these tensors (it is taken again when absent).
     """
     if not params:
         return
@@ -50,10 +60,7 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
         reference.run(program, params, grads, roles, steps, None if first is None else first.tolist(), scalars,
                       compute_dtypes=compute, sum_across=sum_across)
         return
-    if backend == "fused":
-        buckets, rest, step_addresses = host.partition(params, grads, roles, steps)
-    else:
-        buckets, rest, step_addresses = [], list(range(len(params))), None
+    buckets, rest, step_addresses = partitioned or partition(backend, params, grads, roles, steps)
     n = len(params)
     counts = _advance(steps, step_addresses) if steps is not None else None
     if program.uses_step and counts is None:

@@ -79,6 +79,12 @@ class Rule:
         self.scalars = tuple(a.arg for a in args.kwonlyargs if a.arg not in self.per_tensor)
         self.inputs = tuple(a.arg for a in args.kwonlyargs)
         self.state_roles = self.roles[2:]
+        # the state roles every combination of options uses (assigned outside any `if`): a state that has some
+        # of the optimizer's entries but lacks one of these is another optimizer's, or damaged
+        top_level = {s.targets[0].id for s in function.body if isinstance(s, ast.Assign) and len(s.targets) == 1
+                     and isinstance(s.targets[0], ast.Name)}  # (other forms are refused by _check_body)
+        top_level |= {s.target.id for s in function.body if isinstance(s, ast.AugAssign) and isinstance(s.target, ast.Name)}
+        self.core_roles = tuple(role for role in self.state_roles if role in top_level)
         self._conditions: list[ast.expr] = []
         self._check_body(function.body)
         self._condition_fn = self._compile_conditions()

@@ -64,6 +64,8 @@ class Adam(Optimizer):
         weight_decay: L2 penalty :math:`\\lambda` added to the gradient (default 0).
         amsgrad: use the running maximum of :math:`v` (Reddi et al., 2018) (default False).
         maximize: ascend the objective instead of descending it (default False).
+        decoupled_weight_decay: decay the weights directly (AdamW) instead of adding the L2 term to the gradient
+            (default False; torch's argument of the same name, a param-group key).
         backend: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"``; ``foreach=``/``fused=`` as in torch.
         max_grad_norm: clip the global gradient norm to this before the update (default None: off).
         skip_nonfinite: skip, and count in ``skipped_steps``, a step whose gradients hold NaN/Inf.
@@ -81,7 +83,7 @@ class Adam(Optimizer):
     name = "adam"  # thalweg.create's name
 
     rule = adam
-    decoupled_weight_decay = False
+    optional_group_keys = Optimizer.optional_group_keys | {"amsgrad", "decoupled_weight_decay"}
 
     def __init__(
         self,
@@ -93,6 +95,7 @@ class Adam(Optimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        decoupled_weight_decay: bool = False,
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -100,7 +103,8 @@ class Adam(Optimizer):
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          state_dtype=state_dtype)
@@ -112,13 +116,14 @@ class Adam(Optimizer):
         _checks.non_negative("weight_decay", group["weight_decay"])
         _checks.flag("amsgrad", group["amsgrad"])
         _checks.flag("maximize", group["maximize"])
+        _checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
 
     def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
         return dict(lr=_checks.as_number("lr", group["lr"]), beta1=_checks.as_number("betas[0]", beta1),
                     beta2=_checks.as_number("betas[1]", beta2), eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"],
-                    decoupled=self.decoupled_weight_decay, maximize=group["maximize"])
+                    decoupled=group["decoupled_weight_decay"], maximize=group["maximize"])
 
 
 class AdamW(Adam):
@@ -129,8 +134,6 @@ class AdamW(Adam):
     """
 
     name = "adamw"  # thalweg.create's name
-
-    decoupled_weight_decay = True
 
     def __init__(
         self,
@@ -149,6 +152,6 @@ class AdamW(Adam):
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, backend=backend,
-                         foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                         backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
+                         skip_nonfinite=skip_nonfinite, state_dtype=state_dtype)

@@ -70,6 +70,7 @@ class LAMB(Optimizer):
     name = "lamb"  # thalweg.create's name
 
     rule = lamb
+    optional_group_keys = Optimizer.optional_group_keys | {"trust_ratio"}
     layerwise = True
 
     def __init__(

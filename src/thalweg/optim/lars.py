@@ -74,6 +74,7 @@ class LARS(Optimizer):
     name = "lars"  # thalweg.create's name
 
     rule = lars
+    optional_group_keys = Optimizer.optional_group_keys | {"trust_ratio"}
     layerwise = True
     counts_steps = False
 

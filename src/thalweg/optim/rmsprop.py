@@ -72,6 +72,7 @@ class RMSprop(Optimizer):
     name = "rmsprop"  # thalweg.create's name
 
     rule = rmsprop
+    optional_group_keys = Optimizer.optional_group_keys | {"momentum", "centered"}
 
     def __init__(
         self,

@@ -69,6 +69,7 @@ class SGD(Optimizer):
     name = "sgd"  # thalweg.create's name
 
     rule = sgd
+    optional_group_keys = Optimizer.optional_group_keys | {"nesterov"}
     counts_steps = False  # torch's SGD keeps no step counter
 
     def __init__(
