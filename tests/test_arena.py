@@ -55,11 +55,21 @@ def test_lr_grid_is_log_spaced_around_the_centre() -> None:
 def test_centre_table_covers_every_task_and_optimizer() -> None:
     import thalweg
 
+    assert set(protocol.ARENA_OPTIMIZERS) <= set(thalweg.names())
     for task in TASKS:
-        for opt in thalweg.names():
+        for opt in protocol.ARENA_OPTIMIZERS:
             assert protocol.centre_for(task, opt) == protocol.CENTRES[task][opt] > 0
     # The large-batch task scales the small-batch centres up (square-root rule, batch ratio ~22).
     assert protocol.CENTRES["digits-mlp-fullbatch"]["sgd"] == pytest.approx(protocol.CENTRES["digits-mlp"]["sgd"] * (1437 / 64) ** 0.5)
+
+
+def test_an_optimizer_without_centres_is_refused_by_name() -> None:
+    from thalweg.arena.runner import check_optimizers
+
+    with pytest.raises(ArenaError, match="'nadam' is a thalweg optimizer the arena does not run yet"):
+        check_optimizers(["adam", "nadam"])
+    with pytest.raises(ArenaError, match="unknown optimizer 'adamm'"):
+        check_optimizers(["adamm"])
 
 
 def test_steps_to_target_first_hit_and_direction() -> None:

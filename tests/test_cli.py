@@ -86,7 +86,8 @@ def test_tune_writes_heatmaps(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ("argv", "message"),
     [
         (["arena", "--tasks", "mnist"], "unknown task 'mnist'; valid tasks: rosenbrock, beale"),
-        (["arena", "--optimizers", "adam", "nadam"], "unknown optimizer 'nadam'; valid optimizers: sgd, momentum, adam"),
+        (["arena", "--optimizers", "adam", "adamz"], "unknown optimizer 'adamz'; valid optimizers: sgd, momentum, adam"),
+        (["arena", "--optimizers", "adam", "nadam"], "'nadam' is a thalweg optimizer the arena does not run yet"),
         (["arena", "--budget", "0"], "argument --budget: must be > 0, got 0"),
         (["arena", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
         (["arena", "--backend", "gpu"], "unknown backend 'gpu'; valid backends: auto, reference"),

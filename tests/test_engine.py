@@ -252,6 +252,7 @@ def _rule_error(source: str) -> str:
     ("    param = param.exp()\n    return param", r"calls are limited to"),
     ("    param, grad = grad, param\n    return param", r"assign one name at a time"),
     ("    _hidden = param * lr\n    return _hidden", r"`_hidden` is a name the generated code uses"),
+    ("    param = param * where(grad > 0, lr, 0.5)\n    return param", r"where\(\) with a per-element condition needs a tensor"),
 ])
 def test_rule_language_errors_say_what_and_where(body, message):
     text = _rule_error(f"@rule\ndef bad(param, grad, *, lr):\n{body}\n")
@@ -482,3 +483,58 @@ def test_every_optimizer_is_one_rule():
         assert isinstance(cls.rule, engine.Rule), cls
         module = Path(sys.modules[cls.__module__].__file__)
         assert cls.rule.filename == str(module), (cls, cls.rule.filename)
+
+
+def _write_rule(source: str, name: str):
+    """A rule defined in a module file of its own (rules read their source)."""
+    import importlib.util
+
+    path = Path(__file__).with_name(f"_generated_{name}_for_test.py")
+    path.write_text("from thalweg.engine import Flag, PerTensor, rule, sqrt, where\n\n\n" + source)
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, name)
+    finally:
+        path.unlink()
+
+
+def test_a_value_read_twice_in_one_statement_is_not_overwritten_in_place():
+    """where(c, x * y, x): the reference and foreach code must not form x * y in x's memory while the other
+    side still reads x (RAdam's two branches). Checked against the rule called on float64 tensors."""
+    mixed = _write_rule(
+        "@rule\n"
+        "def mixed(param, grad, *, step, lr):\n"
+        "    update = grad * lr\n"
+        "    param = param - where(step > 2, update * sqrt(abs(grad) + 1), update)\n"
+        "    return (param,)\n", "mixed")
+    for backend in ("reference", "foreach"):
+        params = [torch.linspace(-1, 1, 7, dtype=torch.float64) for _ in range(2)]
+        grads = [torch.linspace(2, -3, 7, dtype=torch.float64) for _ in range(2)]
+        steps = [torch.tensor(float(k)) for k in (1, 4)]  # one tensor on each side of the condition
+        expected = [p - (g * 0.1 * torch.sqrt(g.abs() + 1) if float(s) + 1 > 2 else g * 0.1)
+                    for p, g, s in zip(params, grads, steps)]
+        program = mixed.program(dict(lr=0.1))
+        engine.run(program, backend, params, grads, [], steps, None, dict(lr=0.1))
+        for got, want in zip(params, expected):
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=0, msg=lambda m: f"{backend}: {m}")
+
+
+def test_per_tensor_values_supplied_by_the_optimizer_reach_every_backend(monkeypatch):
+    """A PerTensor input (NAdam's mu_product, ASGD's eta) is a float64 column: per tensor on the host, as step
+    is, and the same on every backend."""
+    scaled = _write_rule(
+        "@rule\n"
+        "def scaled(param, grad, *, lr, factor: PerTensor):\n"
+        "    param = param - lr * (1 - factor) * grad\n"
+        "    return (param,)\n", "scaled")
+    assert scaled.supplied == ("factor",) and "factor" not in scaled.scalars
+    factors = np.array([0.25, 0.5, 0.75])
+    for backend in ("reference", "foreach") + (("fused",) if FUSED else ()):
+        params = [torch.ones(5) * k for k in (1.0, 2.0, 3.0)]
+        grads = [torch.ones(5) for _ in range(3)]
+        engine.run(scaled.program(dict(lr=0.5)), backend, params, grads, [], None, None, dict(lr=0.5, factor=factors))
+        for k, param in enumerate(params):
+            torch.testing.assert_close(param, torch.full((5,), (k + 1.0) - 0.5 * (1 - factors[k])),
+                                       msg=lambda m: f"{backend}, tensor {k}: {m}")

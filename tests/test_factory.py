@@ -21,13 +21,22 @@ class Net(torch.nn.Module):
 
 
 def test_names_lists_every_optimizer_in_order():
-    assert thalweg.names() == ["sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lars", "lamb"]
+    assert thalweg.names() == ["sgd", "momentum", "adam", "adamw", "nadam", "radam", "adamax", "rmsprop", "adagrad",
+                               "adadelta", "asgd", "rprop", "lars", "lamb"]
     assert sorted(thalweg.names()) == sorted(spec.name for spec in SPECS)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_create_splits_a_module_into_decay_and_no_decay_groups(spec):
     model = Net()
+    if "weight_decay" not in spec.ranges:  # no weight decay to exempt anything from: one group, names kept
+        optimizer = thalweg.create(spec.name.upper(), model, lr=0.5)
+        (group,) = optimizer.param_groups
+        assert group["param_names"] == ["embed.weight", "linear.weight", "linear.bias", "norm.weight", "norm.bias",
+                                        "head.weight"]
+        with pytest.raises(TypeError, match=f"{spec.cls.__name__} has no hyper-parameter 'weight_decay'"):
+            thalweg.create(spec.name, model, lr=0.5, weight_decay=0.01)
+        return
     optimizer = thalweg.create(spec.name.upper(), model, lr=0.5, weight_decay=0.01)  # names are case-insensitive
     assert type(optimizer) is spec.cls
     weights, others = optimizer.param_groups

@@ -19,7 +19,9 @@ from specs import BACKENDS, SPECS, SPEC_BY_NAME
 
 OPTIONS = {"sgd": dict(lr=0.1, momentum=0.9), "momentum": dict(lr=0.1), "adam": dict(lr=0.01, amsgrad=True),
            "adamw": dict(lr=0.01, weight_decay=0.1), "rmsprop": dict(lr=0.01, centered=True, momentum=0.5),
-           "adagrad": dict(lr=0.1), "lars": dict(lr=0.5), "lamb": dict(lr=0.01)}
+           "adagrad": dict(lr=0.1), "lars": dict(lr=0.5), "lamb": dict(lr=0.01),
+           "nadam": dict(lr=0.01, weight_decay=0.1), "radam": dict(lr=0.01), "adamax": dict(lr=0.01),
+           "adadelta": dict(weight_decay=0.1), "asgd": dict(t0=1.0), "rprop": dict(lr=0.01)}
 CASES = [(spec.name, backend) for spec in SPECS for backend in BACKENDS]
 
 

@@ -27,6 +27,19 @@ from specs import BACKENDS, SPECS, assert_same_state, hyperparameters
 SHAPES = [(3,), (2, 3), (), (4, 1), (0,)]
 
 
+def _keep_scalar_state_dtype(optimizer, checkpoint) -> None:
+    """torch.optim casts NAdam's mu_product and ASGD's eta and mu to the parameter's dtype on load, so that its
+    resumed run differs from one never stopped; thalweg keeps their dtype (README, "Where thalweg knowingly
+    differs"). torch's side is put back on the never-stopped path so that the two stay comparable."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    indices = [i for group in checkpoint["param_groups"] for i in group["params"]]
+    for index, param in zip(indices, params):
+        for key in ("mu_product", "eta", "mu"):
+            saved = checkpoint["state"].get(index, {}).get(key)
+            if saved is not None:
+                optimizer.state[param][key] = saved.clone()
+
+
 def _through_file(state_dict):
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
@@ -149,6 +162,8 @@ def machine_for(spec, backend):
                 source = saved[side if not across else ("theirs" if side == "ours" else "ours")]
                 new = self._new(side, [{"params": group["params"]} for group in optimizer.param_groups])
                 new.load_state_dict(source)
+                if side == "theirs":
+                    _keep_scalar_state_dtype(new, source)
                 fresh[side] = new
             if self.schedulers is not None:
                 for side, scheduler in list(self.schedulers.items()):

@@ -140,11 +140,11 @@ def test_a_pre_hook_may_replace_the_arguments_and_hooks_run_once_for_a_subclass_
 
 def test_step_is_a_named_profiler_range_and_leaves_grad_mode_as_it_was():
     params = make_params([(3,)], torch.float32, 0)
-    optimizer = thalweg.SGD(params, lr=0.1)
+    optimizer = thalweg.Adam(params, lr=0.1)
     params[0].grad = torch.ones(3)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         optimizer.step()
-    assert "Optimizer.step#SGD.step" in {event.key for event in profile.key_averages()}
+    assert "Optimizer.step#Adam.step" in {event.key for event in profile.key_averages()}
     for enabled in (True, False):
         with torch.set_grad_enabled(enabled):
             optimizer.step()

@@ -7,10 +7,12 @@
 from . import distributed, schedules
 from ._base import Optimizer
 from .factory import create, names
-from .optim import LAMB, LARS, SGD, Adagrad, Adam, AdamW, Momentum, RMSprop
+from .optim import (ASGD, LAMB, LARS, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Momentum, NAdam, RAdam, RMSprop,
+                    Rprop)
 
 __version__ = "0.1.0"
-__all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "LAMB", "Optimizer", "create", "names",
+__all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
+           "Rprop", "LARS", "LAMB", "Optimizer", "create", "names",
            "schedules", "arena", "distributed"]
 
 

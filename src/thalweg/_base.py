@@ -94,8 +94,19 @@ class Optimizer(torch.optim.Optimizer):
         max_grad_norm: float | None,
         skip_nonfinite: bool,
         state_dtype: torch.dtype | None = None,
+        differentiable: bool = False,
+        capturable: bool = False,
     ) -> None:
         self.backend, self._auto_may_fuse = resolve_backend(backend, foreach, fused)
+        _checks.flag("differentiable", differentiable)
+        _checks.flag("capturable", capturable)
+        if capturable:
+            raise ValueError(f"capturable=True is not supported: a thalweg step reads its step counts on the host, "
+                             f"which a CUDA graph cannot capture; use torch.optim.{type(self).__name__} to capture steps")
+        if differentiable and (self.backend not in ("auto", "reference") or state_dtype is not None):
+            raise ValueError("differentiable=True steps with the reference backend in the parameters' own dtype; it "
+                             f"cannot be combined with backend={self.backend!r} or state_dtype={state_dtype!r}")
+        defaults = {**defaults, "differentiable": differentiable}
         _checks.optional_positive("max_grad_norm", max_grad_norm)
         _checks.flag("skip_nonfinite", skip_nonfinite)
         if not (state_dtype is None or state_dtype is torch.float32):
@@ -137,10 +148,32 @@ class Optimizer(torch.optim.Optimizer):
         """The value a new state tensor of ``role`` starts from (0 unless the algorithm says otherwise)."""
         return 0.0
 
+    def _scalar_state(self, group: dict[str, Any]) -> dict[str, float]:
+        """Per-parameter scalar state created with ``step`` (0-d tensors of torch's scalar dtype), by key and
+        starting value: NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``. None by default."""
+        return {}
+
+    def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The rule's :class:`~thalweg.engine.PerTensor` values for a step of these parameters (float64 numpy
+        arrays, one entry per state), from each parameter's state before the step; nothing is written here.
+        Anything else in the dict is handed back to :meth:`_after_step`."""
+        raise NotImplementedError(f"{type(self).__name__}'s rule takes per-tensor values; define _supplied")
+
+    def _after_step(self, group: dict[str, Any], states: list[dict[str, Any]], supplied: dict[str, Any]) -> None:
+        """Write the scalar state this step advanced (after the update; ``supplied``: what :meth:`_supplied` gave)."""
+
     def _sparse_update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-                       states: list[dict[str, Any]]) -> None:
-        """Step parameters whose gradient is sparse (only optimizers with ``accepts_sparse_grads``)."""
-        raise NotImplementedError
+                       states: list[dict[str, Any]], first: np.ndarray | None) -> None:
+        """Step parameters whose gradient is sparse (only optimizers with ``accepts_sparse_grads``): by default
+        the rule function itself, on torch's sparse-dense arithmetic (SGD's ``param - lr * grad``, as torch's
+        ``param.add_(grad, alpha=-lr)``). State is kept dense; with state, the gradient is made dense first."""
+        scalars = self._scalars(group)
+        program = self.rule.program(scalars)
+        if program.state_roles:  # a dense state (a momentum buffer) changes every row anyway: so does the step
+            grads = [grad.to_dense() for grad in grads]
+        roles = [[state[role] for state in states] for role in program.state_roles]
+        steps = [state["step"] for state in states] if self.counts_steps else None
+        engine.run(program, "reference", params, grads, roles, steps, first, scalars, out_of_place=True)
 
     def _auto_fused(self, device: torch.device, params: list[torch.Tensor], group: dict[str, Any]) -> bool:
         """Whether ``backend="auto"`` takes the fused path for these tensors (where fused is available): yes,
@@ -178,6 +211,7 @@ class Optimizer(torch.optim.Optimizer):
         created = None
         counts_steps = self.counts_steps
         core = self.rule.core_roles
+        scalar_state = self._scalar_state(group) if counts_steps else {}
         for i, (param, state) in enumerate(zip(params, states)):
             fresh = not state  # a count alone is no fresh state: torch.optim refuses it too (KeyError)
             if counts_steps and "step" not in state:
@@ -187,6 +221,15 @@ class Optimizer(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
                 if created_log is not None:
                     created_log.append((state, "step"))
+                for key, value in scalar_state.items():
+                    state[key] = torch.tensor(float(value), dtype=scalar_dtype())
+                    if created_log is not None:
+                        created_log.append((state, key))
+            elif scalar_state and not fresh:
+                absent = [key for key in scalar_state if key not in state]
+                if absent:
+                    raise RuntimeError(f"{_name(where, i)}: its state has {sorted(state)} but no {absent[0]!r}, which "
+                                       f"every {type(self).__name__} state holds")
             for role in roles:
                 if role not in state:
                     if role in core and not fresh:
@@ -223,7 +266,7 @@ class Optimizer(torch.optim.Optimizer):
             where = f"params[{index}]" if not self.param_groups else f"params[{index}] of param group {len(self.param_groups)}"
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{where} must be a torch.Tensor, got {type(tensor).__name__}")
-            if not tensor.is_leaf and not tensor.retains_grad:
+            if not tensor.is_leaf and not tensor.retains_grad and not self.defaults.get("differentiable"):
                 raise ValueError(f"{where} is not a leaf tensor (it was computed from others); optimize the tensor it came from")
             if not (tensor.is_floating_point()):
                 raise TypeError(f"{where} has dtype {tensor.dtype}; only floating-point tensors can be optimized")
@@ -272,10 +315,24 @@ class Optimizer(torch.optim.Optimizer):
         another optimizer, or a damaged one, is refused with nothing changed (see the README's list)."""
         self._check_checkpoint(state_dict)
         super().load_state_dict(state_dict)
-        for state in self.state.values():  # torch < 1.12 wrote `step` as a plain number
-            step = state.get("step")
-            if step is not None and not isinstance(step, torch.Tensor):
-                state["step"] = torch.tensor(float(step), dtype=scalar_dtype())
+        numbers = ("step", *self._scalar_state(self.defaults)) if self.counts_steps else ()
+        for state in self.state.values():  # torch < 1.12 wrote `step` (and NAdam's mu_product...) as plain numbers
+            for key in numbers:
+                value = state.get(key)
+                if value is not None and not isinstance(value, torch.Tensor):
+                    state[key] = torch.tensor(float(value), dtype=scalar_dtype())
+        if len(numbers) > 1:
+            # torch.optim casts every state tensor but `step` to its parameter's dtype on load, NAdam's mu_product
+            # and ASGD's eta and mu included (float32 -> bfloat16 or float64): the resumed run would then step
+            # differently from one never stopped. They are taken back from the checkpoint in their own dtype.
+            saved = state_dict["state"]
+            indices = [index for group in state_dict["param_groups"] for index in group["params"]]
+            params = [param for group in self.param_groups for param in group["params"]]
+            for index, param in zip(indices, params):
+                for key in numbers[1:]:
+                    value = saved.get(index, {}).get(key)
+                    if isinstance(value, torch.Tensor) and param in self.state:
+                        self.state[param][key] = value.detach().to(param.device, copy=True)
         for key in self._OWN_STATE:  # back from the group into the optimizer (absent: a torch.optim checkpoint)
             values = [group.pop(key) for group in self.param_groups if key in group]
             if values:
@@ -309,7 +366,8 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"param group {index} of the checkpoint has no {', '.join(map(repr, missing))}: it is "
                                  f"not a {name} checkpoint (its keys: {sorted(k for k in saved if k != 'params')})")
             params.update(zip(saved["params"], group["params"]))
-        allowed = set(self.rule.state_roles) | ({"step"} if self.counts_steps else set())
+        scalar_keys = set(self._scalar_state(self.defaults)) if self.counts_steps else set()
+        allowed = set(self.rule.state_roles) | ({"step"} | scalar_keys if self.counts_steps else set())
         for index, state in state_dict["state"].items():
             where = f"state of param {index} in the checkpoint"
             foreign = sorted(set(state) - allowed)
@@ -320,12 +378,15 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{where} has {sorted(state)} but no 'step'")
             param = params.get(index)
             for key, value in state.items():
-                if key == "step":
+                if key == "step" or key in scalar_keys:
                     number = value if not isinstance(value, torch.Tensor) else (
                         float(value) if value.numel() == 1 else None)
-                    if not isinstance(number, (int, float)) or isinstance(number, bool) or not number >= 0:
+                    is_number = isinstance(number, (int, float)) and not isinstance(number, bool)
+                    if key == "step" and not (is_number and number >= 0):
                         raise ValueError(f"{where}: 'step' must be a count >= 0 (a number or a one-element tensor), "
                                          f"got {value!r}")
+                    if not is_number:
+                        raise ValueError(f"{where}: {key!r} must be a number or a one-element tensor, got {value!r}")
                 elif not isinstance(value, torch.Tensor):
                     raise ValueError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
                 elif param is not None and value.shape != param.shape:
@@ -344,6 +405,8 @@ class Optimizer(torch.optim.Optimizer):
         """
         if self.backend != "auto":
             return self.backend
+        if group is not None and group.get("differentiable"):  # torch ops the autograd graph can record
+            return "reference"
         if self._auto_may_fuse and engine.unavailable_reason(device) is None and (
                 params is None or group is None or self._auto_fused(device, params, group)):
             return "fused"
@@ -388,7 +451,9 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         previous = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)  # what torch.no_grad() does, without its context-manager layers
+        # what torch.no_grad() does, without its context-manager layers; differentiable=True records the step
+        # (as torch.optim's _use_grad_for_differentiable)
+        torch._C._set_grad_enabled(bool(self.defaults.get("differentiable")))
         try:
             return self._update_all(loss)
         finally:
@@ -465,10 +530,12 @@ class Optimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 self.last_grad_norm = norm.to(report_dtype(local_grads))
                 clip_grads_(local_grads, norm, self.max_grad_norm)
-        for arguments, keywords, sparse in ready:
+        for arguments, keywords, sparse, (group, states, supplied) in ready:
             if sparse is not None:
                 self._sparse_update(*sparse)
             engine.run(*arguments, **keywords)
+            if supplied is not None:
+                self._after_step(group, states, supplied)
         return loss
 
     def _ready(self, group, params, grads, sharding, scalars, program, backend, where, created):
@@ -478,9 +545,11 @@ class Optimizer(torch.optim.Optimizer):
         if any(map(_IS_SPARSE, grads)):
             kept = [i for i, g in enumerate(grads) if not g.is_sparse]
             taken = [i for i, g in enumerate(grads) if g.is_sparse]
-            sparse = (group, [params[i] for i in taken], [grads[i] for i in taken], [states[i] for i in taken])
+            sparse = (group, [params[i] for i in taken], [grads[i] for i in taken],
+                      [states[i] for i in taken] if states else [], None if first is None else first[taken])
             where = where.subset(kept)
-            params, grads, states = ([seq[i] for i in kept] for seq in (params, grads, states))
+            params, grads = [params[i] for i in kept], [grads[i] for i in kept]
+            states = [states[i] for i in kept] if states else []
             if first is not None:
                 first = first[kept]
         roles = [[state[role] for state in states] for role in program.state_roles]
@@ -495,10 +564,15 @@ class Optimizer(torch.optim.Optimizer):
         except (AttributeError, TypeError, RuntimeError):  # a state entry that is not a tensor at all
             partitioned, unchecked = None, range(len(params))
         _check_tensors(where, params, grads, roles, steps, program.state_roles, unchecked)
+        supplied = None
+        if self.rule.supplied:
+            _check_scalar_state(where, states, self._scalar_state(group))
+            supplied = self._supplied(group, states)
+            scalars = {**scalars, **supplied}
         arguments = (program, backend, params, grads, roles, steps, first, scalars)
         keywords = dict(sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self.state_dtype,
-                        partitioned=partitioned)
-        return arguments, keywords, sparse
+                        partitioned=partitioned, out_of_place=bool(group.get("differentiable")))
+        return arguments, keywords, sparse, (group, states, supplied)
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
         # Called for every gradient of a group that has a sparse one. Shape, dtype and device need no
@@ -508,7 +582,13 @@ class Optimizer(torch.optim.Optimizer):
             # Located only on failure: the search is linear in the group's size.
             raise RuntimeError(
                 f"parameter {_position(group, param)} of param group {group_index}: {type(self).__name__} does not "
-                "support sparse gradients; use thalweg.Adagrad, or a dense layer (e.g. nn.Embedding(sparse=False))"
+                "support sparse gradients; use thalweg.SGD or thalweg.Adagrad, or a dense layer "
+                "(e.g. nn.Embedding(sparse=False))"
+            )
+        if grad.is_sparse and group.get("weight_decay", 0) != 0:  # torch fails deep inside (add(sparse, dense))
+            raise RuntimeError(
+                f"weight_decay={group['weight_decay']} cannot be used with sparse gradients (param group "
+                f"{group_index}): it would touch every row; put the embedding in a group with weight_decay=0"
             )
 
 
@@ -580,6 +660,15 @@ def _check_tensors(where: _Where, params, grads, roles, steps, role_names, posit
                                    f"{_describe(param)}")
         if steps is not None and not (isinstance(steps[k], torch.Tensor) and steps[k].numel() == 1):
             raise RuntimeError(f"{where(k)}: state['step'] is {steps[k]!r}, not a one-element tensor")
+
+
+def _check_scalar_state(where: _Where, states: list[dict[str, Any]], keys) -> None:
+    """Raise, naming the parameter, for a scalar state entry (NAdam's ``mu_product``...) that is not a number."""
+    for k, state in enumerate(states):
+        for key in keys:
+            value = state.get(key)
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()):
+                raise RuntimeError(f"{where(k)}: state[{key!r}] is {value!r}, not a one-element float tensor")
 
 
 def _describe(tensor: torch.Tensor) -> str:

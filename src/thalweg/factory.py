@@ -48,8 +48,8 @@ def create(name: str, model_or_params: nn.Module | Iterable[Any], **hyperparams:
 
     Given an ``nn.Module``, the parameters that need gradients are split into two groups: the weights,
     with the hyper-parameters given, and biases/normalisation/embedding parameters with
-    ``weight_decay=0`` (and ``trust_ratio=False`` for LARS and LAMB). Names are kept, as with
-    ``model.named_parameters()``. Given parameters or param groups, they are passed on unchanged.
+    ``weight_decay=0`` (and ``trust_ratio=False`` for LARS and LAMB); an optimizer without weight decay
+    (Rprop) gets one group. Names are kept, as with ``model.named_parameters()``. Given parameters or param groups, they are passed on unchanged.
 
     Example::
 
@@ -64,6 +64,8 @@ def create(name: str, model_or_params: nn.Module | Iterable[Any], **hyperparams:
         return cls(model_or_params, **hyperparams)
 
     trainable = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+    if "weight_decay" not in accepted:  # nothing to exempt (Rprop): one group, names kept
+        return cls(trainable, **hyperparams)
     skipped = no_decay_parameter_names(model_or_params)
     weights = [(n, p) for n, p in trainable if n not in skipped]
     others = [(n, p) for n, p in trainable if n in skipped]

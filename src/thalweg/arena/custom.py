@@ -39,7 +39,7 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
         model_fn: builds a fresh model (called once per run, after ``torch.manual_seed(seed)``).
         loss_fn: ``loss_fn(model(x), y)`` -> scalar training loss.
         data: ``((x_train, y_train), (x_val, y_val))``.
-        optimizers: names from ``thalweg.names()`` (default: all).
+        optimizers: names from ``thalweg.arena.protocol.ARENA_OPTIMIZERS`` (default: all of them).
         steps: step budget per run; batches of ``batch_size`` drawn in seeded shuffled epochs.
         metric_fn: ``metric_fn(model, x_val, y_val)`` -> float; default: ``loss_fn`` on the validation set.
         higher_is_better, target: how to read the metric; ``target`` enables steps/time to target.

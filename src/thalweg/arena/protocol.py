@@ -38,6 +38,9 @@ CENTRES: dict[str, dict[str, float]] = {
 # grid past its stability limit in a measured full run (every lr >= 2.2 diverged or stalled at chance).
 _BATCH_RATIO = 1437 / 64
 CENTRES["digits-mlp-fullbatch"] = {opt: lr * math.sqrt(_BATCH_RATIO) for opt, lr in CENTRES["digits-mlp"].items()}
+# The optimizers the arena runs: those with measured centres (the rest of thalweg.names() join as their
+# centres are measured).
+ARENA_OPTIMIZERS = tuple(CENTRES["digits-mlp"])
 # For the user's own problems (thalweg.arena.compare): the "nets" centres.
 DEFAULT_CENTRES = dict(CENTRES["digits-mlp"])
 

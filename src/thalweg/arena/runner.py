@@ -14,13 +14,16 @@ from .tasks import QUICK_TASKS, TASKS, Task, get_task
 
 
 def check_optimizers(names: list[str]) -> list[str]:
-    """Validate optimizer names against ``thalweg.names()`` (ArenaError listing the valid ones)."""
+    """Validate optimizer names against the arena's optimizers (ArenaError listing the valid ones)."""
     import thalweg
 
-    valid = thalweg.names()
+    valid = protocol.ARENA_OPTIMIZERS
     if not names:
         raise ArenaError(f"no optimizers given; valid optimizers: {', '.join(valid)}")
     for n in names:
+        if n in thalweg.names() and n not in valid:
+            raise ArenaError(f"{n!r} is a thalweg optimizer the arena does not run yet (no measured lr centres); "
+                             f"the arena runs: {', '.join(valid)}")
         if n not in valid:
             raise ArenaError(f"unknown optimizer {n!r}; valid optimizers: {', '.join(valid)}")
     return list(dict.fromkeys(names))
@@ -53,7 +56,7 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     """Run the arena protocol and write the report to ``out``; returns the results.
 
     ``tasks`` default to every built-in task (``QUICK_TASKS`` with ``quick``); ``optimizers`` to
-    ``thalweg.names()``; ``budget`` scales every task's step budget; ``seeds`` is the number of seeds at
+    ``protocol.ARENA_OPTIMIZERS``; ``budget`` scales every task's step budget; ``seeds`` is the number of seeds at
     each optimizer's best lr. ``extra_tasks`` lets :func:`compare` run the user's own task, and
     ``centres`` replaces the lr-centre table (:data:`protocol.CENTRES`); ``backend`` is passed to
     every optimizer (thalweg's ``backend=``: auto, reference, foreach or fused).
@@ -63,7 +66,7 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     known = dict(TASKS, **(extra_tasks or {}))
     names = list(tasks) if tasks else (QUICK_TASKS if quick else list(TASKS))
     task_objs = [known[n] if n in known else get_task(n) for n in dict.fromkeys(names)]
-    optimizers = check_optimizers(list(optimizers) if optimizers else thalweg.names())
+    optimizers = check_optimizers(list(optimizers) if optimizers else list(protocol.ARENA_OPTIMIZERS))
     check_positive("seeds", seeds, integer=True)
     check_positive("budget", budget)
     check_backend(backend)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .driver import BACKENDS, partition, run
-from .language import Flag, RuleError
+from .language import Flag, PerTensor, RuleError
 from .program import Program
 from .rules import Rule, rule
 from .vocabulary import abs, lerp, maximum, minimum, norm, sign, sqrt, where  # noqa: A004
@@ -91,5 +91,5 @@ def show(rule_: Rule, backend: str = "fused", *, device: str = "cpu", dtype: tor
     return cpu.source(program, dtype, state_dtype)
 
 
-__all__ = ["BACKENDS", "Flag", "Program", "Rule", "RuleError", "abs", "lerp", "maximum", "minimum", "norm", "partition",
+__all__ = ["BACKENDS", "Flag", "PerTensor", "Program", "Rule", "RuleError", "abs", "lerp", "maximum", "minimum", "norm", "partition",
            "rule", "run", "show", "sign", "sqrt", "unavailable_reason", "where"]

@@ -85,12 +85,14 @@ def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype) -> st
              f"P = np.empty(1, dtype=np.{STORAGE[dtype]})  # parameter and gradient storage",
              f"S = np.empty(1, dtype=np.{STORAGE[state_dtype]})  # state storage",
              f"C = np.empty(1, dtype=np.{COMPUTE[dtype]})  # compute dtype: the scalar tables", ""]
+    # float32 state for bfloat16/float16 parameters: the parameter is a float32 copy until the step ends
+    widened = state_dtype != dtype
     for index, kernel_pass in enumerate(program.passes):
-        lines += _body(program, kernel_pass, index)
+        lines += _body(program, kernel_pass, index, widened)
     return "\n".join(lines) + "\n"
 
 
-def _body(program: Program, kernel_pass, index: int) -> list[str]:
+def _body(program: Program, kernel_pass, index: int, widened: bool) -> list[str]:
     rows = {role: row for row, role in enumerate(table_roles(program))}
     state_roles = set(program.state_roles)
     columns = program.columns + program.late_columns
@@ -127,21 +129,21 @@ def _body(program: Program, kernel_pass, index: int) -> list[str]:
     for var, role in kernel_pass.loads:
         out.append(f"{inner}{var} = load(_ptr_{role}, _i)")
     for var, _ in kernel_pass.loads:
-        out += _after(var, kernel_pass, inner, slots)
+        out += _after(var, kernel_pass, inner, slots, program, widened)
     for statement in kernel_pass.body:
         out.append(f"{inner}{statement.target} = {render(program, statement.expr, _DIALECT)}  # line {statement.line}")
-        out += _after(statement.target, kernel_pass, inner, slots)
+        out += _after(statement.target, kernel_pass, inner, slots, program, widened)
     out += [f"            _partial[_c, {slots[k]}] = _acc{slots[k]}" for k in kernel_pass.reductions.values()]
     out += ["        _next = fetch_add(_counter, _grab)", "", ""]
     return out
 
 
-def _after(var: str, kernel_pass, inner: str, slots: dict[int, int]) -> list[str]:
+def _after(var: str, kernel_pass, inner: str, slots: dict[int, int], program: Program, widened: bool) -> list[str]:
     """Stores and sums that follow the definition (or load) of ``var``."""
     out = []
     for role in kernel_pass.stores.get(var, ()):
         out.append(f"{inner}store(_ptr_{role}, _i, {var})")
-    if var in kernel_pass.kept:
+    if var in kernel_pass.kept and not (widened and program.rule.roles[0] in kernel_pass.stores[var]):
         role = kernel_pass.stores[var][0]
         out.append(f"{inner}{var} = round_to(_ptr_{role}, {var})  # read again: as stored")
     if var in kernel_pass.reductions:

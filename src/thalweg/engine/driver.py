@@ -38,18 +38,27 @@ def partition(backend: str, params: list[torch.Tensor], grads: list[torch.Tensor
 def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[torch.Tensor],
         roles: list[list[torch.Tensor]], steps: list[torch.Tensor] | None, first: np.ndarray | None,
         scalars: dict[str, Any], *, sum_across: Callable[[torch.Tensor], None] | None = None,
-        widen_to: torch.dtype | None = None, partitioned: tuple | None = None) -> None:
+        widen_to: torch.dtype | None = None, partitioned: tuple | None = None, out_of_place: bool = False) -> None:
     """Step ``params`` (one device) with ``program``.
 
     ``roles``: the state tensors of ``program.state_roles``, one list per role; ``steps``: the step
     counters to advance (None when the optimizer keeps none); ``first``: per tensor, whether its state was
-    created this step; ``scalars``: the rule's flags and hyper-parameters (Python numbers);
+    created this step; ``scalars``: the rule's flags and hyper-parameters (Python numbers), and its
+    :class:`PerTensor` values (float64 numpy arrays, one entry per tensor);
     ``sum_across``: the in-place cross-process sum of per-tensor squared norms (sharded tensors), or None;
     ``widen_to``: the dtype bfloat16/float16 parameters are stepped in (``state_dtype``): the fused kernels
     compute in float32 and round once anyway, the other paths step a copy and round it back once;
-    ``partitioned``: what :func:`partition` returned for these tensors (it is taken again when absent).
+    ``partitioned``: what :func:`partition` returned for these tensors (it is taken again when absent);
+    ``out_of_place``: run the rule function itself, out of place (reference backend only): autograd can
+    record the step (``differentiable=True``), and sparse gradients go through torch's sparse arithmetic.
     """
     if not params:
+        return
+    if out_of_place:
+        if backend != "reference":
+            raise ValueError(f"out-of-place steps run on the reference backend, not {backend!r}")
+        reference.run_out_of_place(program, params, grads, roles, steps, None if first is None else first.tolist(),
+                                   scalars)
         return
     compute = None
     if widen_to is not None:
@@ -67,7 +76,7 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
         raise RuntimeError(f"rule {program.rule.name} reads `step` but the optimizer keeps no step counters")
     group = program.group_values(scalars)
     first_values = first if first is not None else np.zeros(n, dtype=np.bool_)
-    early = program.early_values(group, counts, first_values)
+    early = program.early_values(group, counts, first_values, tuple(scalars[name] for name in program.rule.supplied))
     named = dict(zip(program.early_vars, early))
     columns = [_column(named[name], n) for name in program.columns]
     hp_values = dict(zip(program.group_vars, group))

@@ -122,10 +122,10 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
     for var, role in kernel_pass.loads:
         out.append(f"{inner}{var} = {_load(role, storage[role], compute)}")
     for var, _ in kernel_pass.loads:
-        out += _after(var, kernel_pass, storage, inner, slots)
+        out += _after(var, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype)
     for statement in kernel_pass.body:
         out.append(f"{inner}{statement.target} = {render(program, statement.expr, dialect)}  # line {statement.line}")
-        out += _after(statement.target, kernel_pass, storage, inner, slots)
+        out += _after(statement.target, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype)
     out += [f"    tl.store(partial + _c * {len(slots)} + {slots[k]}, tl.sum(_acc{slots[k]}, axis=0))"
             for k in kernel_pass.reductions.values()]
     return out + ["", ""]
@@ -138,14 +138,16 @@ def _load(role: str, dtype: torch.dtype, compute: str) -> str:
     return f"tl.load({pointer}, mask=_mask, other=0.0).to({compute})"
 
 
-def _after(var: str, kernel_pass, storage: dict, inner: str, slots: dict[int, int]) -> list[str]:
+def _after(var: str, kernel_pass, storage: dict, inner: str, slots: dict[int, int], param_role: str,
+           widened: bool) -> list[str]:
     out = []
     for role in kernel_pass.stores.get(var, ()):
         if storage[role] == torch.bfloat16:
             out.append(f"{inner}store_bf16(_ptr_{role} + _offs, {var}, _mask)")
         else:
             out.append(f"{inner}tl.store(_ptr_{role} + _offs, {var}.to({_TL[storage[role]]}), mask=_mask)")
-    if var in kernel_pass.kept:
+    # float32 state for bfloat16/float16 parameters: the parameter is a float32 copy until the step ends
+    if var in kernel_pass.kept and not (widened and param_role in kernel_pass.stores[var]):
         dtype = storage[kernel_pass.stores[var][0]]
         if dtype == torch.bfloat16:
             out.append(f"{inner}{var} = round_bf16({var})  # read again: as stored")

@@ -19,6 +19,12 @@ class Flag:
     """Annotation of a rule's compile-time switch: a boolean hyper-parameter (``maximize: Flag``)."""
 
 
+class PerTensor:
+    """Annotation of a per-tensor value the optimizer supplies each step (``mu_product: PerTensor``): a number
+    per tensor, read from the tensor's scalar state before the step (NAdam's ``mu_product``, ASGD's ``eta``).
+    It enters the program as ``step`` does: host arithmetic on it is float64, the kernels receive a column."""
+
+
 class RuleError(ValueError):
     """A rule uses something the engine cannot derive backends from; the message points at its line."""
 

@@ -107,6 +107,12 @@ class Program:
                     inner.generic_visit(call)
                     if call.func.id == "norm" and (len(call.args) != 1 or self._kind(call.args[0]) != TENSOR):
                         raise RuleError(f"rule {rule_.name} ({rule_.filename}, line {line}): norm() takes one tensor")
+                    if (call.func.id == "where" and len(call.args) == 3 and self._kind(call.args[0]) == TENSOR
+                            and TENSOR not in (self._kind(call.args[1]), self._kind(call.args[2]))):
+                        # torch.where(mask, 1.2, 0.5) is a tensor of torch's default dtype, not the parameter's
+                        raise RuleError(f"rule {rule_.name} ({rule_.filename}, line {line}): where() with a per-element "
+                                        "condition needs a tensor on one side (write where(c, x * a, x * b), not "
+                                        "x * where(c, a, b))")
                     return call
 
                 def visit_BinOp(inner, binop: ast.BinOp) -> ast.expr:  # noqa: N805
@@ -313,10 +319,11 @@ class Program:
         """Every group-level host variable, computed with Python floats (float64), in ``group_vars`` order."""
         return self._host_fns[0](*(scalars[n] for n in self.rule.scalars))
 
-    def early_values(self, group: tuple, step: Any, first: Any) -> tuple:
-        """Per-tensor host variables before any norm (``early_vars`` order): ``step``/``first`` are numpy
-        arrays (one entry per tensor) or, for one tensor, numbers."""
-        return self._host_fns[1](step, first, *group)
+    def early_values(self, group: tuple, step: Any, first: Any, supplied: tuple = ()) -> tuple:
+        """Per-tensor host variables before any norm (``early_vars`` order): ``step``/``first`` and the
+        optimizer's ``supplied`` values (``rule.supplied`` order) are numpy arrays (one entry per tensor)
+        or, for one tensor, numbers."""
+        return self._host_fns[1](step, first, *supplied, *group)
 
     def late_values(self, group: tuple, early: tuple, sums: list[Any]) -> tuple:
         """Per-tensor host variables that depend on norms (``late_vars`` order), from each used slot's sum of
@@ -364,7 +371,7 @@ def _host_functions(program: Program):
     sums = [f"_sq{k}" for k in program.slots]
     source = "\n".join([
         function("group", list(program.rule.scalars), [unparse(s) for s in program.group], program.group_vars),
-        function("early", ["step", "first"] + program.group_vars, [unparse(s) for s in program.early],
+        function("early", ["step", "first", *program.rule.supplied] + program.group_vars, [unparse(s) for s in program.early],
                  program.early_vars),
         function("late", sums + program.early_vars + program.group_vars,
                  [f"_norm{k} = sqrt(_sq{k})" for k in program.slots] + [unparse(s) for s in program.late],

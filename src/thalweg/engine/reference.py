@@ -41,9 +41,10 @@ def source(program: Program) -> str:
     lines.append(f"    return ({', '.join(written)},)")
     # the loop: role lists in, each written role's new value copied in unless computed in its own tensor
     lists = [f"{role}_list" for role in rule.roles]
-    scalars = [name for name in rule.inputs if name not in ("step", "first")]
+    scalars = [f"{name}_all" if name in rule.supplied else name for name in rule.inputs if name not in ("step", "first")]
     lines += ["", "", f"def step_all({', '.join(lists)}, steps, firsts, {', '.join(scalars)}):",
               f"    for _i in range(len({lists[0]})):"]
+    lines += [f"        {name} = float({name}_all[_i])" for name in rule.supplied]
     for role, name in zip(rule.roles, lists):
         lines.append(f"        {role} = None if {name} is None else {name}[_i]")
     if "step" in rule.inputs:
@@ -87,7 +88,7 @@ def run(program: Program, params: list[torch.Tensor], grads: list[torch.Tensor],
             NORM_SUM.reset(token)
         return
     step_function = module(program).step
-    kwargs = {name: scalars[name] for name in rule.scalars}
+    kwargs = {name: scalars[name] for name in rule.scalars}  # (PerTensor values: per tensor, below)
     takes_step, takes_first = "step" in rule.per_tensor, "first" in rule.per_tensor
     # each role's tensors in the rule's order (None: a role this group's options leave out)
     by_role = dict(zip(program.state_roles, roles))
@@ -102,6 +103,8 @@ def run(program: Program, params: list[torch.Tensor], grads: list[torch.Tensor],
                     kwargs["step"] = steps[i].item()
             if takes_first:
                 kwargs["first"] = bool(first[i]) if first is not None else False
+            for name in rule.supplied:
+                kwargs[name] = float(scalars[name][i])
             inputs = [None if column is None else column[i] for column in columns]
             widened = compute_dtypes is not None and compute_dtypes[i] is not None
             if widened:  # a float32 copy of the parameter and its gradient
@@ -119,3 +122,31 @@ def run(program: Program, params: list[torch.Tensor], grads: list[torch.Tensor],
                 params[i].copy_(inputs[0])  # rounds to nearest even, bumps the version counter as in-place ops do
     finally:
         NORM_SUM.reset(token)
+
+
+def run_out_of_place(program: Program, params: list[torch.Tensor], grads: list[torch.Tensor],
+                     roles: list[list[torch.Tensor]], steps: list[torch.Tensor] | None, first: list[bool] | None,
+                     scalars: dict[str, Any]) -> None:
+    """The rule function itself, out of place, one tensor at a time; the results are copied into the
+    parameter and its state. Serves ``differentiable=True`` (autograd records the step, and ``copy_`` is
+    differentiable too, so gradients flow from what the step wrote back to what it read) and sparse
+    gradients (torch's sparse-dense arithmetic; a sparse result is made dense to be stored)."""
+    rule = program.rule
+    by_role = dict(zip(program.state_roles, roles))
+    kwargs = {name: scalars[name] for name in rule.scalars}
+    for i in range(len(params)):
+        if steps is not None:
+            steps[i] += 1
+            if "step" in rule.per_tensor:
+                kwargs["step"] = steps[i].item()
+        if "first" in rule.per_tensor:
+            kwargs["first"] = bool(first[i]) if first is not None else False
+        for name in rule.supplied:
+            kwargs[name] = float(scalars[name][i])
+        states = [None if by_role.get(role) is None else by_role[role][i] for role in rule.state_roles]
+        # the rule reads clones: what autograd saves is then never the tensor the results are copied into
+        inputs = [None if t is None else t.clone() for t in [params[i], *states]]
+        results = rule.fn(inputs[0], grads[i], *inputs[1:], **kwargs)
+        for old, read, new in zip([params[i], *states], inputs, results):
+            if old is not None and new is not read:
+                old.copy_(new.to_dense() if new.is_sparse else new)

@@ -14,7 +14,8 @@ A rule is a plain Python function::
 - **Keyword-only parameters are scalars**: hyper-parameters of the param group (Python floats), flags
   (annotated :class:`Flag`: booleans), and two per-tensor values the engine provides: ``step`` (the
   tensor's step count, after this step's increment) and ``first`` (True when the tensor's state was
-  created by this step, as SGD's momentum buffer is).
+  created by this step, as SGD's momentum buffer is); the optimizer may supply more per-tensor values
+  (annotated :class:`PerTensor`: a tensor's scalar state, such as NAdam's ``mu_product``).
 - The body assigns names, uses arithmetic, comparisons, ``&``/``|`` and the vocabulary of
   :mod:`thalweg.engine.vocabulary` (``sqrt, abs, sign, where, maximum, minimum, lerp, norm``), and
   branches with ``if`` on flags and hyper-parameters only (a value that differs per element or per
@@ -42,7 +43,7 @@ import inspect
 import textwrap
 from typing import Any, Callable
 
-from .language import PER_TENSOR, RESERVED, VOCABULARY, Flag, RuleError
+from .language import PER_TENSOR, RESERVED, VOCABULARY, Flag, PerTensor, RuleError
 from .program import Program
 
 _BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.BitAnd, ast.BitOr)
@@ -74,8 +75,11 @@ class Rule:
             self._check_name(argument, argument.arg)
         if len(self.roles) < 2:
             raise self._error(function, "a rule's first two parameters are the parameter and its gradient")
-        self.flags = tuple(a.arg for a in args.kwonlyargs if _is_flag(a.annotation))
-        self.per_tensor = tuple(a.arg for a in args.kwonlyargs if a.arg in PER_TENSOR)
+        self.flags = tuple(a.arg for a in args.kwonlyargs if _is_annotated(a.annotation, "Flag"))
+        # per-tensor inputs: what the engine provides (step, first), then what the optimizer supplies
+        self.supplied = tuple(a.arg for a in args.kwonlyargs if _is_annotated(a.annotation, "PerTensor")
+                              and a.arg not in PER_TENSOR)
+        self.per_tensor = tuple(a.arg for a in args.kwonlyargs if a.arg in PER_TENSOR) + self.supplied
         self.scalars = tuple(a.arg for a in args.kwonlyargs if a.arg not in self.per_tensor)
         self.inputs = tuple(a.arg for a in args.kwonlyargs)
         self.state_roles = self.roles[2:]
@@ -233,11 +237,11 @@ def rule(fn: Callable[..., Any]) -> Rule:
     return Rule(fn)
 
 
-def _is_flag(annotation: ast.expr | None) -> bool:
+def _is_annotated(annotation: ast.expr | None, name: str) -> bool:
     if annotation is None:
         return False
     text = annotation.value if isinstance(annotation, ast.Constant) else ast.unparse(annotation)
-    return str(text).rsplit(".", 1)[-1] == "Flag"
+    return str(text).rsplit(".", 1)[-1] == name
 
 
-__all__ = ["Flag", "Rule", "RuleError", "rule"]
+__all__ = ["Flag", "PerTensor", "Rule", "RuleError", "rule"]

@@ -115,7 +115,10 @@ def lower(program: Program, statements: list[Stmt], *, inputs: dict[str, str], w
             expr = o[1] if isinstance(o, tuple) else o
             if expr is not None:
                 inside.update(_names(expr))
-        return dead_after(objs, index) and not any(memory.get(n, frozenset()) & objs for n in inside)
+        # nor may the statement read it anywhere else (where(c, x * y, x): x is read after x * y is formed)
+        in_statement = sum(1 for n in _names(statements[index].expr) if memory.get(n, frozenset()) & objs)
+        return (dead_after(objs, index) and in_statement <= 1
+                and not any(memory.get(n, frozenset()) & objs for n in inside))
 
     def temporary() -> str:
         counter[0] += 1

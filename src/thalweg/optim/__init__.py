@@ -1,10 +1,17 @@
 """The optimizers, one module each."""
 
+from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adamax import Adamax
+from .asgd import ASGD
 from .lamb import LAMB
 from .lars import LARS
+from .nadam import NAdam
+from .radam import RAdam
 from .rmsprop import RMSprop
+from .rprop import Rprop
 from .sgd import SGD, Momentum
 
-__all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "LAMB"]
+__all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
+           "Rprop", "LARS", "LAMB"]

@@ -69,20 +69,21 @@ class Adagrad(Optimizer):
         weight_decay: float = 0,
         initial_accumulator_value: float = 0,
         eps: float = 1e-10,
+        foreach: bool | None = None,
         *,
         maximize: bool = False,
         backend: str = "auto",
-        foreach: bool | None = None,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, differentiable=differentiable)
         # torch creates Adagrad's state eagerly; doing the same keeps state_dict() layouts equal.
         for group in self.param_groups:
             self._states(group["params"], group, self.rule.program(self._scalars(group)))
@@ -95,18 +96,10 @@ class Adagrad(Optimizer):
         _checks.non_negative("eps", group["eps"])
         _checks.flag("maximize", group["maximize"])
 
-    def _check_grad(self, param, grad, group_index, group) -> None:
-        super()._check_grad(param, grad, group_index, group)
-        if grad.is_sparse and group["weight_decay"] != 0:
-            raise RuntimeError(
-                f"weight_decay={group['weight_decay']} cannot be used with sparse gradients (param group "
-                f"{group_index}): it would touch every row; put the embedding in a group with weight_decay=0"
-            )
-
     def _initial_value(self, role: str, group: dict[str, Any]) -> float:
         return float(group["initial_accumulator_value"])
 
-    def _sparse_update(self, group, params, grads, states) -> None:
+    def _sparse_update(self, group, params, grads, states, first=None) -> None:
         """Only the rows present in each sparse gradient are read and written (torch's sparse Adagrad)."""
         lr, lr_decay, eps = _checks.as_number("lr", group["lr"]), float(group["lr_decay"]), float(group["eps"])
         for param, grad, state in zip(params, grads, states):

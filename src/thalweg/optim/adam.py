@@ -102,12 +102,15 @@ class Adam(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        differentiable: bool = False,
+        capturable: bool = False,
     ) -> None:
+        _check_tensor_options(lr, betas, foreach)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, differentiable=differentiable, capturable=capturable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -124,6 +127,21 @@ class Adam(Optimizer):
                     beta2=_checks.as_number("betas[1]", beta2), eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"],
                     decoupled=group["decoupled_weight_decay"], maximize=group["maximize"])
+
+
+def _check_tensor_options(lr: Any, betas: Any, foreach: bool | None) -> None:
+    """The combinations torch.optim.Adam refuses at construction (ValueError), refused alike: code that runs on
+    thalweg then runs on torch. thalweg itself reads a tensor lr or beta once per step, on any backend."""
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        tensors = [isinstance(beta, torch.Tensor) for beta in betas]
+        if tensors[0] != tensors[1]:
+            raise ValueError(f"betas must be both numbers or both tensors (as torch.optim.Adam requires), got {betas!r}")
+        if tensors[0] and foreach:
+            raise ValueError(f"betas as tensors cannot be combined with foreach=True (torch.optim.Adam refuses it "
+                             f"without capturable=True), got betas={betas!r}")
+    if isinstance(lr, torch.Tensor) and foreach:
+        raise ValueError(f"lr as a tensor cannot be combined with foreach=True (torch.optim.Adam refuses it without "
+                         f"capturable=True), got lr={lr!r}")
 
 
 class AdamW(Adam):
@@ -151,7 +169,10 @@ class AdamW(Adam):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        differentiable: bool = False,
+        capturable: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True,
                          backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, state_dtype=state_dtype)
+                         skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, differentiable=differentiable,
+                         capturable=capturable)

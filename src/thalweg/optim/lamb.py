@@ -89,12 +89,13 @@ class LAMB(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         maximize=maximize, trust_ratio=True)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, differentiable=differentiable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])

@@ -83,10 +83,12 @@ class RMSprop(Optimizer):
         weight_decay: float = 0,
         momentum: float = 0,
         centered: bool = False,
-        *,
-        maximize: bool = False,
-        backend: str = "auto",
+        capturable: bool = False,
         foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        backend: str = "auto",
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
@@ -96,7 +98,7 @@ class RMSprop(Optimizer):
                         centered=centered, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, differentiable=differentiable, capturable=capturable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])

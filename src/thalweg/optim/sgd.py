@@ -71,6 +71,7 @@ class SGD(Optimizer):
     rule = sgd
     optional_group_keys = Optimizer.optional_group_keys | {"nesterov"}
     counts_steps = False  # torch's SGD keeps no step counter
+    accepts_sparse_grads = True  # as torch's (nn.Embedding(sparse=True)); the momentum buffer is kept dense
 
     def __init__(
         self,
@@ -88,12 +89,13 @@ class SGD(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, differentiable=differentiable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -147,7 +149,8 @@ class Momentum(SGD):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, backend=backend,
                          foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, differentiable=differentiable)
