@@ -75,6 +75,9 @@ class Optimizer(torch.optim.Optimizer):
     optional_group_keys: ClassVar[frozenset[str]] = frozenset({"maximize", "foreach", "fused", "capturable",
                                                                 "differentiable"})
     accepts_sparse_grads: ClassVar[bool] = False
+    requires_sparse_grads: ClassVar[bool] = False  # SparseAdam: a dense gradient is refused (as torch's)
+    # per-parameter state entries a subclass keeps itself, outside the rule's roles (SparseAdam's int `step`)
+    own_state_keys: ClassVar[frozenset[str]] = frozenset()
     # Layer-wise optimizers scale each tensor's step by a trust ratio that a param group can turn off
     # with ``trust_ratio=False`` (thalweg.create puts biases and norms in such a group).
     layerwise: ClassVar[bool] = False
@@ -94,11 +97,12 @@ class Optimizer(torch.optim.Optimizer):
         max_grad_norm: float | None,
         skip_nonfinite: bool,
         state_dtype: torch.dtype | None = None,
-        differentiable: bool = False,
+        differentiable: bool | None = False,
         capturable: bool = False,
     ) -> None:
         self.backend, self._auto_may_fuse = resolve_backend(backend, foreach, fused)
-        _checks.flag("differentiable", differentiable)
+        if differentiable is not None:  # None: an optimizer without the option (SparseAdam, as torch's)
+            _checks.flag("differentiable", differentiable)
         _checks.flag("capturable", capturable)
         if capturable:
             raise ValueError(f"capturable=True is not supported: a thalweg step reads its step counts on the host, "
@@ -106,7 +110,8 @@ class Optimizer(torch.optim.Optimizer):
         if differentiable and (self.backend not in ("auto", "reference") or state_dtype is not None):
             raise ValueError("differentiable=True steps with the reference backend in the parameters' own dtype; it "
                              f"cannot be combined with backend={self.backend!r} or state_dtype={state_dtype!r}")
-        defaults = {**defaults, "differentiable": differentiable}
+        if differentiable is not None:
+            defaults = {**defaults, "differentiable": differentiable}
         _checks.optional_positive("max_grad_norm", max_grad_norm)
         _checks.flag("skip_nonfinite", skip_nonfinite)
         if not (state_dtype is None or state_dtype is torch.float32):
@@ -288,7 +293,13 @@ class Optimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's __setstate__ adds `differentiable` to the defaults, which go into every group below: not for
+        # an optimizer that has no such option (SparseAdam, as torch's)
+        before = state.get("defaults", getattr(self, "defaults", None))
+        has_differentiable = not before or "differentiable" in before
         super().__setstate__(state)
+        if not has_differentiable:
+            self.defaults.pop("differentiable", None)
         # A checkpoint written by torch.optim (or an older thalweg) may lack our group keys: fill
         # them from the defaults, as torch's own optimizers do in __setstate__.
         for group in self.param_groups:
@@ -367,7 +378,7 @@ class Optimizer(torch.optim.Optimizer):
                                  f"not a {name} checkpoint (its keys: {sorted(k for k in saved if k != 'params')})")
             params.update(zip(saved["params"], group["params"]))
         scalar_keys = set(self._scalar_state(self.defaults)) if self.counts_steps else set()
-        allowed = set(self.rule.state_roles) | ({"step"} | scalar_keys if self.counts_steps else set())
+        allowed = set(self.rule.state_roles) | ({"step"} | scalar_keys if self.counts_steps else set()) | self.own_state_keys
         for index, state in state_dict["state"].items():
             where = f"state of param {index} in the checkpoint"
             foreign = sorted(set(state) - allowed)
@@ -476,6 +487,11 @@ class Optimizer(torch.optim.Optimizer):
                 positions = [i for i, g in enumerate(grads) if g is not None]
                 params = [params[i] for i in positions]
                 grads = [grads[i] for i in positions]
+            if self.requires_sparse_grads and not all(map(_IS_SPARSE, grads)):
+                position = next(i for i, g in enumerate(grads) if not g.is_sparse)
+                raise RuntimeError(f"parameter {_position(group, params[position])} of param group {group_index}: "
+                                   f"{type(self).__name__} does not support dense gradients, please consider Adam "
+                                   "instead (SparseAdam steps only the rows a sparse gradient holds)")
             if any(map(_IS_SPARSE, grads)):  # the one kind of gradient an optimizer may refuse
                 for param, grad in zip(params, grads):
                     self._check_grad(param, grad, group_index, group)
