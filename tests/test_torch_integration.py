@@ -187,3 +187,20 @@ def test_compiled_model_trains_like_the_eager_one():
     for a, b in zip(compiled_source.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert compiled_opt.state[next(compiled.parameters())]["step"] == 5
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Adagrad"])
+def test_fused_on_meta_parameters_fails_at_the_step_as_torch_does(name):
+    """torch's own suite: fused=True with meta-device parameters constructs, then the step raises RuntimeError
+    (issue 12, point 4). thalweg raises the same type at the same stage, naming the device, and changes nothing."""
+    outcomes = []
+    for cls in (getattr(torch.optim, name), getattr(thalweg, name)):
+        param = torch.empty(3, device="meta", requires_grad=True)
+        optimizer = cls([param], fused=True)
+        param.grad = torch.empty(3, device="meta")
+        before = {k: set(v) for k, v in optimizer.state.items()}  # (Adagrad creates its state at construction)
+        with pytest.raises(RuntimeError) as error:
+            optimizer.step()
+        outcomes.append((str(error.value), before == {k: set(v) for k, v in optimizer.state.items()}))
+    message, unchanged = outcomes[1]
+    assert "meta" in message and "fused" in message and unchanged
