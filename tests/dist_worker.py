@@ -52,6 +52,12 @@ OPTIMIZERS = {
     "adagrad": (thalweg.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=1e-2)),
     "lars": (thalweg.LARS, dict(lr=0.5, weight_decay=1e-3, trust_coefficient=0.02)),
     "lamb": (thalweg.LAMB, dict(lr=1e-2, weight_decay=0.01)),
+    "nadam": (thalweg.NAdam, dict(lr=1e-2, weight_decay=1e-2)),
+    "radam": (thalweg.RAdam, dict(lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True)),
+    "adamax": (thalweg.Adamax, dict(lr=1e-2, weight_decay=1e-2)),
+    "adadelta": (thalweg.Adadelta, dict(lr=1.0, weight_decay=1e-2)),
+    "asgd": (thalweg.ASGD, dict(lr=1e-2, t0=1.0, lambd=1e-2, weight_decay=1e-2)),
+    "rprop": (thalweg.Rprop, dict(lr=1e-2)),
 }
 
 
@@ -79,6 +85,8 @@ def param_groups(name: str, model: nn.Module) -> list[dict]:
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
     no_decay = dict(weight_decay=0.0, trust_ratio=False) if name in ("lars", "lamb") else dict(weight_decay=0.0)
+    if name == "rprop":  # no weight decay to exempt anything from
+        no_decay = {}
     return [{"params": weights}, {"params": biases, **no_decay}]
 
 

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.timeout(400)
 
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 300
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lars", "lamb")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lars", "lamb", "nadam", "radam", "adamax",
+              "adadelta", "asgd", "rprop")
 DTYPES = ("float64", "float32")
 # The issue asks for 1e-5 (float64) and 1e-4 (float32); measured errors are ~1e-16 and ~2e-7.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
