@@ -171,7 +171,8 @@ class Spec:
     # own for-loop and foreach paths are each far from the float64 result (ASGD: param ← (1-λη)·param − η·g
     # rounds three times a step in torch's for-loop, once in the fused kernel): a backend is then held to
     # be at least as close to the float64 run as torch's closest bfloat16 path, rather than to one of them
-    bf16_ill_conditioned: bool = False
+    # (a predicate of the options: RMSprop only when centred, where v - ḡ² cancels)
+    bf16_ill_conditioned: Callable[[dict[str, Any]], bool] = lambda combo: False
 
     def __repr__(self) -> str:  # test ids
         return self.name
@@ -240,7 +241,8 @@ SPECS: list[Spec] = [
               weight_decay=st.floats(1e-4, 0.3)),
          lambda c: {"step", "square_avg"} | ({"momentum_buffer"} if c.get("momentum") else set())
          | ({"grad_avg"} if c.get("centered") else set()),
-         train_lr=1e-3, cycle_momentum="momentum", flags=("centered", "maximize")),
+         train_lr=1e-3, cycle_momentum="momentum", flags=("centered", "maximize"),
+         bf16_ill_conditioned=lambda c: bool(c.get("centered"))),
     Spec("adagrad", thalweg.Adagrad, torch.optim.Adagrad, True,
          _grid(lr=[0.05], lr_decay=[0.0, 0.05], initial_accumulator_value=[0.0, 0.1], eps=[1e-10],
                weight_decay=[0.0, 0.1], maximize=[False, True]),
@@ -261,7 +263,8 @@ SPECS: list[Spec] = [
          dict(lr=_lr(0.1), lambd=st.floats(1e-5, 1e-1), alpha=st.floats(0.5, 1.0), t0=st.floats(1.0, 30.0),
               weight_decay=st.floats(1e-4, 0.3)),
          lambda c: {"step", "eta", "mu", "ax"},
-         train_lr=0.5, cycle_momentum=None, nonneg=("lr", "weight_decay", "lambd", "alpha"), bf16_ill_conditioned=True),
+         train_lr=0.5, cycle_momentum=None, nonneg=("lr", "weight_decay", "lambd", "alpha"),
+         bf16_ill_conditioned=lambda c: True),
     Spec("rprop", thalweg.Rprop, torch.optim.Rprop, True,
          _grid(lr=[1e-2], etas=[(0.5, 1.2), (0.25, 1.5)], step_sizes=[(1e-6, 50)], maximize=[False, True]),
          dict(lr=_lr(0.1)),

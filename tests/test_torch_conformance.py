@@ -64,6 +64,14 @@ import thalweg
 # bug to fix (or a decision to make and document there first).
 # ---------------------------------------------------------------------------------------------------
 DELIBERATE: dict[str, str] = {
+    "error:Muon-error-does_not_support_complex_parameters":
+        "README, 'Where thalweg knowingly differs': complex parameters are refused at construction (TypeError, "
+        "naming the parameter); torch's Muon refuses them at the first step (RuntimeError)",
+    "steps:Muon-tensor_lr-float64":
+        "README, 'Where thalweg knowingly differs': with a tensor lr, torch's Muon computes its scalars (the "
+        "shape-adjusted lr, 1 - lr*weight_decay) in the tensor's dtype, float32; thalweg in float64 (2e-8 apart)",
+    "state_dict:Muon-tensor_lr-float64":
+        "as steps:Muon-tensor_lr-float64 (the round trip steps after loading)",
     "error:*-a_param_group_cannot_have_duplicate_parameters":
         "README, 'Where thalweg knowingly differs': a parameter listed twice in one group is an error "
         "(ValueError at construction); torch only warns (UserWarning)",

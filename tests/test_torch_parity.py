@@ -46,7 +46,7 @@ def check_against_torch(spec: Spec, combo, backend, shapes, dtype, seed, steps):
     twin = clone_params(params)
     grads = list(grad_stream(shapes, dtype, seed, steps))
     ours = run(lambda ps: spec.build(spec.cls, split_groups(ps, combo, spec), combo, backend=backend), params, grads)
-    if dtype == torch.bfloat16 and spec.bf16_ill_conditioned:
+    if dtype == torch.bfloat16 and spec.bf16_ill_conditioned(combo):
         check_bf16_accuracy(spec, combo, params, twin, grads)
         return
     implementation = torch_implementation(spec, backend, dtype)

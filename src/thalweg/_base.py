@@ -78,6 +78,8 @@ class Optimizer(torch.optim.Optimizer):
     requires_sparse_grads: ClassVar[bool] = False  # SparseAdam: a dense gradient is refused (as torch's)
     # per-parameter state entries a subclass keeps itself, outside the rule's roles (SparseAdam's int `step`)
     own_state_keys: ClassVar[frozenset[str]] = frozenset()
+    # a stage of torch ops on whole tensors runs before the rule (:meth:`_transform_grads`, Muon)
+    transforms_grads: ClassVar[bool] = False
     # Layer-wise optimizers scale each tensor's step by a trust ratio that a param group can turn off
     # with ``trust_ratio=False`` (thalweg.create puts biases and norms in such a group).
     layerwise: ClassVar[bool] = False
@@ -158,11 +160,18 @@ class Optimizer(torch.optim.Optimizer):
         starting value: NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``. None by default."""
         return {}
 
-    def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]]) -> dict[str, Any]:
+    def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[str, Any]:
         """The rule's :class:`~thalweg.engine.PerTensor` values for a step of these parameters (float64 numpy
-        arrays, one entry per state), from each parameter's state before the step; nothing is written here.
+        arrays, one entry per parameter), from each parameter's state before the step (and its shape: Muon's
+        learning rate); nothing is written here.
         Anything else in the dict is handed back to :meth:`_after_step`."""
         raise NotImplementedError(f"{type(self).__name__}'s rule takes per-tensor values; define _supplied")
+
+    def _transform_grads(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                         states: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """With ``transforms_grads``: what the rule reads as each parameter's gradient (same shape and dtype),
+        computed with torch ops on whole tensors after every check has passed (it may write state)."""
+        raise NotImplementedError
 
     def _after_step(self, group: dict[str, Any], states: list[dict[str, Any]], supplied: dict[str, Any]) -> None:
         """Write the scalar state this step advanced (after the update; ``supplied``: what :meth:`_supplied` gave)."""
@@ -207,7 +216,7 @@ class Optimizer(torch.optim.Optimizer):
         can take it back; ``where(k)`` names parameter ``k`` in errors.
         """
         roles = program.state_roles
-        if not roles and not self.counts_steps:
+        if not roles and not self.counts_steps and not self.transforms_grads:
             return [], None
         table = self.state
         if created_log is not None:
@@ -549,6 +558,13 @@ class Optimizer(torch.optim.Optimizer):
         for arguments, keywords, sparse, (group, states, supplied) in ready:
             if sparse is not None:
                 self._sparse_update(*sparse)
+            if self.transforms_grads and arguments[2]:
+                # a stage of torch ops on whole tensors before the elementwise rule (Muon's orthogonalisation):
+                # the rule then reads its result as the gradient; the kernels' tables are taken again for it
+                program, backend, params, grads, roles, steps, first, scalars = arguments
+                arguments = (program, backend, params, self._transform_grads(group, params, grads, states), roles,
+                             steps, first, scalars)
+                keywords = {**keywords, "partitioned": None}
             engine.run(*arguments, **keywords)
             if supplied is not None:
                 self._after_step(group, states, supplied)
@@ -583,7 +599,7 @@ class Optimizer(torch.optim.Optimizer):
         supplied = None
         if self.rule.supplied:
             _check_scalar_state(where, states, self._scalar_state(group))
-            supplied = self._supplied(group, states)
+            supplied = self._supplied(group, states, params)
             scalars = {**scalars, **supplied}
         arguments = (program, backend, params, grads, roles, steps, first, scalars)
         keywords = dict(sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self.state_dtype,

@@ -7,6 +7,7 @@ from .adamax import Adamax
 from .asgd import ASGD
 from .lamb import LAMB
 from .lars import LARS
+from .muon import Muon
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -15,4 +16,4 @@ from .sgd import SGD, Momentum
 from .sparse_adam import SparseAdam
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
-           "Rprop", "SparseAdam", "LARS", "LAMB"]
+           "Rprop", "SparseAdam", "LARS", "LAMB", "Muon"]

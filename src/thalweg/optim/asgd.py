@@ -105,7 +105,7 @@ class ASGD(Optimizer):
     def _scalar_state(self, group: dict[str, Any]) -> dict[str, float]:
         return {"eta": _checks.as_number("lr", group["lr"]), "mu": 1.0}
 
-    def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]]) -> dict[str, Any]:
+    def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[str, Any]:
         return dict(eta=np.array([float(state["eta"]) for state in states]),
                     mu=np.array([float(state["mu"]) for state in states]))
 

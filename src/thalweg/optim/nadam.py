@@ -123,7 +123,7 @@ class NAdam(Optimizer):
     def _scalar_state(self, group: dict[str, Any]) -> dict[str, float]:
         return {"mu_product": 1.0}
 
-    def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]]) -> dict[str, Any]:
+    def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[str, Any]:
         beta1, psi = _checks.as_number("betas[0]", group["betas"][0]), float(group["momentum_decay"])
         step = np.array([float(state["step"]) for state in states]) + 1  # the count after this step's increment
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))

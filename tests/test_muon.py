@@ -1,0 +1,130 @@
+"""Muon (issue 12): torch.optim.Muon's constructor, defaults, state and results for 2-D parameters, on every
+backend (the orthogonalisation is a torch-op stage; the final update is the rule, fused or not). (Not in
+specs.SPECS: those suites step 0-d, 1-d and 3-d tensors, which Muon refuses by design.)"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import thalweg
+from thalweg.optim.muon import orthogonalize
+
+BACKENDS = ("reference", "foreach", "fused")
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+OPTIONS = [dict(), dict(nesterov=False), dict(weight_decay=0.0), dict(adjust_lr_fn="match_rms_adamw", lr=0.01),
+           dict(adjust_lr_fn="original", momentum=0.5, ns_steps=3), dict(ns_coefficients=(2.0, -1.5, 0.5), eps=1e-3)]
+shapes = st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=3)
+
+
+def _run(cls, shapes_, dtype, options, seed, steps=12, **extra):
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)) for s in shapes_]
+    optimizer = cls(params, **options, **extra)
+    grads = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=grads, dtype=torch.float64).to(dtype)
+        optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+@given(shapes_=shapes, dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_matches_torch(backend, options, shapes_, dtype, seed):
+    ours, mine = _run(thalweg.Muon, shapes_, dtype, options, seed, backend=backend)
+    theirs, torchs = _run(torch.optim.Muon, shapes_, dtype, options, seed)
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(a, b, **TOLERANCE[dtype], msg=lambda m: f"param {index}: {m}")
+        assert set(mine.state[a]) == set(torchs.state[b]) == {"momentum_buffer"}
+        torch.testing.assert_close(mine.state[a]["momentum_buffer"], torchs.state[b]["momentum_buffer"],
+                                   **TOLERANCE[dtype])
+    assert mine.state_dict()["param_groups"][0].keys() - {"skipped_steps"} == torchs.state_dict()["param_groups"][0].keys()
+
+
+def test_bfloat16_reference_is_torchs_for_loop_and_every_backend_is_as_accurate():
+    shapes_ = [(6, 4), (3, 8)]
+    ours, _ = _run(thalweg.Muon, shapes_, torch.bfloat16, dict(lr=0.02), 0, backend="reference")
+    theirs, _ = _run(torch.optim.Muon, shapes_, torch.bfloat16, dict(lr=0.02), 0)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    exact, _ = _run(torch.optim.Muon, shapes_, torch.float64, dict(lr=0.02), 0)
+    for backend in ("foreach", "fused"):
+        derived, _ = _run(thalweg.Muon, shapes_, torch.bfloat16, dict(lr=0.02), 0, backend=backend)
+        for a, b, e in zip(derived, theirs, exact):
+            # one rounding per step (fused) or torch's foreach roundings: within 4 bfloat16 ulps of how far torch's
+            # own bfloat16 run is from the float64 one
+            error = lambda p: float((p.double() - e).abs().max())  # noqa: E731
+            assert error(a) <= error(b) + 3e-2 * float(e.abs().max()), backend
+
+
+def test_bfloat16_momentum_buffer_without_nesterov_is_the_recurrence():
+    """README: torch's bfloat16 Muon without Nesterov divides its momentum buffer in place by its norm (the
+    orthogonalisation's bfloat16 copy is the buffer itself); thalweg's buffer stays the running average."""
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=generator).bfloat16() for _ in range(3)]
+    results = {}
+    for cls in (thalweg.Muon, torch.optim.Muon):
+        param = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.bfloat16))
+        optimizer = cls([param], nesterov=False, momentum=0.5)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        results[cls] = optimizer.state[param]["momentum_buffer"]
+    expected = torch.zeros(4, 3, dtype=torch.bfloat16)
+    for grad in grads:
+        expected.lerp_(grad, 0.5)
+    assert torch.equal(results[thalweg.Muon], expected)
+    assert not torch.equal(results[torch.optim.Muon], expected)
+
+
+def test_orthogonalize_gives_singular_values_near_one():
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(16, 8), (8, 16), (12, 12)]:
+        update = torch.randn(shape, generator=generator)
+        values = torch.linalg.svdvals(orthogonalize(update, (3.4445, -4.775, 2.0315), 5, 1e-7).float())
+        assert 0.5 < float(values.min()) and float(values.max()) < 1.3, values
+
+
+def test_bad_input_is_refused_by_name():
+    matrix = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"Muon steps 2-D parameters only: params\[1\] of param group 0 has shape \(3,\)"):
+        thalweg.Muon([matrix, torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="adjust_lr_fn must be one of None, 'original', 'match_rms_adamw', got 'x'"):
+        thalweg.Muon([matrix], adjust_lr_fn="x")
+    with pytest.raises(ValueError, match=r"ns_steps must be an integer in \[0, 100\), got 100"):
+        thalweg.Muon([matrix], ns_steps=100)
+    with pytest.raises(ValueError, match="lr must be >= 0, got -1.0"):
+        thalweg.Muon([matrix], lr=-1.0)
+    with pytest.raises(ValueError, match=r"ns_coefficients must be three numbers"):
+        thalweg.Muon([matrix], ns_coefficients=(1.0, 2.0))
+    for bad in (dict(adjust_lr_fn="x"), dict(lr=-1.0)):  # torch raises the same type
+        with pytest.raises(ValueError):
+            torch.optim.Muon([matrix], **bad)
+
+
+@pytest.mark.parametrize("direction", ["torch->thalweg", "thalweg->torch"])
+def test_checkpoints_cross_load_and_resume_as_if_never_stopped(direction):
+    first, second = (torch.optim.Muon, thalweg.Muon) if direction == "torch->thalweg" else (thalweg.Muon, torch.optim.Muon)
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(5, 3, generator=generator) for _ in range(8)]
+    start = torch.randn(5, 3, generator=generator)
+    reference = torch.nn.Parameter(start.clone())
+    never_stopped = torch.optim.Muon([reference], lr=0.02)
+    param = torch.nn.Parameter(start.clone())
+    make = lambda cls, ps: cls(ps, lr=0.02, **({"backend": "reference"} if cls is thalweg.Muon else {}))  # noqa: E731
+    before = make(first, [param])  # (the reference backend rounds as torch's for-loop: the comparison is exact)
+    for step, grad in enumerate(grads):
+        if step == 4:
+            after = make(second, [param])
+            after.load_state_dict(copy.deepcopy(before.state_dict()))
+            before = after
+        for p, optimizer in ((reference, never_stopped), (param, before)):
+            p.grad = grad.clone()
+            optimizer.step()
+    torch.testing.assert_close(param, reference, rtol=0, atol=0)
