@@ -61,8 +61,6 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     ``centres`` replaces the lr-centre table (:data:`protocol.CENTRES`); ``backend`` is passed to
     every optimizer (thalweg's ``backend=``: auto, reference, foreach or fused).
     """
-    import thalweg
-
     known = dict(TASKS, **(extra_tasks or {}))
     names = list(tasks) if tasks else (QUICK_TASKS if quick else list(TASKS))
     task_objs = [known[n] if n in known else get_task(n) for n in dict.fromkeys(names)]
