@@ -64,6 +64,9 @@ import thalweg
 # bug to fix (or a decision to make and document there first).
 # ---------------------------------------------------------------------------------------------------
 DELIBERATE: dict[str, str] = {
+    "error:Adafactor-error-does_not_support_complex_parameters":
+        "README, 'Where thalweg knowingly differs': complex parameters are refused at construction (TypeError, "
+        "naming the parameter); torch's Adafactor refuses them at the first step (RuntimeError)",
     "error:Muon-error-does_not_support_complex_parameters":
         "README, 'Where thalweg knowingly differs': complex parameters are refused at construction (TypeError, "
         "naming the parameter); torch's Muon refuses them at the first step (RuntimeError)",

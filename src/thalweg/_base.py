@@ -80,6 +80,9 @@ class Optimizer(torch.optim.Optimizer):
     own_state_keys: ClassVar[frozenset[str]] = frozenset()
     # a stage of torch ops on whole tensors runs before the rule (:meth:`_transform_grads`, Muon)
     transforms_grads: ClassVar[bool] = False
+    # state entries whose shape is not the parameter's (Adafactor's row and column factors): checked by
+    # :meth:`_check_state`, not against the parameter's shape
+    unshaped_state_keys: ClassVar[frozenset[str]] = frozenset()
     # Layer-wise optimizers scale each tensor's step by a trust ratio that a param group can turn off
     # with ``trust_ratio=False`` (thalweg.create puts biases and norms in such a group).
     layerwise: ClassVar[bool] = False
@@ -166,6 +169,10 @@ class Optimizer(torch.optim.Optimizer):
         learning rate); nothing is written here.
         Anything else in the dict is handed back to :meth:`_after_step`."""
         raise NotImplementedError(f"{type(self).__name__}'s rule takes per-tensor values; define _supplied")
+
+    def _check_state(self, where, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+        """Raise, naming the parameter (``where(k)``), for state the rule's checks do not cover and the step
+        would use (``own_state_keys``); called before anything is written."""
 
     def _transform_grads(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                          states: list[dict[str, Any]]) -> list[torch.Tensor]:
@@ -409,7 +416,7 @@ class Optimizer(torch.optim.Optimizer):
                         raise ValueError(f"{where}: {key!r} must be a number or a one-element tensor, got {value!r}")
                 elif not isinstance(value, torch.Tensor):
                     raise ValueError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
-                elif param is not None and value.shape != param.shape:
+                elif param is not None and key not in self.unshaped_state_keys and value.shape != param.shape:
                     raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)} but the parameter has "
                                      f"{tuple(param.shape)}")
 
@@ -596,6 +603,7 @@ class Optimizer(torch.optim.Optimizer):
         except (AttributeError, TypeError, RuntimeError):  # a state entry that is not a tensor at all
             partitioned, unchecked = None, range(len(params))
         _check_tensors(where, params, grads, roles, steps, program.state_roles, unchecked)
+        self._check_state(where, params, states)
         supplied = None
         if self.rule.supplied:
             _check_scalar_state(where, states, self._scalar_state(group))

@@ -1,6 +1,7 @@
 """The optimizers, one module each."""
 
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
@@ -16,4 +17,4 @@ from .sgd import SGD, Momentum
 from .sparse_adam import SparseAdam
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
-           "Rprop", "SparseAdam", "LARS", "LAMB", "Muon"]
+           "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon"]
