@@ -11,6 +11,7 @@ harness, schedulers included, drives them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -383,3 +384,25 @@ def assert_same_state(actual_opt, expected_opt, actual_params, expected_params, 
                 assert torch.equal(a[key], e[key]), f"{what} differs"
             else:
                 assert_close(a[key], e[key], what=what)
+
+
+@contextlib.contextmanager
+def one_process_mesh():
+    """A 1-process gloo group and CPU device mesh, for tests that need DTensors in this process."""
+    import os
+    import socket
+
+    import pytest
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        torch.distributed.destroy_process_group()

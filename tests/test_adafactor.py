@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from specs import one_process_mesh
 
 import thalweg
 
@@ -113,3 +114,13 @@ def test_checkpoints_cross_load_and_resume_as_if_never_stopped(direction):
             opt.step()
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sharded_matrices_are_refused_until_their_statistics_are_reduced_across_shards():
+    """Column means over rows that FSDP2 spreads across processes would be each shard's own: refused, by name."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with one_process_mesh() as mesh:
+        matrix = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match=r"Adafactor on sharded \(DTensor, FSDP2\) matrices is not supported yet"):
+            thalweg.Adafactor([matrix])

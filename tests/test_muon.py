@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from specs import one_process_mesh
 
 import thalweg
 from thalweg.optim.muon import orthogonalize
@@ -128,3 +129,12 @@ def test_checkpoints_cross_load_and_resume_as_if_never_stopped(direction):
             p.grad = grad.clone()
             optimizer.step()
     torch.testing.assert_close(param, reference, rtol=0, atol=0)
+
+
+def test_sharded_matrices_are_refused_until_the_whole_matrix_is_gathered():
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with one_process_mesh() as mesh:
+        matrix = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match=r"Muon on sharded \(DTensor, FSDP2\) parameters is not supported yet"):
+            thalweg.Muon([matrix])

@@ -98,6 +98,11 @@ class Adafactor(Optimizer):
                         maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, differentiable=None)
+        for g, group in enumerate(self.param_groups):
+            for k, param in enumerate(group["params"]):
+                if type(param).__name__ == "DTensor" and param.dim() > 1:
+                    raise ValueError(f"Adafactor on sharded (DTensor, FSDP2) matrices is not supported yet: params[{k}] "
+                                     f"of param group {g}; its column statistics need every row")
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
