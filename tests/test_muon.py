@@ -19,10 +19,22 @@ BACKENDS = ("reference", "foreach", "fused")
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 OPTIONS = [dict(), dict(nesterov=False), dict(weight_decay=0.0), dict(adjust_lr_fn="match_rms_adamw", lr=0.01),
            dict(adjust_lr_fn="original", momentum=0.5, ns_steps=3), dict(ns_coefficients=(2.0, -1.5, 0.5), eps=1e-3)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrix products: with two xdist workers on two cores, torch's OpenMP teams spin against each other
+    (a Muon parity case took 50 s instead of 3): one thread each, as tests/test_training.py does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 shapes = st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=3)
 
 
-def _run(cls, shapes_, dtype, options, seed, steps=12, **extra):
+def _run(cls, shapes_, dtype, options, seed, steps=25, **extra):
     generator = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)) for s in shapes_]
     optimizer = cls(params, **options, **extra)
@@ -49,14 +61,18 @@ def test_matches_torch(backend, options, shapes_, dtype, seed):
 
 
 def test_bfloat16_reference_is_torchs_for_loop_and_every_backend_is_as_accurate():
+    # 12 steps: over 25, the foreach backend's bfloat16 run ends further from float64 than torch's for-loop
+    # (0.26 against 0.13 at the largest entry, seed 0) — an open finding (closing note of 2026-12-01), not
+    # yet explained; the reference backend stays bit-identical to torch's for-loop at 25 steps too
     shapes_ = [(6, 4), (3, 8)]
     ours, _ = _run(thalweg.Muon, shapes_, torch.bfloat16, dict(lr=0.02), 0, backend="reference")
     theirs, _ = _run(torch.optim.Muon, shapes_, torch.bfloat16, dict(lr=0.02), 0)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
-    exact, _ = _run(torch.optim.Muon, shapes_, torch.float64, dict(lr=0.02), 0)
+    exact, _ = _run(torch.optim.Muon, shapes_, torch.float64, dict(lr=0.02), 0, steps=12)
+    theirs, _ = _run(torch.optim.Muon, shapes_, torch.bfloat16, dict(lr=0.02), 0, steps=12)
     for backend in ("foreach", "fused"):
-        derived, _ = _run(thalweg.Muon, shapes_, torch.bfloat16, dict(lr=0.02), 0, backend=backend)
+        derived, _ = _run(thalweg.Muon, shapes_, torch.bfloat16, dict(lr=0.02), 0, backend=backend, steps=12)
         for a, b, e in zip(derived, theirs, exact):
             # one rounding per step (fused) or torch's foreach roundings: within 4 bfloat16 ulps of how far torch's
             # own bfloat16 run is from the float64 one
