@@ -58,6 +58,10 @@ def resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> t
     return requested, True
 
 
+# rule scalars a param group keeps in one of torch's pairs: name -> (group key, position)
+_FROM_PAIR = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+
+
 class Optimizer(torch.optim.Optimizer):
     """Base of every thalweg optimizer: a ``torch.optim.Optimizer`` with checked input and shared options.
 
@@ -147,11 +151,16 @@ class Optimizer(torch.optim.Optimizer):
 
     def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
         """The rule's flags and hyper-parameters from a param group: by default each rule scalar is the group
-        key of the same name (numbers as Python floats, a tensor ``lr`` read once)."""
+        key of the same name, and ``beta1``/``beta2`` are torch's ``betas`` pair (numbers as Python floats, a
+        tensor ``lr`` or beta read once)."""
         values = {}
         for name in self.rule.scalars:
-            value = group[name]
-            values[name] = value if type(value) is bool else _checks.as_number(name, value)
+            if name in _FROM_PAIR:
+                key, index = _FROM_PAIR[name]
+                value, label = group[key][index], f"{key}[{index}]"
+            else:
+                value, label = group[name], name
+            values[name] = value if type(value) is bool else _checks.as_number(label, value)
         return values
 
     def _initial_value(self, role: str, group: dict[str, Any]) -> float:

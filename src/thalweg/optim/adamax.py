@@ -80,7 +80,8 @@ class Adamax(Optimizer):
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, differentiable=differentiable, capturable=capturable)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
+                         differentiable=differentiable, capturable=capturable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -88,9 +89,3 @@ class Adamax(Optimizer):
         _checks.non_negative("eps", group["eps"])
         _checks.non_negative("weight_decay", group["weight_decay"])
         _checks.flag("maximize", group["maximize"])
-
-    def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(lr=_checks.as_number("lr", group["lr"]), beta1=_checks.as_number("betas[0]", beta1),
-                    beta2=_checks.as_number("betas[1]", beta2), eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]), maximize=group["maximize"])

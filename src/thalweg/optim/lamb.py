@@ -105,10 +105,3 @@ class LAMB(Optimizer):
         _checks.flag("bias_correction", group["bias_correction"])
         _checks.flag("maximize", group["maximize"])
         _checks.flag("trust_ratio", group["trust_ratio"])
-
-    def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(lr=_checks.as_number("lr", group["lr"]), beta1=_checks.as_number("betas[0]", beta1),
-                    beta2=_checks.as_number("betas[1]", beta2), eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]), bias_correction=group["bias_correction"],
-                    maximize=group["maximize"], trust_ratio=group["trust_ratio"])

@@ -35,13 +35,13 @@ from ..engine import Flag, lerp, rule, sqrt, where
 
 
 @rule
-def radam(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, decoupled: Flag,
-          maximize: Flag):
+def radam(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
+          decoupled_weight_decay: Flag, maximize: Flag):
     """One RAdam step of one tensor, in torch.optim's order of operations."""
     if maximize:
         grad = -grad
     if weight_decay != 0:
-        if decoupled:
+        if decoupled_weight_decay:
             param = param * (1 - lr * weight_decay)
         else:
             grad = grad + weight_decay * param
@@ -103,7 +103,8 @@ class RAdam(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, differentiable=differentiable, capturable=capturable)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
+                         differentiable=differentiable, capturable=capturable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -112,10 +113,3 @@ class RAdam(Optimizer):
         _checks.non_negative("weight_decay", group["weight_decay"])
         _checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
         _checks.flag("maximize", group["maximize"])
-
-    def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(lr=_checks.as_number("lr", group["lr"]), beta1=_checks.as_number("betas[0]", beta1),
-                    beta2=_checks.as_number("betas[1]", beta2), eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]), decoupled=group["decoupled_weight_decay"],
-                    maximize=group["maximize"])
