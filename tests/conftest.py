@@ -46,3 +46,13 @@ def backend(request) -> str:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: with two xdist workers on two cores, torch's OpenMP teams spin against
+    each other on small matrix products (a Muon parity case took 50 s instead of 3)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -406,3 +406,18 @@ def one_process_mesh():
         yield init_device_mesh("cpu", (1,))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def run_seeded(cls, shapes, dtype, options, seed, steps=25, **extra):
+    """``cls(params, **options, **extra)`` stepped ``steps`` times on seeded params and dense gradients of
+    ``shapes`` (drawn in float64, then cast to ``dtype``: every dtype sees the same numbers); returns
+    (params, optimizer)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)) for s in shapes]
+    optimizer = cls(params, **options, **extra)
+    grads = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=grads, dtype=torch.float64).to(dtype)
+        optimizer.step()
+    return params, optimizer

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from specs import one_process_mesh
+from specs import one_process_mesh, run_seeded
 
 import thalweg
 
@@ -21,37 +21,17 @@ OPTIONS = [dict(), dict(weight_decay=0.1, maximize=True), dict(lr=0.5, beta2_dec
            dict(eps=(1e-3, 0.0))]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrix products: with two xdist workers on two cores, torch's OpenMP teams spin against each other
-    (a Muon parity case took 50 s instead of 3): one thread each, as tests/test_training.py does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small matrix products (see conftest)
 
 shapes = st.lists(st.sampled_from([(), (1,), (7,), (5, 3), (1, 4), (2, 3, 4), (3, 1, 2)]), min_size=1, max_size=4)
-
-
-def _run(cls, shapes_, dtype, options, seed, steps=25, **extra):
-    generator = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)) for s in shapes_]
-    optimizer = cls(params, **options, **extra)
-    grads = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        for param in params:
-            param.grad = torch.randn(param.shape, generator=grads, dtype=torch.float64).to(dtype)
-        optimizer.step()
-    return params, optimizer
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 @given(shapes_=shapes, dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
 def test_matches_torch(backend, options, shapes_, dtype, seed):
-    ours, mine = _run(thalweg.Adafactor, shapes_, dtype, options, seed, backend=backend)
-    theirs, torchs = _run(torch.optim.Adafactor, shapes_, dtype, options, seed)
+    ours, mine = run_seeded(thalweg.Adafactor, shapes_, dtype, options, seed, backend=backend)
+    theirs, torchs = run_seeded(torch.optim.Adafactor, shapes_, dtype, options, seed)
     for index, (a, b) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(a, b, **TOLERANCE[dtype], msg=lambda m: f"param {index}: {m}")
         assert set(mine.state[a]) == set(torchs.state[b])
@@ -67,9 +47,9 @@ def test_bfloat16_is_as_accurate_as_torchs(backend):
     kernel rounds once per step: every backend is within 4 bfloat16 ulps of the largest magnitude of how far
     torch's own bfloat16 run is from the float64 one."""
     shapes_, options = [(6, 4), (5,), ()], dict(lr=0.05, weight_decay=0.1)
-    ours, _ = _run(thalweg.Adafactor, shapes_, torch.bfloat16, options, 0, backend=backend)
-    theirs, _ = _run(torch.optim.Adafactor, shapes_, torch.bfloat16, options, 0)
-    exact, _ = _run(torch.optim.Adafactor, shapes_, torch.float64, options, 0)
+    ours, _ = run_seeded(thalweg.Adafactor, shapes_, torch.bfloat16, options, 0, backend=backend)
+    theirs, _ = run_seeded(torch.optim.Adafactor, shapes_, torch.bfloat16, options, 0)
+    exact, _ = run_seeded(torch.optim.Adafactor, shapes_, torch.float64, options, 0)
     for index, (a, b, e) in enumerate(zip(ours, theirs, exact)):
         error = lambda p: float((p.detach().double() - e.detach()).abs().max())  # noqa: E731
         assert error(a) <= error(b) + 3e-2 * float(e.detach().abs().max()), f"param {index}"
