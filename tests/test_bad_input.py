@@ -50,14 +50,20 @@ MOMENTUM_SPECS = [s for s in SPECS if "momentum" in s.ranges]
                                                   ((0.9, 1.0), 1, "1.0"), ((0.9, -1e-3), 1, "-0.001"),
                                                   ((0.9, NAN), 1, "nan")])
 def test_betas_outside_0_1_are_refused_with_their_index(spec, betas, index, value):
+    betas = betas + tuple(spec.grid[0]["betas"][2:])  # (beta3 as the spec's, for Adan and AdEMAMix)
     with pytest.raises(ValueError, match=rf"^betas\[{index}\] must be in \[0, 1\), got {value}$"):
         build(spec, betas=betas)
 
 
 @pytest.mark.parametrize("spec", BETAS_SPECS, ids=repr)
 def test_betas_must_be_a_pair(spec):
-    with pytest.raises(ValueError, match=r"^betas must be a pair \(beta1, beta2\), got 0\.9$"):
+    """A pair, or three numbers for the optimizers with three moving averages; the message says which."""
+    expected = (r"a pair \(beta1, beta2\)" if len(spec.grid[0]["betas"]) == 2
+                else r"3 numbers \(beta1, beta2, beta3\)")
+    with pytest.raises(ValueError, match=rf"^betas must be {expected}, got 0\.9$"):
         build(spec, betas=0.9)
+    with pytest.raises(ValueError, match=rf"^betas must be {expected}, got \(0\.9, 0\.9, 0\.9, 0\.9\)$"):
+        build(spec, betas=(0.9,) * 4)
 
 
 @pytest.mark.parametrize("spec", MOMENTUM_SPECS, ids=repr)

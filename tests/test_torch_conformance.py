@@ -81,8 +81,10 @@ DELIBERATE: dict[str, str] = {
 }
 
 # Group keys thalweg writes that torch does not: optimizer-wide counters carried in param group 0 of a
-# state_dict (README: skipped_steps survives torch.save, DCP and a load into torch.optim).
-THALWEG_ONLY_GROUP_KEYS = frozenset(thalweg.Optimizer._OWN_STATE)
+# state_dict (README: skipped_steps survives torch.save, DCP and a load into torch.optim), and thalweg's
+# own options (cautious; torch ignores a key it does not read, and a torch checkpoint lacks it: the
+# constructor's value fills it in).
+THALWEG_ONLY_GROUP_KEYS = frozenset(thalweg.Optimizer._OWN_STATE) | {"cautious"}
 # torch's implementation switches, which thalweg chooses per step rather than keeping in its groups; a
 # group may lack them (torch's own load_state_dict fills them in), but where both have one it must agree.
 TORCH_IMPLEMENTATION_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})

@@ -62,8 +62,9 @@ def check_against_torch(spec: Spec, combo, backend, shapes, dtype, seed, steps):
         torchs = {k: v for k, v in torchs.items() if k not in implementation}
         # torch's groups also carry its implementation switches (foreach, capturable, ...); every key
         # thalweg writes must be one torch writes, with the same value, so checkpoints cross-load —
-        # except the optimizer-wide counts thalweg adds (skipped_steps), which torch carries along unread.
-        mine = {k: v for k, v in mine.items() if k not in thalweg.Optimizer._OWN_STATE}
+        # except the optimizer-wide counts thalweg adds (skipped_steps) and its own options (cautious), which
+        # torch carries along unread.
+        mine = {k: v for k, v in mine.items() if k not in thalweg.Optimizer._OWN_STATE and k != "cautious"}
         assert set(mine) <= set(torchs), f"group keys torch does not know: {set(mine) - set(torchs)}"
         for key in mine:
             assert mine[key] == torchs[key], f"group[{key!r}]: {mine[key]!r} != {torchs[key]!r}"

@@ -59,7 +59,7 @@ def resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> t
 
 
 # rule scalars a param group keeps in one of torch's pairs: name -> (group key, position)
-_FROM_PAIR = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+_FROM_PAIR = {"beta1": ("betas", 0), "beta2": ("betas", 1), "beta3": ("betas", 2)}
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -179,6 +179,18 @@ class Optimizer(torch.optim.Optimizer):
         Anything else in the dict is handed back to :meth:`_after_step`."""
         raise NotImplementedError(f"{type(self).__name__}'s rule takes per-tensor values; define _supplied")
 
+    def _per_tensor_values(self, group: dict[str, Any], states: list[dict[str, Any]], params: list[torch.Tensor],
+                           sizes: np.ndarray | None, where=None) -> dict[str, Any]:
+        """The rule's per-tensor values: ``size`` (each whole tensor's element count, also when it is sharded:
+        what a per-tensor mean or RMS divides by) and what :meth:`_supplied` gives for the rest."""
+        values: dict[str, Any] = {}
+        if sizes is not None:
+            values["size"] = sizes
+        if any(name != "size" for name in self.rule.supplied):
+            _check_scalar_state(where, states, self._scalar_state(group))
+            values.update(self._supplied(group, states, params))
+        return values
+
     def _check_state(self, where, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         """Raise, naming the parameter (``where(k)``), for state the rule's checks do not cover and the step
         would use (``own_state_keys``); called before anything is written."""
@@ -199,6 +211,9 @@ class Optimizer(torch.optim.Optimizer):
         ``param.add_(grad, alpha=-lr)``). State is kept dense; with state, the gradient is made dense first."""
         scalars = self._scalars(group)
         program = self.rule.program(scalars)
+        if self.rule.supplied:
+            sizes = np.array([p.numel() for p in params], dtype=np.float64) if "size" in self.rule.supplied else None
+            scalars = {**scalars, **self._per_tensor_values(group, states, params, sizes)}
         if program.state_roles:  # a dense state (a momentum buffer) changes every row anyway: so does the step
             grads = [grad.to_dense() for grad in grads]
         roles = [[state[role] for state in states] for role in program.state_roles]
@@ -602,7 +617,11 @@ class Optimizer(torch.optim.Optimizer):
                 first = first[kept]
         roles = [[state[role] for state in states] for role in program.state_roles]
         steps = [state["step"] for state in states] if self.counts_steps and states else None
-        if sharding is not None:
+        sizes = None
+        if "size" in self.rule.supplied:  # counted only when this group's options use it (cautious=True)
+            sizes = (np.array([p.numel() for p in params], dtype=np.float64) if "size" in program.early_vars
+                     else np.zeros(len(params)))
+        if sharding is not None:  # (the sizes above are the whole tensors': a DTensor's numel is global)
             local = distributed.local
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             roles = [[local(t) if isinstance(t, torch.Tensor) else t for t in role] for role in roles]
@@ -615,8 +634,7 @@ class Optimizer(torch.optim.Optimizer):
         self._check_state(where, params, states)
         supplied = None
         if self.rule.supplied:
-            _check_scalar_state(where, states, self._scalar_state(group))
-            supplied = self._supplied(group, states, params)
+            supplied = self._per_tensor_values(group, states, params, sizes, where)
             scalars = {**scalars, **supplied}
         arguments = (program, backend, params, grads, roles, steps, first, scalars)
         keywords = dict(sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self.state_dtype,
@@ -633,6 +651,11 @@ class Optimizer(torch.optim.Optimizer):
                 f"parameter {_position(group, param)} of param group {group_index}: {type(self).__name__} does not "
                 "support sparse gradients; use thalweg.SGD or thalweg.Adagrad, or a dense layer "
                 "(e.g. nn.Embedding(sparse=False))"
+            )
+        if grad.is_sparse and group.get("cautious"):
+            raise RuntimeError(
+                f"cautious=True cannot be used with sparse gradients (param group {group_index}): its mask compares "
+                "the step with the gradient on every row; put the embedding in a group with cautious=False"
             )
         if grad.is_sparse and group.get("weight_decay", 0) != 0:  # torch fails deep inside (add(sparse, dense))
             raise RuntimeError(

@@ -6,7 +6,7 @@ Errors, never asserts: these run on what users type.
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -52,9 +52,11 @@ def in_interval(name: str, value: Any, low: float, high: float, *, closed_high: 
         raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}, got {number}")
 
 
-def betas(value: Any) -> None:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
+def betas(value: Any, count: int = 2) -> None:
+    """``betas``: a tuple of ``count`` numbers, each in [0, 1)."""
+    if not isinstance(value, (tuple, list)) or len(value) != count:
+        names = ", ".join(f"beta{i + 1}" for i in range(count))
+        raise ValueError(f"betas must be {'a pair' if count == 2 else f'{count} numbers'} ({names}), got {value!r}")
     for index, beta in enumerate(value):
         in_interval(f"betas[{index}]", beta, 0.0, 1.0, closed_high=False)
 
@@ -67,3 +69,13 @@ def flag(name: str, value: Any) -> None:
 def optional_positive(name: str, value: Any) -> None:
     if value is not None:
         positive(name, value)
+
+
+def optional_positive_int(name: str, value: Any) -> None:
+    """None, or an integer >= 1 (a number of steps)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be None or a whole number of steps, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 (or None: no warm-up), got {value}")

@@ -22,7 +22,11 @@ class Flag:
 class PerTensor:
     """Annotation of a per-tensor value the optimizer supplies each step (``mu_product: PerTensor``): a number
     per tensor, read from the tensor's scalar state before the step (NAdam's ``mu_product``, ASGD's ``eta``).
-    It enters the program as ``step`` does: host arithmetic on it is float64, the kernels receive a column."""
+    It enters the program as ``step`` does: host arithmetic on it is float64, the kernels receive a column.
+
+    One name is supplied by :class:`thalweg.Optimizer` itself: ``size: PerTensor`` is the tensor's element
+    count — the whole tensor's when it is sharded — which a per-tensor mean divides by (``norm(x) ** 2 / size``
+    is the mean of ``x²`` over the whole tensor, on every process)."""
 
 
 class RuleError(ValueError):

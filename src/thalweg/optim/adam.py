@@ -27,12 +27,12 @@ import torch
 
 from .. import _checks
 from .._base import Optimizer
-from ..engine import Flag, lerp, maximum, rule, sqrt
+from ..engine import Flag, PerTensor, lerp, maximum, norm, rule, sqrt, where
 
 
 @rule
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
-         amsgrad: Flag, decoupled: Flag, maximize: Flag):
+         size: PerTensor, amsgrad: Flag, decoupled: Flag, cautious: Flag, maximize: Flag):
     """One Adam/AdamW step of one tensor, in torch.optim's order of operations."""
     if maximize:
         grad = -grad
@@ -49,7 +49,13 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, b
         second_moment = max_exp_avg_sq
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = sqrt(1 - beta2**step)
-    param = param - step_size * exp_avg / (sqrt(second_moment) / bias_correction2_sqrt + eps)
+    if cautious:
+        update = exp_avg / (sqrt(second_moment) / bias_correction2_sqrt + eps)
+        agrees = where(update * grad > 0, grad * 0 + 1, grad * 0)
+        update = update * agrees / maximum(norm(agrees) ** 2 / size, 1e-3)
+        param = param - step_size * update
+    else:
+        param = param - step_size * exp_avg / (sqrt(second_moment) / bias_correction2_sqrt + eps)
     return param, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
@@ -64,6 +70,9 @@ class Adam(Optimizer):
         weight_decay: L2 penalty :math:`\\lambda` added to the gradient (default 0).
         amsgrad: use the running maximum of :math:`v` (Reddi et al., 2018) (default False).
         maximize: ascend the objective instead of descending it (default False).
+        cautious: drop the components of the step whose sign differs from the gradient's (with L2 weight decay:
+            the gradient plus the L2 term), the rest scaled by 1 / max(kept fraction, 1e-3) over the whole
+            tensor (Liang et al. 2024, timm's renormalisation; a thalweg extension, default False).
         decoupled_weight_decay: decay the weights directly (AdamW) instead of adding the L2 term to the gradient
             (default False; torch's argument of the same name, a param-group key).
         backend: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"``; ``foreach=``/``fused=`` as in torch.
@@ -83,7 +92,7 @@ class Adam(Optimizer):
     name = "adam"  # thalweg.create's name
 
     rule = adam
-    optional_group_keys = Optimizer.optional_group_keys | {"amsgrad", "decoupled_weight_decay"}
+    optional_group_keys = Optimizer.optional_group_keys | {"amsgrad", "decoupled_weight_decay", "cautious"}
 
     def __init__(
         self,
@@ -96,6 +105,7 @@ class Adam(Optimizer):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -107,7 +117,7 @@ class Adam(Optimizer):
     ) -> None:
         _check_tensor_options(lr, betas, foreach)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        decoupled_weight_decay=decoupled_weight_decay, cautious=cautious)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          state_dtype=state_dtype, differentiable=differentiable, capturable=capturable)
@@ -120,13 +130,14 @@ class Adam(Optimizer):
         _checks.flag("amsgrad", group["amsgrad"])
         _checks.flag("maximize", group["maximize"])
         _checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+        _checks.flag("cautious", group["cautious"])
 
     def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
         return dict(lr=_checks.as_number("lr", group["lr"]), beta1=_checks.as_number("betas[0]", beta1),
                     beta2=_checks.as_number("betas[1]", beta2), eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"],
-                    decoupled=group["decoupled_weight_decay"], maximize=group["maximize"])
+                    decoupled=group["decoupled_weight_decay"], cautious=group["cautious"], maximize=group["maximize"])
 
 
 def _check_tensor_options(lr: Any, betas: Any, foreach: bool | None) -> None:
@@ -163,6 +174,7 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -173,6 +185,7 @@ class AdamW(Adam):
         capturable: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                         cautious=cautious,
                          backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, differentiable=differentiable,
                          capturable=capturable)

@@ -35,12 +35,13 @@ import torch
 
 from .. import _checks
 from .._base import Optimizer
-from ..engine import Flag, PerTensor, lerp, rule, sqrt
+from ..engine import Flag, PerTensor, lerp, maximum, norm, rule, sqrt, where
 
 
 @rule
 def nadam(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, mu: PerTensor,
-          mu_next: PerTensor, mu_product: PerTensor, decoupled_weight_decay: Flag, maximize: Flag):
+          mu_next: PerTensor, mu_product: PerTensor, size: PerTensor, decoupled_weight_decay: Flag, cautious: Flag,
+          maximize: Flag):
     """One NAdam step of one tensor, in torch.optim's order of operations (``mu_product``: after this step's
     factor ``mu``)."""
     if maximize:
@@ -54,8 +55,14 @@ def nadam(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
     denom = sqrt(exp_avg_sq / (1 - beta2**step)) + eps
     mu_product_next = mu_product * mu_next
-    param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom
-    param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom
+    if cautious:
+        update = (1 - mu) / (1 - mu_product) * grad / denom + mu_next / (1 - mu_product_next) * exp_avg / denom
+        agrees = where(update * grad > 0, grad * 0 + 1, grad * 0)
+        update = update * agrees / maximum(norm(agrees) ** 2 / size, 1e-3)
+        param = param - lr * update
+    else:
+        param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom
+        param = param - lr * mu_next / (1 - mu_product_next) * exp_avg / denom
     return param, exp_avg, exp_avg_sq
 
 
@@ -72,12 +79,15 @@ class NAdam(Optimizer):
         decoupled_weight_decay: decay the weights directly (NAdamW) instead of adding the L2 term to the
             gradient (default False).
         maximize: ascend the objective instead of descending it (default False).
+        cautious: drop the components of the step whose sign differs from the gradient's (with L2 weight decay:
+            the gradient plus the L2 term), the rest scaled by 1 / max(kept fraction, 1e-3) over the whole
+            tensor (Liang et al. 2024, timm's renormalisation; a thalweg extension, default False).
         backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
     """
 
     name = "nadam"  # thalweg.create's name
     rule = nadam
-    optional_group_keys = Optimizer.optional_group_keys | {"decoupled_weight_decay"}
+    optional_group_keys = Optimizer.optional_group_keys | {"decoupled_weight_decay", "cautious"}
 
     def __init__(
         self,
@@ -89,6 +99,7 @@ class NAdam(Optimizer):
         momentum_decay: float = 4e-3,
         decoupled_weight_decay: bool = False,
         *,
+        cautious: bool = False,
         maximize: bool = False,
         backend: str = "auto",
         foreach: bool | None = None,
@@ -100,7 +111,7 @@ class NAdam(Optimizer):
         capturable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+                        decoupled_weight_decay=decoupled_weight_decay, cautious=cautious, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
                          differentiable=differentiable, capturable=capturable)
@@ -112,6 +123,7 @@ class NAdam(Optimizer):
         _checks.non_negative("weight_decay", group["weight_decay"])
         _checks.non_negative("momentum_decay", group["momentum_decay"])
         _checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+        _checks.flag("cautious", group["cautious"])
         _checks.flag("maximize", group["maximize"])
 
     def _scalar_state(self, group: dict[str, Any]) -> dict[str, float]:

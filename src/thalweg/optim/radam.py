@@ -31,12 +31,12 @@ import torch
 
 from .. import _checks
 from .._base import Optimizer
-from ..engine import Flag, lerp, rule, sqrt, where
+from ..engine import Flag, PerTensor, lerp, maximum, norm, rule, sqrt, where
 
 
 @rule
 def radam(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
-          decoupled_weight_decay: Flag, maximize: Flag):
+          size: PerTensor, decoupled_weight_decay: Flag, cautious: Flag, maximize: Flag):
     """One RAdam step of one tensor, in torch.optim's order of operations."""
     if maximize:
         grad = -grad
@@ -57,7 +57,13 @@ def radam(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
                 / where(rectified, (rho_inf - 4) * (rho_inf - 2) * rho_t, 1))
     update = exp_avg / bias_correction1 * lr
     adaptive_lr = sqrt(bias_correction2) / (sqrt(exp_avg_sq) + eps)
-    param = param - where(rectified, update * adaptive_lr * rect, update)
+    if cautious:
+        update = where(rectified, update * adaptive_lr * rect, update)
+        agrees = where(update * grad > 0, grad * 0 + 1, grad * 0)
+        update = update * agrees / maximum(norm(agrees) ** 2 / size, 1e-3)
+        param = param - update
+    else:
+        param = param - where(rectified, update * adaptive_lr * rect, update)
     return param, exp_avg, exp_avg_sq
 
 
@@ -74,12 +80,15 @@ class RAdam(Optimizer):
         decoupled_weight_decay: decay the weights directly (as AdamW) instead of adding the L2 term to the
             gradient (default False).
         maximize: ascend the objective instead of descending it (default False).
+        cautious: drop the components of the step whose sign differs from the gradient's (with L2 weight decay:
+            the gradient plus the L2 term), the rest scaled by 1 / max(kept fraction, 1e-3) over the whole
+            tensor (Liang et al. 2024, timm's renormalisation; a thalweg extension, default False).
         backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
     """
 
     name = "radam"  # thalweg.create's name
     rule = radam
-    optional_group_keys = Optimizer.optional_group_keys | {"decoupled_weight_decay"}
+    optional_group_keys = Optimizer.optional_group_keys | {"decoupled_weight_decay", "cautious"}
 
     def __init__(
         self,
@@ -90,6 +99,7 @@ class RAdam(Optimizer):
         weight_decay: float = 0,
         decoupled_weight_decay: bool = False,
         *,
+        cautious: bool = False,
         maximize: bool = False,
         backend: str = "auto",
         foreach: bool | None = None,
@@ -101,7 +111,7 @@ class RAdam(Optimizer):
         capturable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+                        decoupled_weight_decay=decoupled_weight_decay, cautious=cautious, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
                          differentiable=differentiable, capturable=capturable)
@@ -112,4 +122,5 @@ class RAdam(Optimizer):
         _checks.non_negative("eps", group["eps"])
         _checks.non_negative("weight_decay", group["weight_decay"])
         _checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+        _checks.flag("cautious", group["cautious"])
         _checks.flag("maximize", group["maximize"])

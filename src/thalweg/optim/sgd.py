@@ -24,7 +24,7 @@ import torch
 
 from .. import _checks
 from .._base import Optimizer
-from ..engine import Flag, rule, where
+from ..engine import Flag, PerTensor, maximum, norm, rule, where
 
 # where backend="auto" takes the fused path on CPU (see SGD._auto_fused)
 _FUSED_BELOW_MEAN_ELEMENTS = 1 << 16
@@ -33,21 +33,25 @@ _MOMENTUM_FUSED_FROM_ELEMENTS = 1 << 20
 
 
 @rule
-def sgd(param, grad, momentum_buffer, *, first, lr, momentum, dampening, weight_decay, nesterov: Flag,
-        maximize: Flag):
+def sgd(param, grad, momentum_buffer, *, first, lr, momentum, dampening, weight_decay, size: PerTensor,
+        nesterov: Flag, cautious: Flag, maximize: Flag):
     """One SGD step of one tensor, in torch.optim's order of operations (``first``: the buffer is new)."""
     if maximize:
         grad = -grad
     if weight_decay != 0:
         grad = grad + weight_decay * param
+    update = grad
     if momentum != 0:
         # torch: a new buffer is a copy of the direction, then momentum·buffer + (1 - dampening)·direction
         momentum_buffer = where(first, grad, momentum * momentum_buffer + (1 - dampening) * grad)
         if nesterov:
-            grad = grad + momentum * momentum_buffer
+            update = grad + momentum * momentum_buffer
         else:
-            grad = momentum_buffer
-    param = param - lr * grad
+            update = momentum_buffer
+    if cautious:
+        agrees = where(update * grad > 0, grad * 0 + 1, grad * 0)
+        update = update * agrees / maximum(norm(agrees) ** 2 / size, 1e-3)
+    param = param - lr * update
     return param, momentum_buffer
 
 
@@ -61,6 +65,9 @@ class SGD(Optimizer):
         dampening: dampening :math:`\\tau` of the gradient entering the buffer (default 0).
         weight_decay: L2 penalty :math:`\\lambda` (default 0).
         nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0`` (default False).
+        cautious: drop the components of the step whose sign differs from the gradient's (with ``weight_decay``:
+            the gradient plus the L2 term), the rest scaled by 1 / max(kept fraction, 1e-3) over the whole
+            tensor (Liang et al. 2024, timm's renormalisation; a thalweg extension, default False).
         maximize: ascend the objective instead of descending it (default False).
         backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer
             (see :class:`thalweg.Adam`).
@@ -69,7 +76,7 @@ class SGD(Optimizer):
     name = "sgd"  # thalweg.create's name
 
     rule = sgd
-    optional_group_keys = Optimizer.optional_group_keys | {"nesterov"}
+    optional_group_keys = Optimizer.optional_group_keys | {"nesterov", "cautious"}
     counts_steps = False  # torch's SGD keeps no step counter
     accepts_sparse_grads = True  # as torch's (nn.Embedding(sparse=True)); the momentum buffer is kept dense
 
@@ -82,6 +89,7 @@ class SGD(Optimizer):
         weight_decay: float = 0,
         nesterov: bool = False,
         *,
+        cautious: bool = False,
         maximize: bool = False,
         backend: str = "auto",
         foreach: bool | None = None,
@@ -92,7 +100,7 @@ class SGD(Optimizer):
         differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
+                        nesterov=nesterov, cautious=cautious, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          state_dtype=state_dtype, differentiable=differentiable)
@@ -103,6 +111,7 @@ class SGD(Optimizer):
         _checks.in_interval("dampening", group["dampening"], 0.0, 1.0, closed_high=True)
         _checks.non_negative("weight_decay", group["weight_decay"])
         _checks.flag("nesterov", group["nesterov"])
+        _checks.flag("cautious", group["cautious"])
         _checks.flag("maximize", group["maximize"])
         if group["nesterov"] and (_checks.as_number("momentum", group["momentum"]) <= 0 or group["dampening"] != 0):
             raise ValueError(
@@ -142,6 +151,7 @@ class Momentum(SGD):
         weight_decay: float = 0,
         nesterov: bool = False,
         *,
+        cautious: bool = False,
         maximize: bool = False,
         backend: str = "auto",
         foreach: bool | None = None,
@@ -151,6 +161,7 @@ class Momentum(SGD):
         state_dtype: torch.dtype | None = None,
         differentiable: bool = False,
     ) -> None:
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, backend=backend,
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, cautious=cautious, maximize=maximize,
+                         backend=backend,
                          foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          state_dtype=state_dtype, differentiable=differentiable)
