@@ -122,11 +122,11 @@ def test_scalar_subexpressions_are_folded_on_the_host_in_float64():
     beta2 = 0.999
     exact = (1 - beta2) * 4.0  # g = 2
     program = thalweg.Adam.rule.program(dict(lr=1e-3, beta1=0.9, beta2=beta2, eps=1e-8, weight_decay=0.0,
-                                             amsgrad=False, decoupled=False, maximize=False))
+                                             amsgrad=False, decoupled=False, cautious=False, maximize=False))
     assert "1 - beta2" in program.describe()
     assert all("1 - beta2" not in ast.unparse(s.expr) for p in program.passes for s in p.body)  # not in a kernel
     folded = dict(zip(program.group_vars, program.group_values(dict(
-        lr=1e-3, beta1=0.9, beta2=beta2, eps=1e-8, weight_decay=0.0, amsgrad=False, decoupled=False, maximize=False))))
+        lr=1e-3, beta1=0.9, beta2=beta2, eps=1e-8, weight_decay=0.0, amsgrad=False, decoupled=False, cautious=False, maximize=False))))
     assert any(v == 1 - beta2 for v in folded.values())
     float32_folding = float(np.float32(1) - np.float32(beta2)) * 4.0
     assert abs(float32_folding - exact) / exact > 1e-5  # what computing it in float32 would give
@@ -272,12 +272,13 @@ def test_a_rule_needs_a_return_of_every_role():
 
 # -- inspection ---------------------------------------------------------------------------------------
 
-ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, decoupled=True, maximize=False)
+ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, decoupled=True, cautious=False,
+            maximize=False)
 
 
 @pytest.mark.parametrize("backend, words", [
     ("reference", ["# rule adam", "def adam("]),
-    ("foreach", ["def pass0(", "store(exp_avg, exp_avg__1)", "lerp("]),
+    ("foreach", ["def pass0(", "lerp_(exp_avg, grad", "addcdiv_(param__1"]),
     ("fused", ["def pass0(data):", "load(_ptr_grad, _i)", "store(_ptr_param, _i, param__"]),
 ])
 def test_generated_code_can_be_printed(backend, words):
@@ -538,3 +539,32 @@ def test_per_tensor_values_supplied_by_the_optimizer_reach_every_backend(monkeyp
         for k, param in enumerate(params):
             torch.testing.assert_close(param, torch.full((5,), (k + 1.0) - 0.5 * (1 - factors[k])),
                                        msg=lambda m: f"{backend}, tensor {k}: {m}")
+
+
+ALIASING_RULES = {  # where() with a per-tensor condition returns the tensor it picks: a role's own tensor
+    "moved": ("    z = where(first, param, z)\n    param = param - lr * grad\n    z = z - 2 * lr * grad\n",
+              lambda p, z, g, first: (p - 0.1 * g, (p if first else z) - 0.2 * g)),
+    "kept": ("    z = where(first, param, z)\n    param = param - lr * grad\n",
+             lambda p, z, g, first: (p - 0.1 * g, p if first else z)),
+    "swapped": ("    new = where(first, param, z)\n    z = where(first, z, param)\n    param = new - lr * grad\n",
+                lambda p, z, g, first: ((p if first else z) - 0.1 * g, z if first else p)),
+}
+
+
+@pytest.mark.parametrize("name", ALIASING_RULES)
+def test_a_role_is_not_overwritten_while_a_value_picked_from_it_is_still_read(name):
+    """``z = where(first, param, z)`` makes z the parameter's own tensor on a first step: writing the new
+    parameter must wait until z has been read (and stored), on every backend; the order of the final copies
+    must not let one overwrite what another still copies (the swap). Checked against the formula by hand."""
+    body, formula = ALIASING_RULES[name]
+    aliasing = _write_rule(f"@rule\ndef {name}(param, grad, z, *, first, lr):\n{body}    return param, z\n", name)
+    for backend in ("reference", "foreach") + (("fused",) if FUSED else ()):
+        for first in (True, False):
+            p, z, g = torch.linspace(-1, 1, 6, dtype=torch.float64), torch.full((6,), 3.0, dtype=torch.float64), \
+                torch.linspace(2, -1, 6, dtype=torch.float64)
+            want_p, want_z = formula(p.clone(), z.clone(), g, first)
+            params, states = [p], [[z]]
+            engine.run(aliasing.program(dict(lr=0.1)), backend, params, [g], states, None, np.array([first]),
+                       dict(lr=0.1))
+            torch.testing.assert_close(params[0], want_p, rtol=1e-14, atol=0, msg=lambda m: f"{backend} param: {m}")
+            torch.testing.assert_close(states[0][0], want_z, rtol=1e-14, atol=0, msg=lambda m: f"{backend} z: {m}")

@@ -42,16 +42,17 @@ def source(program: Program) -> str:
                 inputs[var] = role
 
         def after(var: str, kernel_pass=kernel_pass) -> list[str]:
-            out = [f"store({role}, {var})" for role in kernel_pass.stores.get(var, ())]
             if var in kernel_pass.reductions:
-                out.append(f"_sums[:, {slots[kernel_pass.reductions[var]]}] = sum_of_squares({var})")
-            return out
+                return [f"_sums[:, {slots[kernel_pass.reductions[var]]}] = sum_of_squares({var})"]
+            return []
 
         for var, _ in kernel_pass.loads:
             lines += [f"    {line}" for line in after(var)]
         lines += [f"    {line}" for line in torchops.lower(
             program, kernel_pass.body, inputs=inputs, writable=set(kernel_pass.roles_written),
-            finals=set(kernel_pass.stores), read_at_end=[], after=after)]
+            finals=set(kernel_pass.stores), read_at_end=[], after=after, stores=kernel_pass.stores,
+            store_line=lambda role, var: f"store({role}, {var})",
+            clone_line=lambda new, var: f"{new} = TensorList([_t.clone() for _t in {var}.tensors])")]
         lines += ["    return None", "", ""]
     return "\n".join(lines)
 

@@ -42,6 +42,15 @@ def source(program: Program) -> str:
     # the loop: role lists in, each written role's new value copied in unless computed in its own tensor
     lists = [f"{role}_list" for role in rule.roles]
     scalars = [f"{name}_all" if name in rule.supplied else name for name in rule.inputs if name not in ("step", "first")]
+    # the loop copies each new value into its tensor as soon as nothing still to be read lives there
+    stores: dict[str, list[str]] = {}
+    for role, final in zip((rule.roles[0],) + rule.state_roles, written):
+        stores.setdefault(final, []).append(role)
+    loop_body = torchops.lower(program, program.statements, inputs={role: role for role in rule.roles},
+                               writable=set(program.roles_written), finals=set(written), read_at_end=[],
+                               after=lambda var: [], stores=stores,
+                               store_line=lambda role, var: f"{role}.copy_({var})",
+                               clone_line=lambda new, var: f"{new} = {var}.clone()")
     lines += ["", "", f"def step_all({', '.join(lists)}, steps, firsts, {', '.join(scalars)}):",
               f"    for _i in range(len({lists[0]})):"]
     lines += [f"        {name} = float({name}_all[_i])" for name in rule.supplied]
@@ -53,11 +62,7 @@ def source(program: Program) -> str:
         lines += ["        if steps is not None:", "            steps[_i] += 1"]
     if "first" in rule.inputs:
         lines.append("        first = firsts is not None and bool(firsts[_i])")
-    lines += [f"        {line}" for line in body]
-    for role, final in zip((rule.roles[0],) + rule.state_roles, written):
-        if final != role:
-            lines.append(f"        if {final} is not {role}:")
-            lines.append(f"            {role}.copy_({final})")
+    lines += [f"        {line}" for line in loop_body]
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +114,10 @@ def run(program: Program, params: list[torch.Tensor], grads: list[torch.Tensor],
             widened = compute_dtypes is not None and compute_dtypes[i] is not None
             if widened:  # a float32 copy of the parameter and its gradient
                 inputs[0], inputs[1] = inputs[0].to(compute_dtypes[i]), inputs[1].to(compute_dtypes[i])
-            results = step_function(*inputs, **kwargs)
+            results = list(step_function(*inputs, **kwargs))
+            for k, result in enumerate(results):  # a new value that is another written input's tensor: kept apart
+                if result is not None and any(result is inputs[position] for j, position in enumerate(written) if j != k):
+                    results[k] = result.clone()
             for position, result in zip(written, results):
                 old = inputs[position]
                 if result is old:

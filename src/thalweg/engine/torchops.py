@@ -78,13 +78,21 @@ def _chain(program: Program, node: ast.expr) -> list[tuple[str, ast.expr, list, 
 
 
 def lower(program: Program, statements: list[Stmt], *, inputs: dict[str, str], writable: set[str],
-          read_at_end: list[str], finals: set[str], after) -> list[str]:
+          read_at_end: list[str], finals: set[str], after, stores: dict[str, list[str]] | None = None,
+          store_line=None, clone_line=None) -> list[str]:
     """Python lines for ``statements`` (tensor statements as torch ops; the others as written).
 
     ``inputs``: variables holding the roles' tensors on entry (variable -> role); ``writable``: roles whose
     tensors this code may overwrite (the ones it writes); ``finals``: variables holding a role's new value
     (their memory is never overwritten afterwards); ``after(var)``: the lines that follow the definition of
-    ``var`` (its stores, its sum of squares); ``read_at_end``: variables read after the last statement.
+    ``var`` (its sum of squares); ``read_at_end``: variables read after the last statement.
+
+    ``stores``: variable -> roles its value is copied into (``store_line(role, var)`` writes one copy). A
+    copy into a role's tensor is written as soon as the variable is defined, unless another variable that
+    still has to be read may be that very tensor (a ``where()`` with a per-tensor condition returns the
+    argument it picks: ``z = where(first, param, z)`` is ``param``'s tensor on a first step): the copy then
+    waits until those reads are done. Copies still waiting at the end go in an order in which none
+    overwrites a tensor another one has yet to read (``clone_line(new, var)`` breaks a cycle).
     """
     reads: dict[str, list[int]] = {}
     for index, statement in enumerate(statements):
@@ -173,6 +181,42 @@ def lower(program: Program, statements: list[Stmt], *, inputs: dict[str, str], w
             lines.append(f"{op}({args}){comment}")
         return holder
 
+    pending: list[tuple[str, str]] = []  # (role, variable): copies that wait for reads of the role's tensor
+
+    def clobbers(role: str, var: str, index: int) -> bool:
+        """Whether copying ``var`` into ``role``'s tensor now would change a value still to be read."""
+        obj = f"role:{role}"
+        if memory.get(var) == frozenset([obj]):
+            return False  # the variable is that tensor: nothing is copied
+        if any(obj in memory.get(v, ()) for r, v in pending if (r, v) != (role, var)):
+            return True
+        return any(obj in o for v, o in memory.items() if v != var and any(j > index for j in reads.get(v, ())))
+
+    def flush(index: int, final: bool = False) -> None:
+        progress = True
+        while pending and progress:
+            progress = False
+            for entry in list(pending):
+                if not clobbers(*entry, index):
+                    pending.remove(entry)
+                    lines.append(store_line(*entry))
+                    progress = True
+        if final and pending:  # copies that would each overwrite what another has yet to read: a cycle
+            role, var = pending[0]
+            fresh = f"_copy_{var}"
+            lines.append(clone_line(fresh, var))
+            memory[fresh] = frozenset([f"tmp:{fresh}"])
+            pending[0] = (role, fresh)
+            flush(index, final=True)
+
+    def store(var: str, index: int) -> None:
+        if stores is None:
+            return
+        pending.extend((role, var) for role in stores.get(var, ()) if memory.get(var) != frozenset([f"role:{role}"]))
+        flush(index)
+
+    for var in inputs:
+        store(var, -1)
     for index, statement in enumerate(statements):
         target, expr = statement.target, statement.expr
         comment = f"  # line {statement.line}"
@@ -189,6 +233,9 @@ def lower(program: Program, statements: list[Stmt], *, inputs: dict[str, str], w
         lines += after(target)
         if target in finals:
             frozen.update(memory[target])
+        store(target, index)
+        flush(index)
+    flush(len(statements), final=True)
     return lines
 
 
