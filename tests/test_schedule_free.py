@@ -181,6 +181,35 @@ def _assert_close(actual, expected, *iterates, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_triton_kernels_match_the_reference_backend(kind, dtype, monkeypatch):
+    """The CUDA backend's Triton kernels, generated from the rule and run by Triton's interpreter on CPU tensors
+    (as tests/test_triton.py does for the optimizers of specs.SPECS), multi-chunk tensors included."""
+    triton = pytest.importorskip("triton", reason="triton is not installed: its kernels cannot be interpreted")
+    if type(triton.language.zeros).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (conftest.py sets it only without CUDA)")
+    from thalweg.engine import driver, gpu
+
+    monkeypatch.setattr(driver, "_launcher", lambda device: gpu)
+    monkeypatch.setattr(gpu, "CHUNK", 256)  # a 1000-element tensor spans four programs
+    monkeypatch.setattr(gpu, "BLOCK", 128)
+    generated = []  # the programs whose Triton kernels ran
+    kernels = gpu.kernels
+    monkeypatch.setattr(gpu, "kernels", lambda program, *args: generated.append(program) or kernels(program, *args))
+    combo = dict(lr=0.01 if kind == "adamw" else 0.1, beta=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                 warmup_steps=3, r=1.0, weight_lr_power=2.0, maximize=True)
+    shapes = [(3, 5), (), (0,), (1000,), (2, 3, 4)]
+    runs = [_run_against_reference(kind, combo, shapes, dtype, 0, backend) for backend in ("reference", "fused")]
+    (expected, expected_optimizer, *_), (actual, optimizer, reference, split) = runs
+    assert generated and generated[0].rule is KINDS[kind].rule
+    for index, (a, b) in enumerate(zip(actual, expected)):
+        iterates = _iterates(reference, *_where(reference, split, index))[:3]
+        _assert_close(a, b.detach().double(), *iterates, what=f"y of param {index}")
+        for key, value in expected_optimizer.state[b].items():
+            _assert_close(optimizer.state[a][key], value.double(), value, what=f"{key} of param {index}")
+
+
 # -- the package itself ------------------------------------------------------------------------------------
 
 PACKAGE_OPTIONS = {"adamw": dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.05, warmup_steps=6, r=0.5,
