@@ -44,8 +44,9 @@ until ``train()`` is called — the only difference, and it changes no number). 
 and the optimizer's checkpoint records ``train_mode=False``; to resume, load both and call
 ``optimizer.train()``. (Saved in train mode, the model holds :math:`y`: also consistent, and resumes
 bitwise.) **BatchNorm** running statistics are averages of activations at :math:`y`; after
-``optimizer.eval()`` recompute them at :math:`x` on a few training batches, e.g.
-``torch.optim.swa_utils.update_bn(batches, model)``, before evaluating.
+``optimizer.eval()`` recompute them at :math:`x` before evaluating: ``torch.optim.swa_utils.update_bn(batches,
+model)`` over some training batches (it resets them and takes an exact average), or, as the package's docs
+show, ``model.train()`` and ~50 forward passes under ``torch.no_grad()``, then ``model.eval()``.
 
 **Group state.** The schedule lives in each param group (the package's keys, so checkpoints cross-load):
 ``k`` (steps taken), ``lr_max`` (:math:`\max_i \gamma_i`, -1 before the first step), ``weight_sum``
@@ -120,7 +121,8 @@ class _ScheduleFree(Optimizer):
     """What both Schedule-Free optimizers share: the group schedule, the train/eval switch, its checks."""
 
     counts_steps = False  # the count is the group's `k` (see the module docstring)
-    # `scheduled_lr` is for logging only; the package's checkpoints carry `foreach`, ours `maximize`
+    # a checkpoint may lack `scheduled_lr` (logging only) and, as for every thalweg optimizer, `maximize` (the
+    # package's checkpoints have none); the schedule's own keys it must have
     optional_group_keys = Optimizer.optional_group_keys | {"scheduled_lr"}
 
     def _interpolation(self, group: dict[str, Any]) -> float:
