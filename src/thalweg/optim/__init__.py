@@ -13,8 +13,10 @@ from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, Momentum
 from .sparse_adam import SparseAdam
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
-           "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon"]
+           "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon",
+           "ScheduleFreeAdamW", "ScheduleFreeSGD"]

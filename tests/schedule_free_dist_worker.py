@@ -1,0 +1,71 @@
+"""One rank of tests/test_schedule_free.py's FSDP2 check (torchrun-style environment; dist_worker.py's model,
+batches and sharding): Schedule-Free AdamW and SGD on 2 processes, each on half the batch, against one process
+on the whole batch — y after the steps, x after eval(), and the group schedule on every rank.
+
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/schedule_free_dist_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from dist_worker import batch, fsdp2, full_params, half, make_model, relative_error
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+import thalweg
+
+STEPS = 5
+OPTIMIZERS = {"adamw": (thalweg.ScheduleFreeAdamW, dict(lr=0.02, weight_decay=0.1, warmup_steps=2, r=1.0)),
+              "sgd": (thalweg.ScheduleFreeSGD, dict(lr=0.1, weight_decay=0.01, warmup_steps=2, weight_lr_power=1.0))}
+SCHEDULE_KEYS = ("k", "lr_max", "weight_sum", "scheduled_lr", "train_mode")
+
+
+def run(name: str, dtype: torch.dtype, model: nn.Module, *, sharded_batch: bool) -> tuple[dict, dict, list]:
+    cls, options = OPTIMIZERS[name]
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    optimizer = cls([{"params": weights}, {"params": biases, "weight_decay": 0.0}], **options)
+    optimizer.train()
+    for step in range(STEPS):
+        x, y = batch(step, dtype)
+        if sharded_batch:
+            x, y = half(x), half(y)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    y_params = full_params(model)
+    optimizer.eval()
+    groups = [{key: group[key] for key in SCHEDULE_KEYS} for group in optimizer.param_groups]
+    return y_params, full_params(model), groups
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = {}
+    for name in OPTIMIZERS:
+        for dtype in (torch.float64, torch.float32):
+            key = f"{name}/{str(dtype).removeprefix('torch.')}"
+            try:
+                y_expected, x_expected, expected_groups = run(name, dtype, make_model(dtype), sharded_batch=False)
+                y_params, x_params, groups = run(name, dtype, fsdp2(make_model(dtype), mesh), sharded_batch=True)
+                results[key] = {"y_rel_error": relative_error(y_params, y_expected),
+                                "x_rel_error": relative_error(x_params, x_expected),
+                                "groups": groups, "expected_groups": expected_groups}
+            except Exception:  # noqa: BLE001 - recorded for the test
+                results[key] = {"exception": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as file:
+        json.dump(results, file, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
