@@ -7,7 +7,8 @@ Layouts: (a) 32 tensors of 1M float32, (b) 2000 tensors of 1000, (c) a small GPT
 Per cell: ms/step (median of repeats after warm-up, all candidates of a cell timed round-robin), effective GB/s (floor bytes / time; floor bytes
 per float32 element below), its share of the copy bandwidth measured in the same run (``copy_`` of
 256 MB, bytes read + written), and the speed-up over torch.optim's fastest mode (for-loop, foreach,
-fused) or, for LARS/LAMB, over pytorch-optimizer's (``pip install pytorch-optimizer``; skipped if absent).
+fused) or, where torch has no such optimizer, over the other packages that have it (``PEERS``: pytorch-optimizer,
+lion-pytorch, torch-optimi, torch-adopt; each skipped if absent).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import thalweg
 # Minimum bytes per float32 element each step must move (read + write), fused in one pass.
 FLOOR = {"sgd": 12, "momentum": 20, "adam": 28, "rmsprop": 20, "adagrad": 20,
          "lars": 28,   # norm pass reads w, g (8) + SGD-momentum pass (20)
-         "lamb": 40}   # pass 1 reads g, m, v, w, writes m, v (24); pass 2 reads m, v, w, writes w (16)
+         "lamb": 40,   # pass 1 reads g, m, v, w, writes m, v (24); pass 2 reads m, v, w, writes w (16)
+         "lion": 20, "adan": 44, "ademamix": 36, "adopt": 28,
+         "stableadamw": 36}  # pass 1 reads g, v (the RMS of g/sqrt(v)) (8); pass 2 is Adam's (28)
 
 OPTIMIZERS = {
     "sgd": (thalweg.SGD, dict(lr=0.01), torch.optim.SGD),
@@ -36,6 +39,24 @@ OPTIMIZERS = {
     "adagrad": (thalweg.Adagrad, dict(lr=1e-2), torch.optim.Adagrad),
     "lars": (thalweg.LARS, dict(lr=0.1), None),
     "lamb": (thalweg.LAMB, dict(lr=1e-3), None),
+    "lion": (thalweg.Lion, dict(lr=1e-4), None),
+    "adan": (thalweg.Adan, dict(lr=1e-3), None),
+    "ademamix": (thalweg.AdEMAMix, dict(lr=1e-3), None),
+    "adopt": (thalweg.ADOPT, dict(lr=1e-3), None),
+    "stableadamw": (thalweg.StableAdamW, dict(lr=1e-3), None),
+}
+
+# What a user could pick instead where torch.optim has no such optimizer: (package module, class) per label,
+# each built with the lr only (its own defaults otherwise); a package that is not installed is left out.
+PEERS = {
+    "lars": {"pytorch-optimizer": ("pytorch_optimizer", "LARS")},
+    "lamb": {"pytorch-optimizer": ("pytorch_optimizer", "Lamb")},
+    "lion": {"pytorch-optimizer": ("pytorch_optimizer", "Lion"), "lion-pytorch": ("lion_pytorch", "Lion"),
+             "torch-optimi": ("optimi", "Lion")},
+    "adan": {"pytorch-optimizer": ("pytorch_optimizer", "Adan"), "torch-optimi": ("optimi", "Adan")},
+    "ademamix": {"pytorch-optimizer": ("pytorch_optimizer", "AdEMAMix")},
+    "adopt": {"pytorch-optimizer": ("pytorch_optimizer", "ADOPT"), "torch-adopt": ("adopt", "ADOPT")},
+    "stableadamw": {"pytorch-optimizer": ("pytorch_optimizer", "StableAdamW"), "torch-optimi": ("optimi", "StableAdamW")},
 }
 
 
@@ -93,18 +114,25 @@ def interleaved_medians(candidates, repeats, flush, warmup=2):
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def pytorch_optimizer_class(name):
-    try:
-        import pytorch_optimizer
-    except ImportError:
-        return None
-    return {"lars": getattr(pytorch_optimizer, "LARS", None), "lamb": getattr(pytorch_optimizer, "Lamb", None)}.get(name)
+def peer_classes(name):
+    """The installed alternatives to thalweg's ``name``, by label."""
+    import importlib
+
+    found = {}
+    for label, (module, attribute) in PEERS.get(name, {}).items():
+        try:
+            cls = getattr(importlib.import_module(module), attribute, None)
+        except ImportError:
+            continue
+        if cls is not None:
+            found[label] = cls
+    return found
 
 
 TORCH_MODES = {"torch for-loop": {"foreach": False}, "torch foreach": {"foreach": True}, "torch fused": {"fused": True}}
 
 
-def run(quick):
+def run(quick, only=None):
     repeats = 5 if quick else 15
     copy = Copy()
     rows = []
@@ -113,6 +141,8 @@ def run(quick):
         params = make_params(shapes)
         elements = sum(p.numel() for p in params)
         for name, (cls, options, torch_cls) in OPTIMIZERS.items():
+            if only and name not in only:
+                continue
             cell = {"layout": layout, "optimizer": name, "elements": elements, "floor_bytes": FLOOR[name] * elements}
             candidates = {"copy": copy}
             for backend in ("reference", "foreach", "fused"):
@@ -126,9 +156,8 @@ def run(quick):
                         candidates.pop(label, None)
                         cell.setdefault("notes", []).append(f"{label}: {str(error)[:80]}")
             else:
-                peer = pytorch_optimizer_class(name)
-                if peer is not None:
-                    candidates["pytorch-optimizer"] = peer(params, **options)
+                for label, peer in peer_classes(name).items():
+                    candidates[label] = peer(params, **options)
             seconds = interleaved_medians(candidates, repeats, flush=copy.step)
             cell["copy_gbps"] = copy.bytes / seconds.pop("copy") / 1e9
             bandwidths.append(cell["copy_gbps"])
@@ -155,13 +184,14 @@ def markdown(result):
     lines = [f"Median of {result['repeats']} interleaved steps; copy bandwidth (read + write) measured in the same "
              f"rounds, median {result['copy_gbps']:.1f} GB/s; torch {result['torch']}, {result['threads']} threads.", "",
              "| layout | optimizer | thalweg reference ms | thalweg foreach ms | **thalweg fused ms** | torch for-loop ms "
-             "| torch foreach ms | torch fused ms | pytorch-optimizer ms | fused GB/s | share of copy "
+             "| torch foreach ms | torch fused ms | other packages ms | fused GB/s | share of copy "
              "| fused vs fastest peer | fused vs torch fused |", "|" + "---|" * 13]
     for r in result["rows"]:
         peers = r["peers"]
+        others = ", ".join(f"{label} {ms:.2f}" for label, ms in peers.items() if not label.startswith("torch ")) or "—"
         lines.append(f"| {r['layout']} | {r['optimizer']} | {r['reference']:.2f} | {r['foreach']:.2f} | **{r['fused']:.2f}** "
                      f"| {fmt(peers.get('torch for-loop'))} | {fmt(peers.get('torch foreach'))} "
-                     f"| {fmt(peers.get('torch fused'))} | {fmt(peers.get('pytorch-optimizer'))} | {r['gbps_fused']:.1f} "
+                     f"| {fmt(peers.get('torch fused'))} | {others} | {r['gbps_fused']:.1f} "
                      f"| {r['copy_share']:.2f} | {fmt(r['vs_fastest_peer'])} | {fmt(r['vs_torch_fused'])} |")
     return "\n".join(lines) + "\n"
 
@@ -170,11 +200,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small layouts, few repeats (smoke run)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--only", nargs="+", choices=list(OPTIMIZERS), help="these optimizers only")
     args = parser.parse_args()
-    result = run(args.quick)
+    result = run(args.quick, args.only)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
+    stem = (f"cpu-{datetime.date.today().isoformat()}" + ("-" + "-".join(args.only) if args.only else "")
+            + ("-quick" if args.quick else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {out / stem}.json and .md")

@@ -58,7 +58,17 @@ OPTIMIZERS = {
     "adadelta": (thalweg.Adadelta, dict(lr=1.0, weight_decay=1e-2)),
     "asgd": (thalweg.ASGD, dict(lr=1e-2, t0=1.0, lambd=1e-2, weight_decay=1e-2)),
     "rprop": (thalweg.Rprop, dict(lr=1e-2)),
+    # cautious masks and StableAdamW's RMS are means over whole tensors: summed across the shards
+    "lion": (thalweg.Lion, dict(lr=1e-3, weight_decay=0.1, cautious=True)),
+    "adan": (thalweg.Adan, dict(lr=1e-2, weight_decay=1e-2, cautious=True)),
+    "ademamix": (thalweg.AdEMAMix, dict(lr=1e-2, weight_decay=1e-2, alpha_warmup=3, beta3_warmup=3, cautious=True)),
+    "adopt": (thalweg.ADOPT, dict(lr=1e-2, weight_decay=1e-2, decoupled=True)),
+    "stableadamw": (thalweg.StableAdamW, dict(lr=1e-2, betas=(0.5, 0.6), weight_decay=1e-2, cautious=True)),
 }
+
+
+# the optimizers whose step reduces over whole tensors (norms, means)
+NORM_USERS = ("lars", "lamb", "lion", "stableadamw")
 
 
 def make_model(dtype: torch.dtype, seed: int = 0) -> nn.Module:
@@ -184,7 +194,7 @@ def check_equivalence(record, mesh) -> None:
             record(f"fsdp2/{name}/{dtype_name}", fsdp2_run)
             record(f"ddp/{name}/{dtype_name}", ddp_run)
             record(f"zero/{name}/{dtype_name}", zero_run)
-            if name in ("lars", "lamb"):
+            if name in NORM_USERS:
                 record(f"fsdp2-reference/{name}/{dtype_name}", lambda: fsdp2_run(backend="reference"))
                 record(f"fsdp2-foreach/{name}/{dtype_name}", lambda: fsdp2_run(backend="foreach"))
             # The fused kernels run on the local shards; LARS/LAMB sum their norms across them between passes.
@@ -194,7 +204,7 @@ def check_equivalence(record, mesh) -> None:
 
 def check_naive_norm_differs(record, mesh) -> None:
     """The same FSDP2 run with the cross-shard sums switched off: per-shard norms, a different answer."""
-    for name in ("lars", "lamb"):
+    for name in NORM_USERS:
         expected = single_run(name, torch.float64)
 
         def naive():

@@ -22,7 +22,10 @@ OPTIONS = {"sgd": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
            "radam": dict(lr=0.1, betas=(0.9, 0.6)), "adamax": dict(lr=0.1, weight_decay=0.1),
            "rmsprop": dict(lr=0.1, centered=True, momentum=0.5, weight_decay=0.1), "adagrad": dict(lr=0.1, lr_decay=0.1),
            "adadelta": dict(eps=0.1, weight_decay=0.1), "asgd": dict(t0=1.0, lambd=0.1, weight_decay=0.1),
-           "rprop": dict(), "lars": dict(lr=0.5, weight_decay=0.1), "lamb": dict(lr=0.1)}
+           "rprop": dict(), "lars": dict(lr=0.5, weight_decay=0.1), "lamb": dict(lr=0.1),
+           "lion": dict(lr=0.1, weight_decay=0.1), "adan": dict(lr=0.1, weight_decay=0.1),
+           "ademamix": dict(lr=0.1, weight_decay=0.1, alpha_warmup=5, beta3_warmup=5),
+           "adopt": dict(lr=0.1, weight_decay=0.1), "stableadamw": dict(lr=0.1, betas=(0.5, 0.6))}
 SIZE = 6
 
 

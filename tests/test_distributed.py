@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(400)
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 300
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lars", "lamb", "nadam", "radam", "adamax",
-              "adadelta", "asgd", "rprop")
+              "adadelta", "asgd", "rprop", "lion", "adan", "ademamix", "adopt", "stableadamw")
 DTYPES = ("float64", "float32")
 # The issue asks for 1e-5 (float64) and 1e-4 (float32); measured errors are ~1e-16 and ~2e-7.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
@@ -105,7 +105,8 @@ def _result(results: list[dict], key: str) -> list[dict]:
 
 
 CASES = [(mode, name, dtype) for mode in ("fsdp2", "ddp", "zero") for name in OPTIMIZERS for dtype in DTYPES]
-CASES += [(mode, name, dtype) for mode in ("fsdp2-reference", "fsdp2-foreach") for name in ("lars", "lamb") for dtype in DTYPES]
+NORM_USERS = ("lars", "lamb", "lion", "stableadamw")  # their steps reduce over whole tensors (norms, means)
+CASES += [(mode, name, dtype) for mode in ("fsdp2-reference", "fsdp2-foreach") for name in NORM_USERS for dtype in DTYPES]
 
 
 @needs_gloo
@@ -132,7 +133,7 @@ def test_fused_backend_on_local_shards(results, name, dtype):
 
 
 @needs_gloo
-@pytest.mark.parametrize("name", ["lars", "lamb"])
+@pytest.mark.parametrize("name", NORM_USERS)
 def test_per_shard_norms_would_be_wrong(results, name):
     """With the cross-shard sum switched off, the comparison above fails by orders of magnitude."""
     for entry in _result(results, f"naive/{name}/float64"):

@@ -23,7 +23,8 @@ class Net(torch.nn.Module):
 def test_names_lists_every_optimizer_in_order():
     assert thalweg.names() == ["sgd", "momentum", "adam", "adamw", "nadam", "radam", "adamax", "rmsprop", "adagrad",
                                "adadelta", "asgd", "rprop", "sparseadam", "lars", "lamb", "adafactor",
-                               "muon", "schedulefree_adamw", "schedulefree_sgd"]
+                               "muon", "lion", "adan", "ademamix", "adopt", "stableadamw", "schedulefree_adamw",
+                               "schedulefree_sgd"]
     # every optimizer has a spec, but SparseAdam (sparse gradients only: tests/test_sparse_adam.py), Muon (2-D
     # parameters only: tests/test_muon.py), Adafactor (tests/test_adafactor.py) and Schedule-Free AdamW and SGD
     # (train/eval modes and a group schedule: tests/test_schedule_free.py)

@@ -21,7 +21,10 @@ OPTIONS = {"sgd": dict(lr=0.1, momentum=0.9), "momentum": dict(lr=0.1), "adam": 
            "adamw": dict(lr=0.01, weight_decay=0.1), "rmsprop": dict(lr=0.01, centered=True, momentum=0.5),
            "adagrad": dict(lr=0.1), "lars": dict(lr=0.5), "lamb": dict(lr=0.01),
            "nadam": dict(lr=0.01, weight_decay=0.1), "radam": dict(lr=0.01), "adamax": dict(lr=0.01),
-           "adadelta": dict(weight_decay=0.1), "asgd": dict(t0=1.0), "rprop": dict(lr=0.01)}
+           "adadelta": dict(weight_decay=0.1), "asgd": dict(t0=1.0), "rprop": dict(lr=0.01),
+           "lion": dict(lr=0.01, weight_decay=0.1, cautious=True), "adan": dict(lr=0.01, cautious=True),
+           "ademamix": dict(lr=0.01, alpha_warmup=5, beta3_warmup=5), "adopt": dict(lr=0.01),
+           "stableadamw": dict(lr=0.01, cautious=True)}
 CASES = [(spec.name, backend) for spec in SPECS for backend in BACKENDS]
 
 
@@ -159,7 +162,7 @@ def _expect_load_refused(optimizer, params, checkpoint, *fragments):
     assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups
 
 
-@pytest.mark.parametrize("name", [spec.name for spec in SPECS if spec.name not in ("sgd", "momentum", "lars")])
+@pytest.mark.parametrize("name", [spec.name for spec in SPECS if spec.cls.counts_steps])  # (SGD, LARS, Lion keep none)
 def test_a_state_without_step_is_refused(name):
     checkpoint = _checkpoint(name)
     del checkpoint["state"][1]["step"]
