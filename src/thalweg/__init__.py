@@ -7,13 +7,13 @@
 from . import distributed, schedules
 from ._base import Optimizer
 from .factory import create, names
-from .optim import (ASGD, LAMB, LARS, SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Momentum, Muon, NAdam,
-                    RAdam, RMSprop, Rprop, ScheduleFreeAdamW, ScheduleFreeSGD, SparseAdam)
+from .optim import (ASGD, LAMB, LARS, SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, DAdaptAdam, Momentum, Muon,
+                    NAdam, Prodigy, RAdam, RMSprop, Rprop, ScheduleFreeAdamW, ScheduleFreeSGD, SparseAdam)
 
 __version__ = "0.1.0"
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
            "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon", "ScheduleFreeAdamW",
-           "ScheduleFreeSGD", "Optimizer", "create", "names",
+           "ScheduleFreeSGD", "Prodigy", "DAdaptAdam", "Optimizer", "create", "names",
            "schedules", "arena", "distributed"]
 
 

@@ -6,10 +6,12 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .asgd import ASGD
+from .dadapt_adam import DAdaptAdam
 from .lamb import LAMB
 from .lars import LARS
 from .muon import Muon
 from .nadam import NAdam
+from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
@@ -19,4 +21,4 @@ from .sparse_adam import SparseAdam
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
            "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon",
-           "ScheduleFreeAdamW", "ScheduleFreeSGD"]
+           "ScheduleFreeAdamW", "ScheduleFreeSGD", "Prodigy", "DAdaptAdam"]
