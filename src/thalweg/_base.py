@@ -84,6 +84,9 @@ class Optimizer(torch.optim.Optimizer):
     own_state_keys: ClassVar[frozenset[str]] = frozenset()
     # a stage of torch ops on whole tensors runs before the rule (:meth:`_transform_grads`, Muon)
     transforms_grads: ClassVar[bool] = False
+    # a stage of torch ops over every group of the step at once runs before any group's rule
+    # (:meth:`_stage_step`: a value reduced over all parameters, Prodigy's and D-Adaptation's step size d)
+    stages_step: ClassVar[bool] = False
     # state entries whose shape is not the parameter's (Adafactor's row and column factors): checked by
     # :meth:`_check_state`, not against the parameter's shape
     unshaped_state_keys: ClassVar[frozenset[str]] = frozenset()
@@ -199,6 +202,17 @@ class Optimizer(torch.optim.Optimizer):
                          states: list[dict[str, Any]]) -> list[torch.Tensor]:
         """With ``transforms_grads``: what the rule reads as each parameter's gradient (same shape and dtype),
         computed with torch ops on whole tensors after every check has passed (it may write state)."""
+        raise NotImplementedError
+
+    def _stage_step(self, entries: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor],
+                                              list[dict[str, Any]], "distributed.Sharding | None"]]
+                    ) -> list[dict[str, Any]] | None:
+        """With ``stages_step``: torch ops over the whole step, after every check and the clipping, before any rule.
+
+        ``entries``: per param group and device, ``(group, params, grads, states, sharding)`` (local shards under
+        FSDP2, with the group's :class:`~thalweg.distributed.Sharding`). It may write state and group keys, and
+        returns per entry the rule scalars that replace those :meth:`_scalars` gave, or None: the step ends
+        here, no rule runs."""
         raise NotImplementedError
 
     def _after_step(self, group: dict[str, Any], states: list[dict[str, Any]], supplied: dict[str, Any]) -> None:
@@ -586,6 +600,13 @@ class Optimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 self.last_grad_norm = norm.to(report_dtype(local_grads))
                 clip_grads_(local_grads, norm, self.max_grad_norm)
+        if self.stages_step:
+            updates = self._stage_step([(after[0], arguments[2], arguments[3], after[1], entry[3])
+                                        for entry, (arguments, _, _, after) in zip(plan, ready)])
+            if updates is None:
+                return loss
+            ready = [((*arguments[:7], {**arguments[7], **update}), keywords, sparse, after)
+                     for (arguments, keywords, sparse, after), update in zip(ready, updates)]
         for arguments, keywords, sparse, (group, states, supplied) in ready:
             if sparse is not None:
                 self._sparse_update(*sparse)

@@ -9,11 +9,13 @@ from .adamax import Adamax
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
 from .asgd import ASGD
+from .dadapt_adam import DAdaptAdam
 from .lamb import LAMB
 from .lars import LARS
 from .lion import Lion
 from .muon import Muon
 from .nadam import NAdam
+from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
@@ -24,4 +26,4 @@ from .stable_adamw import StableAdamW
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
            "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon", "Lion", "Adan", "AdEMAMix", "ADOPT", "StableAdamW",
-           "ScheduleFreeAdamW", "ScheduleFreeSGD"]
+           "ScheduleFreeAdamW", "ScheduleFreeSGD", "Prodigy", "DAdaptAdam"]

@@ -1,0 +1,69 @@
+"""One rank of tests/test_prodigy.py's FSDP2 check (torchrun-style environment; dist_worker.py's model, batches and
+sharding): Prodigy and D-Adapt Adam on 2 processes, each on half the batch, against one process on the whole batch
+— the parameters and d, on one batch throughout — and once more with the cross-shard sums patched out (each rank's d from its own shards).
+
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/prodigy_dist_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from dist_worker import batch, fsdp2, full_params, half, make_model, relative_error
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+import thalweg
+from thalweg import distributed
+
+STEPS = 8
+OPTIMIZERS = {"prodigy": (thalweg.Prodigy, dict(weight_decay=0.1, safeguard_warmup=True)),
+              "dadaptadam": (thalweg.DAdaptAdam, dict(weight_decay=0.01, decouple=True))}
+
+
+def run(name: str, dtype: torch.dtype, model: nn.Module, *, sharded_batch: bool) -> tuple[dict, float]:
+    cls, options = OPTIMIZERS[name]
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    optimizer = cls([{"params": weights}, {"params": biases, "weight_decay": 0.0}], **options)
+    for step in range(STEPS):
+        x, y = batch(0, dtype)  # one batch throughout: a steady descent, along which d grows (to 6e-4 and 4e-2)
+        if sharded_batch:
+            x, y = half(x), half(y)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    return full_params(model), float(optimizer.param_groups[0]["d"])
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = {}
+    for name in OPTIMIZERS:
+        for dtype in (torch.float64, torch.float32):
+            key = f"{name}/{str(dtype).removeprefix('torch.')}"
+            try:
+                expected, expected_d = run(name, dtype, make_model(dtype), sharded_batch=False)
+                params, d = run(name, dtype, fsdp2(make_model(dtype), mesh), sharded_batch=True)
+                with mock.patch.object(distributed.Sharding, "sum_across_shards_", lambda self, values: None):
+                    unsummed, unsummed_d = run(name, dtype, fsdp2(make_model(dtype), mesh), sharded_batch=True)
+                results[key] = {"rel_error": relative_error(params, expected), "d": d, "expected_d": expected_d,
+                                "unsummed_rel_error": relative_error(unsummed, expected), "unsummed_d": unsummed_d}
+            except Exception:  # noqa: BLE001 - recorded for the test
+                results[key] = {"exception": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as file:
+        json.dump(results, file, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
