@@ -29,7 +29,10 @@ FLOOR = {"sgd": 12, "momentum": 20, "adam": 28, "rmsprop": 20, "adagrad": 20,
          "lars": 28,   # norm pass reads w, g (8) + SGD-momentum pass (20)
          "lamb": 40,   # pass 1 reads g, m, v, w, writes m, v (24); pass 2 reads m, v, w, writes w (16)
          "lion": 20, "adan": 44, "ademamix": 36, "adopt": 28,
-         "stableadamw": 36}  # pass 1 reads g, v (the RMS of g/sqrt(v)) (8); pass 2 is Adam's (28)
+         "stableadamw": 36,  # pass 1 reads g, v (the RMS of g/sqrt(v)) (8); pass 2 is Adam's (28)
+         "schedulefree_adamw": 28, "schedulefree_sgd": 20,
+         "prodigy": 48,      # the estimate reads g, w, x0, s, writes s (20); then Adam's step (28)
+         "dadaptadam": 44}   # the estimate reads g, s, v, writes s (16); then Adam's step (28)
 
 OPTIMIZERS = {
     "sgd": (thalweg.SGD, dict(lr=0.01), torch.optim.SGD),
@@ -44,6 +47,10 @@ OPTIMIZERS = {
     "ademamix": (thalweg.AdEMAMix, dict(lr=1e-3), None),
     "adopt": (thalweg.ADOPT, dict(lr=1e-3), None),
     "stableadamw": (thalweg.StableAdamW, dict(lr=1e-3), None),
+    "schedulefree_adamw": (thalweg.ScheduleFreeAdamW, dict(lr=2.5e-3), None),
+    "schedulefree_sgd": (thalweg.ScheduleFreeSGD, dict(lr=1.0), None),
+    "prodigy": (thalweg.Prodigy, dict(lr=1.0), None),
+    "dadaptadam": (thalweg.DAdaptAdam, dict(lr=1.0), None),
 }
 
 # What a user could pick instead where torch.optim has no such optimizer: (package module, class) per label,
@@ -57,6 +64,12 @@ PEERS = {
     "ademamix": {"pytorch-optimizer": ("pytorch_optimizer", "AdEMAMix")},
     "adopt": {"pytorch-optimizer": ("pytorch_optimizer", "ADOPT"), "torch-adopt": ("adopt", "ADOPT")},
     "stableadamw": {"pytorch-optimizer": ("pytorch_optimizer", "StableAdamW"), "torch-optimi": ("optimi", "StableAdamW")},
+    "schedulefree_adamw": {"schedulefree": ("schedulefree", "AdamWScheduleFree"),
+                           "pytorch-optimizer": ("pytorch_optimizer", "ScheduleFreeAdamW")},
+    "schedulefree_sgd": {"schedulefree": ("schedulefree", "SGDScheduleFree"),
+                         "pytorch-optimizer": ("pytorch_optimizer", "ScheduleFreeSGD")},
+    "prodigy": {"prodigyopt": ("prodigyopt", "Prodigy"), "pytorch-optimizer": ("pytorch_optimizer", "Prodigy")},
+    "dadaptadam": {"dadaptation": ("dadaptation", "DAdaptAdam"), "pytorch-optimizer": ("pytorch_optimizer", "DAdaptAdam")},
 }
 
 
@@ -158,6 +171,9 @@ def run(quick, only=None):
             else:
                 for label, peer in peer_classes(name).items():
                     candidates[label] = peer(params, **options)
+            for candidate in candidates.values():  # Schedule-Free's packages start in eval mode
+                if callable(getattr(candidate, "train", None)):
+                    candidate.train()
             seconds = interleaved_medians(candidates, repeats, flush=copy.step)
             cell["copy_gbps"] = copy.bytes / seconds.pop("copy") / 1e9
             bandwidths.append(cell["copy_gbps"])
