@@ -324,6 +324,23 @@ def _error_of(fn) -> dict:
     return {"error_type": None, "message": ""}
 
 
+def run_cases(out_dir: str, cases) -> None:
+    """A worker's whole life for a small check of its own (tests/*_dist_worker.py): join the gloo group, run
+    ``cases(mesh)`` — (key, function) pairs — recording each result or its traceback, write this rank's JSON."""
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = {}
+    for key, fn in cases(mesh):
+        try:
+            results[key] = fn()
+        except Exception:  # noqa: BLE001 - recorded for the test
+            results[key] = {"exception": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as file:
+        json.dump(results, file, indent=1)
+    dist.destroy_process_group()
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None

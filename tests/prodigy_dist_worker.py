@@ -7,17 +7,12 @@ sharding): Prodigy and D-Adapt Adam on 2 processes, each on half the batch, agai
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 from unittest import mock
 
 import torch
-import torch.distributed as dist
-from dist_worker import batch, fsdp2, full_params, half, make_model, relative_error
+from dist_worker import batch, fsdp2, full_params, half, make_model, relative_error, run_cases
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 import thalweg
 from thalweg import distributed
@@ -42,28 +37,19 @@ def run(name: str, dtype: torch.dtype, model: nn.Module, *, sharded_batch: bool)
     return full_params(model), float(optimizer.param_groups[0]["d"])
 
 
-def main() -> None:
-    out_dir = sys.argv[1]
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    results = {}
+def cases(mesh):
     for name in OPTIMIZERS:
         for dtype in (torch.float64, torch.float32):
-            key = f"{name}/{str(dtype).removeprefix('torch.')}"
-            try:
+            def compare(name=name, dtype=dtype):
                 expected, expected_d = run(name, dtype, make_model(dtype), sharded_batch=False)
                 params, d = run(name, dtype, fsdp2(make_model(dtype), mesh), sharded_batch=True)
                 with mock.patch.object(distributed.Sharding, "sum_across_shards_", lambda self, values: None):
                     unsummed, unsummed_d = run(name, dtype, fsdp2(make_model(dtype), mesh), sharded_batch=True)
-                results[key] = {"rel_error": relative_error(params, expected), "d": d, "expected_d": expected_d,
-                                "unsummed_rel_error": relative_error(unsummed, expected), "unsummed_d": unsummed_d}
-            except Exception:  # noqa: BLE001 - recorded for the test
-                results[key] = {"exception": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as file:
-        json.dump(results, file, indent=1)
-    dist.destroy_process_group()
+                return {"rel_error": relative_error(params, expected), "d": d, "expected_d": expected_d,
+                        "unsummed_rel_error": relative_error(unsummed, expected), "unsummed_d": unsummed_d}
+
+            yield f"{name}/{str(dtype).removeprefix('torch.')}", compare
 
 
 if __name__ == "__main__":
-    main()
+    run_cases(sys.argv[1], cases)

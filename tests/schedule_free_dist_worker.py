@@ -7,16 +7,11 @@ on the whole batch — y after the steps, x after eval(), and the group schedule
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
-from dist_worker import batch, fsdp2, full_params, half, make_model, relative_error
+from dist_worker import batch, fsdp2, full_params, half, make_model, relative_error, run_cases
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 import thalweg
 
@@ -45,27 +40,18 @@ def run(name: str, dtype: torch.dtype, model: nn.Module, *, sharded_batch: bool)
     return y_params, full_params(model), groups
 
 
-def main() -> None:
-    out_dir = sys.argv[1]
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    results = {}
+def cases(mesh):
     for name in OPTIMIZERS:
         for dtype in (torch.float64, torch.float32):
-            key = f"{name}/{str(dtype).removeprefix('torch.')}"
-            try:
+            def compare(name=name, dtype=dtype):
                 y_expected, x_expected, expected_groups = run(name, dtype, make_model(dtype), sharded_batch=False)
                 y_params, x_params, groups = run(name, dtype, fsdp2(make_model(dtype), mesh), sharded_batch=True)
-                results[key] = {"y_rel_error": relative_error(y_params, y_expected),
-                                "x_rel_error": relative_error(x_params, x_expected),
-                                "groups": groups, "expected_groups": expected_groups}
-            except Exception:  # noqa: BLE001 - recorded for the test
-                results[key] = {"exception": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as file:
-        json.dump(results, file, indent=1)
-    dist.destroy_process_group()
+                return {"y_rel_error": relative_error(y_params, y_expected),
+                        "x_rel_error": relative_error(x_params, x_expected),
+                        "groups": groups, "expected_groups": expected_groups}
+
+            yield f"{name}/{str(dtype).removeprefix('torch.')}", compare
 
 
 if __name__ == "__main__":
-    main()
+    run_cases(sys.argv[1], cases)

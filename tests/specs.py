@@ -466,3 +466,35 @@ def run_seeded(cls, shapes, dtype, options, seed, steps=25, **extra):
             param.grad = torch.randn(param.shape, generator=grads, dtype=torch.float64).to(dtype)
         optimizer.step()
     return params, optimizer
+
+
+def run_on_two_processes(worker, out_dir, timeout: float = 240) -> list[dict]:
+    """Run ``worker`` (a tests/*_dist_worker.py script) as ranks 0 and 1 of a 2-process gloo group on this
+    machine; returns each rank's JSON results (it skips when this torch build has no gloo)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(worker.parent), os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(out_dir)], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    try:
+        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:  # only the processes started here
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(log[-3000:] for log in logs)
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+

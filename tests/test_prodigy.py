@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from specs import SHAPES
+from specs import SHAPES, run_on_two_processes
 
 import thalweg
 
@@ -579,24 +574,7 @@ def test_fsdp2_on_two_processes_equals_one_process(tmp_path):
     """2 gloo processes, FSDP2 (uneven and empty shards), each rank on half the batch: the parameters and d equal one
     process on the whole batch (float64 1e-10, float32 1e-5) on every rank; without the cross-shard sums (patched
     out) they do not, so the check can fail."""
-    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parent), os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env={**env, "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-        for proc in procs:  # only the processes started here
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(log[-3000:] for log in logs)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = run_on_two_processes(WORKER, tmp_path)
     tolerance = {"float64": 1e-10, "float32": 1e-5}
     for rank_results in results:
         assert set(rank_results) == {f"{k}/{d}" for k in KINDS for d in tolerance}
