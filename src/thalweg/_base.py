@@ -194,6 +194,15 @@ class Optimizer(torch.optim.Optimizer):
             values.update(self._supplied(group, states, params))
         return values
 
+    def _sizes(self, program: engine.Program, params: list[torch.Tensor]) -> np.ndarray | None:
+        """The rule's ``size`` column: each tensor's element count (a DTensor's is the whole tensor's), counted
+        only when this group's program uses it (cautious=True); None when the rule takes no ``size``."""
+        if "size" not in self.rule.supplied:
+            return None
+        if "size" not in program.early_vars:
+            return np.zeros(len(params))
+        return np.array([p.numel() for p in params], dtype=np.float64)
+
     def _check_state(self, where, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         """Raise, naming the parameter (``where(k)``), for state the rule's checks do not cover and the step
         would use (``own_state_keys``); called before anything is written."""
@@ -226,8 +235,7 @@ class Optimizer(torch.optim.Optimizer):
         scalars = self._scalars(group)
         program = self.rule.program(scalars)
         if self.rule.supplied:
-            sizes = np.array([p.numel() for p in params], dtype=np.float64) if "size" in self.rule.supplied else None
-            scalars = {**scalars, **self._per_tensor_values(group, states, params, sizes)}
+            scalars = {**scalars, **self._per_tensor_values(group, states, params, self._sizes(program, params))}
         if program.state_roles:  # a dense state (a momentum buffer) changes every row anyway: so does the step
             grads = [grad.to_dense() for grad in grads]
         roles = [[state[role] for state in states] for role in program.state_roles]
@@ -638,10 +646,7 @@ class Optimizer(torch.optim.Optimizer):
                 first = first[kept]
         roles = [[state[role] for state in states] for role in program.state_roles]
         steps = [state["step"] for state in states] if self.counts_steps and states else None
-        sizes = None
-        if "size" in self.rule.supplied:  # counted only when this group's options use it (cautious=True)
-            sizes = (np.array([p.numel() for p in params], dtype=np.float64) if "size" in program.early_vars
-                     else np.zeros(len(params)))
+        sizes = self._sizes(program, params)
         if sharding is not None:  # (the sizes above are the whole tensors': a DTensor's numel is global)
             local = distributed.local
             params, grads = [local(p) for p in params], [local(g) for g in grads]

@@ -18,6 +18,15 @@ import torch
 from .. import _checks, distributed
 
 
+def check_step(optimizer: Any, step_wide: Sequence[str]) -> None:
+    """The step-wide checks, before anything is written (the packages raise midway through their step): every
+    group's hyper-parameters, the ``step_wide`` options equal in every group, and the groups' lrs."""
+    for group in optimizer.param_groups:
+        optimizer._check_hyperparameters(group)
+    same_in_every_group(optimizer, step_wide)
+    largest_lr(optimizer)
+
+
 def same_in_every_group(optimizer: Any, keys: Sequence[str]) -> None:
     """Raise ValueError, naming the key and the groups, when a step-wide option differs between param groups:
     the packages read it from group 0 alone, and the other groups' value would be silently ignored."""

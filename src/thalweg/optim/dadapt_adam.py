@@ -159,11 +159,7 @@ class DAdaptAdam(Optimizer):
     # -- the step ---------------------------------------------------------------------------------------
 
     def _update_all(self, loss: Any) -> Any:
-        # the step-wide checks, before anything is written (the package raises midway through its step)
-        for group in self.param_groups:
-            self._check_hyperparameters(group)
-        shared.same_in_every_group(self, _STEP_WIDE)
-        shared.largest_lr(self)
+        shared.check_step(self, _STEP_WIDE)
         return super()._update_all(loss)
 
     def _options(self) -> dict[str, Any]:
