@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import pathlib
 import statistics
@@ -53,17 +54,19 @@ OPTIMIZERS = {
     "dadaptadam": (thalweg.DAdaptAdam, dict(lr=1.0), None),
 }
 
-# What a user could pick instead where torch.optim has no such optimizer: (package module, class) per label,
-# each built with the lr only (its own defaults otherwise); a package that is not installed is left out.
+# What a user could pick instead where torch.optim has no such optimizer: (package module, class[, options])
+# per label, each built with the lr (and those options) only, its own defaults otherwise; a package that is
+# not installed is left out.
+_OPTIMI = {"triton": False}  # optimi takes its Triton kernels whenever triton is installed, CPU tensors too (they fail)
 PEERS = {
     "lars": {"pytorch-optimizer": ("pytorch_optimizer", "LARS")},
     "lamb": {"pytorch-optimizer": ("pytorch_optimizer", "Lamb")},
     "lion": {"pytorch-optimizer": ("pytorch_optimizer", "Lion"), "lion-pytorch": ("lion_pytorch", "Lion"),
-             "torch-optimi": ("optimi", "Lion")},
-    "adan": {"pytorch-optimizer": ("pytorch_optimizer", "Adan"), "torch-optimi": ("optimi", "Adan")},
+             "torch-optimi": ("optimi", "Lion", _OPTIMI)},
+    "adan": {"pytorch-optimizer": ("pytorch_optimizer", "Adan"), "torch-optimi": ("optimi", "Adan", _OPTIMI)},
     "ademamix": {"pytorch-optimizer": ("pytorch_optimizer", "AdEMAMix")},
     "adopt": {"pytorch-optimizer": ("pytorch_optimizer", "ADOPT"), "torch-adopt": ("adopt", "ADOPT")},
-    "stableadamw": {"pytorch-optimizer": ("pytorch_optimizer", "StableAdamW"), "torch-optimi": ("optimi", "StableAdamW")},
+    "stableadamw": {"pytorch-optimizer": ("pytorch_optimizer", "StableAdamW"), "torch-optimi": ("optimi", "StableAdamW", _OPTIMI)},
     "schedulefree_adamw": {"schedulefree": ("schedulefree", "AdamWScheduleFree"),
                            "pytorch-optimizer": ("pytorch_optimizer", "ScheduleFreeAdamW")},
     "schedulefree_sgd": {"schedulefree": ("schedulefree", "SGDScheduleFree"),
@@ -132,13 +135,13 @@ def peer_classes(name):
     import importlib
 
     found = {}
-    for label, (module, attribute) in PEERS.get(name, {}).items():
+    for label, (module, attribute, *options) in PEERS.get(name, {}).items():
         try:
             cls = getattr(importlib.import_module(module), attribute, None)
         except ImportError:
             continue
         if cls is not None:
-            found[label] = cls
+            found[label] = functools.partial(cls, **(options[0] if options else {}))
     return found
 
 
