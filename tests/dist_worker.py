@@ -262,34 +262,45 @@ def check_skip_nonfinite(record, mesh) -> None:
     record("skip-nonfinite/lamb", run)
 
 
+def resume_through_dcp(mesh, path: str, dtype: torch.dtype, build_optimizer, train_steps, *, saved_at: int = 2,
+                       steps: int = STEPS) -> dict:
+    """Train an FSDP2 model ``saved_at`` steps on 2 processes, save model and optimizer with DCP, train on to
+    ``steps``; then resume a fresh model and optimizer from the checkpoint and train the same steps. Returns how far
+    the resumed parameters end from the uninterrupted ones, and how much materialising the fresh state moved them.
+    ``train_steps(model, optimizer, steps: range)`` runs the steps (each rank on its half of the batch)."""
+    model = fsdp2(make_model(dtype), mesh)
+    optimizer = build_optimizer(model)
+    train_steps(model, optimizer, range(0, saved_at))
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=path)
+    train_steps(model, optimizer, range(saved_at, steps))
+    uninterrupted = full_params(model)
+
+    resumed = fsdp2(make_model(dtype, seed=1), mesh)
+    optimizer2 = build_optimizer(resumed)
+    before = full_params(resumed)
+    # get_optimizer_state_dict materialises empty state with a step at lr=0 and zero grads.
+    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, optimizer2)}
+    materialise_change = max(float((p - before[n]).abs().max()) for n, p in full_params(resumed).items())
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, optimizer2, state["optim"])
+    train_steps(resumed, optimizer2, range(saved_at, steps))
+    after = full_params(resumed)
+    return {"max_abs_diff": max(float((after[n] - p).abs().max()) for n, p in uninterrupted.items()),
+            "materialise_change": materialise_change}
+
+
 def check_dcp(record, mesh, out_dir: str) -> None:
     """Save after 2 steps on 2 processes, resume into a fresh model and optimizer, run 2 more: as if never stopped."""
     for dtype in (torch.float64, torch.float32):
         dtype_name = str(dtype).removeprefix("torch.")
         for name in OPTIMIZERS:
             def run():
-                path = os.path.join(out_dir, f"ckpt-{name}-{dtype_name}")
-                model = fsdp2(make_model(dtype), mesh)
-                optimizer = make_optimizer(name, model)
-                train(model, optimizer, dtype, range(0, 2), sharded_batch=True)
-                dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-                         checkpoint_id=path)
-                train(model, optimizer, dtype, range(2, STEPS), sharded_batch=True)
-                uninterrupted = full_params(model)
-
-                resumed = fsdp2(make_model(dtype, seed=1), mesh)
-                optimizer2 = make_optimizer(name, resumed)
-                before = full_params(resumed)
-                # get_optimizer_state_dict materialises empty state with a step at lr=0 and zero grads.
-                state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, optimizer2)}
-                materialise_change = max(float((p - before[n]).abs().max()) for n, p in full_params(resumed).items())
-                dcp.load(state, checkpoint_id=path)
-                set_model_state_dict(resumed, state["model"])
-                set_optimizer_state_dict(resumed, optimizer2, state["optim"])
-                train(resumed, optimizer2, dtype, range(2, STEPS), sharded_batch=True)
-                after = full_params(resumed)
-                return {"max_abs_diff": max(float((after[n] - p).abs().max()) for n, p in uninterrupted.items()),
-                        "materialise_change": materialise_change}
+                return resume_through_dcp(
+                    mesh, os.path.join(out_dir, f"ckpt-{name}-{dtype_name}"), dtype,
+                    lambda model: make_optimizer(name, model),
+                    lambda model, optimizer, steps: train(model, optimizer, dtype, steps, sharded_batch=True))
 
             record(f"dcp/{name}/{dtype_name}", run)
 
@@ -326,12 +337,12 @@ def _error_of(fn) -> dict:
 
 def run_cases(out_dir: str, cases) -> None:
     """A worker's whole life for a small check of its own (tests/*_dist_worker.py): join the gloo group, run
-    ``cases(mesh)`` — (key, function) pairs — recording each result or its traceback, write this rank's JSON."""
+    ``cases(mesh, out_dir)`` — (key, function) pairs — recording each result or its traceback, write this rank's JSON."""
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     results = {}
-    for key, fn in cases(mesh):
+    for key, fn in cases(mesh, out_dir):
         try:
             results[key] = fn()
         except Exception:  # noqa: BLE001 - recorded for the test

@@ -588,14 +588,20 @@ WORKER = Path(__file__).with_name("schedule_free_dist_worker.py")
 @pytest.mark.timeout(300)
 def test_fsdp2_on_two_processes_equals_one_process(tmp_path):
     """2 gloo processes, FSDP2 (uneven and empty shards), each rank on half the batch: y after the steps and x
-    after eval() equal one process on the whole batch, and every rank holds the same group schedule."""
+    after eval() equal one process on the whole batch, and every rank holds the same group schedule; a DCP
+    checkpoint resumes exactly."""
     results = run_on_two_processes(WORKER, tmp_path)
     tolerance = {"float64": 1e-10, "float32": 1e-5}  # the issue asks for 1e-5 and 1e-4
     for rank_results in results:
-        assert set(rank_results) == {f"{k}/{d}" for k in KINDS for d in tolerance}
+        assert set(rank_results) == {f"{c}{k}/{d}" for c in ("", "dcp/") for k in KINDS for d in tolerance}
         for key, entry in rank_results.items():
             assert "exception" not in entry, f"{key} raised:\n{entry['exception']}"
+            if key.startswith("dcp/"):
+                # saved in eval mode after 2 steps, resumed into a fresh model and optimizer: bitwise the
+                # uninterrupted run, and DCP's materialising step (lr=0, zero grads) moved nothing
+                assert entry["max_abs_diff"] == 0.0 and entry["materialise_change"] == 0.0, (key, entry)
+                continue
             assert entry["y_rel_error"] <= tolerance[key.split("/")[1]], (key, entry)
             assert entry["x_rel_error"] <= tolerance[key.split("/")[1]], (key, entry)
-    for key in results[0]:
+    for key in (key for key in results[0] if not key.startswith("dcp/")):
         assert results[0][key]["groups"] == results[1][key]["groups"] == results[0][key]["expected_groups"], key
