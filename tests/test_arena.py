@@ -52,24 +52,120 @@ def test_lr_grid_is_log_spaced_around_the_centre() -> None:
         protocol.lr_grid(0.0)
 
 
-def test_centre_table_covers_every_task_and_optimizer() -> None:
-    import thalweg
-
-    assert set(protocol.ARENA_OPTIMIZERS) <= set(thalweg.names())
+def test_centre_table_covers_every_task_for_the_measured_optimizers() -> None:
     for task in TASKS:
-        for opt in protocol.ARENA_OPTIMIZERS:
+        for opt in protocol.MEASURED_OPTIMIZERS:
             assert protocol.centre_for(task, opt) == protocol.CENTRES[task][opt] > 0
+        assert protocol.centre_for(task, "lion") is None  # not measured: the arena searches for it
     # The large-batch task scales the small-batch centres up (square-root rule, batch ratio ~22).
     assert protocol.CENTRES["digits-mlp-fullbatch"]["sgd"] == pytest.approx(protocol.CENTRES["digits-mlp"]["sgd"] * (1437 / 64) ** 0.5)
 
 
-def test_an_optimizer_without_centres_is_refused_by_name() -> None:
+def test_the_arena_runs_every_registry_optimizer_but_those_it_names_a_reason_for() -> None:
+    import thalweg
+
+    assert set(protocol.ARENA_OPTIMIZERS) | set(protocol.NOT_IN_ARENA) == set(thalweg.names())
+    assert not set(protocol.ARENA_OPTIMIZERS) & set(protocol.NOT_IN_ARENA)
+    assert set(protocol.LR_FREE) <= set(protocol.ARENA_OPTIMIZERS)
+
+
+def test_an_optimizer_left_out_is_refused_with_its_reason() -> None:
     from thalweg.arena.runner import check_optimizers
 
-    with pytest.raises(ArenaError, match="'nadam' is a thalweg optimizer the arena does not run yet"):
-        check_optimizers(["adam", "nadam"])
+    with pytest.raises(ArenaError, match="'muon' is a thalweg optimizer the arena does not run yet \\(it steps only matrices"):
+        check_optimizers(["adam", "muon"])
     with pytest.raises(ArenaError, match="unknown optimizer 'adamm'"):
         check_optimizers(["adamm"])
+    assert check_optimizers(["lion", "adam", "lion"]) == ["lion", "adam"]
+
+
+@pytest.mark.parametrize("task", ["rosenbrock", "sparse-bag", "digits-cnn", "char-lm"])
+def test_every_arena_optimizer_trains_on_every_kind_of_task(task: str) -> None:
+    """A 2-D point, an embedding bag (sparse gradients where the optimizer takes them), convolutions and a
+    character LM: every arena optimizer makes its steps and is evaluated (no refusal, no crash)."""
+    for name in protocol.ARENA_OPTIMIZERS:
+        run = protocol.run_one(get_task(task), name, 1e-3, 0, 3, backend=REF)
+        assert run["steps_done"] == 3 and not run["diverged"], (name, run)
+        assert run["final_metric"] is not None and len(run["evals"]["metric"]) == 2, name
+
+
+def test_coarse_search_centres_on_its_best_decade() -> None:
+    task = get_task("rosenbrock")
+    calls = []
+    centre, summary = protocol.coarse_search(task, "lion", 200, REF, on_run=lambda: calls.append(1))
+    assert [s["lr"] for s in summary] == list(protocol.COARSE_LRS) and len(calls) == len(protocol.COARSE_LRS)
+    assert all(s["steps"] == 50 for s in summary)  # a quarter of the budget
+    finished = [s for s in summary if not s["diverged"] and s["final_metric"] is not None]
+    assert finished and centre == min(finished, key=lambda s: s["final_metric"])["lr"]
+    # the decade matters: the best and the worst finished decades differ by orders of magnitude on Rosenbrock
+    values = sorted(s["final_metric"] for s in finished)
+    assert values[-1] > 10 * values[0]
+
+
+def test_run_task_searches_unmeasured_centres_and_runs_lr_free_optimizers_once() -> None:
+    task = get_task("rosenbrock")
+    entry = protocol.run_task(task, ["adam", "lion", "prodigy"], seeds=2, steps=40, backend=REF)
+    assert entry["centre_source"] == {"adam": "measured", "lion": "coarse search", "prodigy": "lr-free"}
+    assert entry["centres"]["adam"] == protocol.CENTRES["rosenbrock"]["adam"]
+    assert set(entry["coarse"]) == {"lion"} and entry["centres"]["lion"] in protocol.COARSE_LRS
+    lion = [r for r in entry["runs"] if r["optimizer"] == "lion" and r["phase"] == "sweep"]
+    assert sorted(r["lr"] for r in lion) == protocol.lr_grid(entry["centres"]["lion"])
+    prodigy = [r for r in entry["runs"] if r["optimizer"] == "prodigy"]
+    assert [(r["lr"], r["phase"]) for r in prodigy] == [(1.0, "sweep"), (1.0, "seed")]
+    assert entry["best_lr"]["prodigy"] == 1.0
+    expected = protocol.runs_per_task(["adam", "lion", "prodigy"], 2, protocol.GRID_MULTIPLIERS, None, "rosenbrock")
+    assert expected == len(entry["runs"]) + len(protocol.COARSE_LRS)
+
+
+_TIMINGS = ("step_time", "wall_time", "time_to_target")
+
+
+def _without_timings(results: dict) -> dict:
+    tasks = {name: {**task, "runs": [{k: v for k, v in run.items() if k not in _TIMINGS} for run in task["runs"]]}
+             for name, task in results["tasks"].items()}
+    return {"config": {k: v for k, v in results["config"].items() if k != "jobs"}, "tasks": tasks}
+
+
+def test_parallel_jobs_give_the_records_of_one_process(tmp_path: Path) -> None:
+    """Two worker processes (forked, so compare()'s closures travel too) against one: the same runs, in the same
+    order, with the same curves and metrics; only the timings may differ."""
+    settings = dict(TINY, optimizers=["sgd", "adam", "lion", "prodigy"])
+    one = run_arena(out=tmp_path / "one", jobs=1, **settings)
+    two = run_arena(out=tmp_path / "two", jobs=2, **settings)
+    assert one["config"]["jobs"] == 1 and two["config"]["jobs"] == 2
+    assert _without_timings(one) == _without_timings(two)
+    assert [r["optimizer"] for r in two["tasks"]["logreg"]["runs"]][:5] == ["sgd"] * 5
+
+    from thalweg.arena import compare
+
+    x = torch.randn(60, 4, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.arange(4.0)
+    data = ((x[:40], y[:40]), (x[40:], y[40:]))
+    by_jobs = [compare(lambda: nn.Linear(4, 1), lambda out, target: F.mse_loss(out.squeeze(1), target), data,
+                       optimizers=["sgd", "adamw"], steps=20, seeds=2, out=tmp_path / f"compare-{jobs}",
+                       progress=False, backend=REF, jobs=jobs) for jobs in (1, 2)]
+    assert _without_timings(by_jobs[0]) == _without_timings(by_jobs[1])
+
+
+def test_schedule_free_is_evaluated_at_x_in_eval_mode() -> None:
+    """The record's metric is the function at x (eval mode), not at y, where the gradients were taken."""
+    import thalweg
+
+    task = get_task("rosenbrock")
+    run = protocol.run_one(task, "schedulefree_adamw", 0.02, 0, 30, backend=REF)
+    problem = task.setup(0, False)
+    torch.manual_seed(0)
+    optimizer = thalweg.create("schedulefree_adamw", problem.params, lr=0.02, backend=REF)
+    optimizer.train()
+    for step in range(30):
+        optimizer.zero_grad()
+        problem.loss(step).backward()
+        optimizer.step()
+    at_y = problem.evaluate()
+    optimizer.eval()
+    at_x = problem.evaluate()
+    assert at_x != at_y
+    assert run["final_metric"] == at_x
 
 
 def test_steps_to_target_first_hit_and_direction() -> None:
@@ -269,6 +365,41 @@ def test_compare_on_user_model(tmp_path: Path) -> None:
     assert max(r["final_metric"] or 0 for r in task["runs"]) > 0.8  # a linearly separable toy is learnt
     page = (tmp_path / "cmp" / "index.html").read_text()
     assert 'id="toy"' in page and (tmp_path / "cmp" / "figures" / "toy-lr.png").exists()
+
+
+def test_compare_evaluates_in_eval_mode_and_restores_training(tmp_path: Path) -> None:
+    """With Dropout(0.5), a metric taken in training mode is random; in eval mode it is one number. The metric
+    records the mode it saw, and the loss (training) still sees training mode."""
+    from thalweg.arena import compare
+
+    modes = {"metric": set(), "loss": set()}
+
+    def model_fn() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+
+    def loss_fn(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(prediction, target)
+
+    def metric_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        modes["metric"].add(model.training)
+        return float(F.mse_loss(model(x), y))
+
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    y = x.sum(1, keepdim=True)
+    original = nn.Sequential.forward
+
+    def forward(self, inputs):  # records the mode of every training-loss forward
+        if torch.is_grad_enabled():
+            modes["loss"].add(self.training)
+        return original(self, inputs)
+
+    nn.Sequential.forward = forward
+    try:
+        compare(model_fn, loss_fn, ((x[:30], y[:30]), (x[30:], y[30:])), optimizers=["adam"], steps=6, seeds=1,
+                metric_fn=metric_fn, eval_every=2, out=tmp_path / "cmp", progress=False, backend=REF)
+    finally:
+        nn.Sequential.forward = original
+    assert modes == {"metric": {False}, "loss": {True}}
 
 
 def test_compare_rejects_malformed_data(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run every optimizer on the built-in tasks under one protocol (same lr grid "
                                        "around each optimizer's centre, same step budget, best lr rerun with several "
                                        "seeds) and write DIR/index.html, figures and results.json.")
-    arena.add_argument("--quick", action="store_true", help="4 tasks, short budgets (under 2 minutes on 2 cores)")
+    arena.add_argument("--quick", action="store_true", help="4 tasks, short budgets (about 2.5 minutes on 2 cores)")
     arena.add_argument("--out", default="arena-report", metavar="DIR", help="report directory (default: arena-report)")
     arena.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to run (default: all, or the quick set)")
     arena.add_argument("--optimizers", nargs="+", metavar="OPT", help="optimizers to compare (default: all)")
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scale every task's step budget by X (default 1)")
     arena.add_argument("--backend", default="reference", help="thalweg backend for every optimizer: reference "
                        "(default: the same plain path for all, so timings compare algorithms), auto, foreach or fused")
+    arena.add_argument("--jobs", type=_positive_int, metavar="N",
+                       help="processes running optimizers in parallel (default: one per core; results do not depend "
+                            "on it, timings share the machine)")
     arena.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     lrf = sub.add_parser("lr-find", help="LR range test: exponentially increasing lr, smoothed loss, suggested lr",
@@ -87,24 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def _summary(results: dict[str, Any]) -> str:
     from thalweg.arena import analysis
 
-    lines = [f"{'task':<22}{'recommendation':<16}{'lr':>10}  metric"]
+    rows = analysis.summary_table(results)
+    width = max([len("optimizer")] + [len(row["optimizer"]) for row in rows]) + 2
+    lines = [f"{'task':<22}{'recommendation':<{width}}{'lr':>10}  metric"]
     for name, task in results["tasks"].items():
         rec = analysis.recommendation(task)
         if rec is None:
-            lines.append(f"{name:<22}{'(all diverged)':<16}")
+            lines.append(f"{name:<22}{'(all diverged)':<{width}}")
             continue
         row = analysis.ranking(task)[0]
-        lines.append(f"{name:<22}{rec['optimizer']:<16}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})")
+        lines.append(f"{name:<22}{rec['optimizer']:<{width}}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})")
     lines.append("")
-    lines.append(f"{'optimizer':<12}{'profile':>8}{'wins':>6}{'mean rank':>11}{'targets':>9}")
-    for row in analysis.summary_table(results):
+    lines.append(f"{'optimizer':<{width}}{'profile':>8}{'wins':>6}{'mean rank':>11}{'targets':>9}")
+    for row in rows:
         mean_rank = "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}"
-        lines.append(f"{row['optimizer']:<12}{row['profile_score']:>8.2f}{row['wins']:>6}{mean_rank:>11}{row['targets']:>9}")
+        lines.append(f"{row['optimizer']:<{width}}{row['profile_score']:>8.2f}{row['wins']:>6}{mean_rank:>11}{row['targets']:>9}")
     return "\n".join(lines)
 
 
@@ -114,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
 
         results = run_arena(tasks=args.tasks, optimizers=args.optimizers, seeds=args.seeds, budget=args.budget,
                             quick=args.quick, out=args.out, progress=not args.no_progress,
-                            backend=args.backend)
+                            backend=args.backend, jobs=args.jobs)
         print(_summary(results))
         print(f"\nreport: {args.out.rstrip('/')}/index.html")
     elif args.command == "lr-find":
@@ -126,8 +129,9 @@ def _run(args: argparse.Namespace) -> int:
         if s["steepest"] is None:
             print("loss diverged almost at once; lower --lr-min")
         else:
+            centre = f"arena centre {result['centre']:.3g}" if result["centre"] else "no measured arena centre"
             print(f"suggested lr (steepest descent): {s['steepest']:.3g}   (min-loss lr / 10: {s['min_over_10']:.3g}; "
-                  f"arena centre {result['centre']:.3g})")
+                  f"{centre})")
         print(f"plot: {png}")
     elif args.command == "tune":
         from thalweg.arena.tuning import runs_needed, tune, write_tune

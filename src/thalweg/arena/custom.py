@@ -32,7 +32,8 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
             metric_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], float] | None = None,
             metric: str = "validation loss", higher_is_better: bool = False, target: float | None = None,
             centres: dict[str, float] | None = None, eval_every: int | None = None, name: str = "custom",
-            out: str | Path = "thalweg-compare", progress: bool = True, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+            out: str | Path = "thalweg-compare", progress: bool = True, backend: str = DEFAULT_BACKEND,
+            jobs: int | None = None) -> dict[str, Any]:
     """Compare optimizers on your problem under the arena protocol and write the report to ``out``.
 
     Args:
@@ -43,9 +44,11 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
         steps: step budget per run; batches of ``batch_size`` drawn in seeded shuffled epochs.
         metric_fn: ``metric_fn(model, x_val, y_val)`` -> float; default: ``loss_fn`` on the validation set.
         higher_is_better, target: how to read the metric; ``target`` enables steps/time to target.
-        centres: lr-grid centre per optimizer (default: the arena's digits-MLP centres).
+        centres: lr-grid centre per optimizer (default: the arena's digits-MLP centres where measured, else a
+            coarse search on your problem, as the arena does).
         seeds: seeds at each optimizer's best lr.
         backend: thalweg backend for every optimizer ("auto", "reference", "foreach", "fused").
+        jobs: processes running optimizers in parallel (default: one per core; the records do not depend on it).
 
     Returns the results dict also saved as ``out/results.json``.
 
@@ -72,8 +75,15 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
             return loss_fn(model(x_tr[idx]), y_tr[idx])
 
         def evaluate() -> float:
-            with torch.no_grad():
-                return float(metric_fn(model, x_va, y_va))
+            # eval mode (Dropout off, BatchNorm on its running statistics, which validation data must not
+            # update), then the training mode the model had
+            training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    return float(metric_fn(model, x_va, y_va))
+            finally:
+                model.train(training)
 
         return Problem(model, loss, evaluate)
 
@@ -82,4 +92,4 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
                 metric, higher_is_better, target, steps, steps, every, setup)
     table = {name: {**protocol.DEFAULT_CENTRES, **(centres or {})}}
     return run_arena([name], optimizers, seeds=seeds, out=out, progress=progress, extra_tasks={name: task},
-                     centres=table, backend=backend)
+                     centres=table, backend=backend, jobs=jobs)

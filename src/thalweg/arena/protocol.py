@@ -38,9 +38,27 @@ CENTRES: dict[str, dict[str, float]] = {
 # grid past its stability limit in a measured full run (every lr >= 2.2 diverged or stalled at chance).
 _BATCH_RATIO = 1437 / 64
 CENTRES["digits-mlp-fullbatch"] = {opt: lr * math.sqrt(_BATCH_RATIO) for opt, lr in CENTRES["digits-mlp"].items()}
-# The optimizers the arena runs: those with measured centres (the rest of thalweg.names() join as their
-# centres are measured).
-ARENA_OPTIMIZERS = tuple(CENTRES["digits-mlp"])
+# Optimizers that estimate their own step size (lr is a multiplier of the estimate, 1.0 documented): they run
+# at that lr, without a grid; the report says so.
+LR_FREE: dict[str, float] = {"prodigy": 1.0, "dadaptadam": 1.0}
+# Registry optimizers the arena cannot yet run on every task, and why (the CLI names the reason).
+NOT_IN_ARENA: dict[str, str] = {
+    "sparseadam": "it takes only sparse gradients, which most tasks do not produce",
+    "muon": "it steps only matrices; it joins with the parameter router that hands the rest to AdamW",
+}
+
+
+def _arena_optimizers() -> tuple[str, ...]:
+    import thalweg
+
+    return tuple(name for name in thalweg.names() if name not in NOT_IN_ARENA)
+
+
+# Every registry optimizer the arena can run: those with measured centres use them, the others are centred by
+# a coarse search in the arena run itself (:func:`coarse_search`), the lr-free ones run at their documented lr.
+ARENA_OPTIMIZERS = _arena_optimizers()
+# The eight whose centres were measured by hand (above); the quick arena's default set.
+MEASURED_OPTIMIZERS = tuple(CENTRES["digits-mlp"])
 # For the user's own problems (thalweg.arena.compare): the "nets" centres.
 DEFAULT_CENTRES = dict(CENTRES["digits-mlp"])
 
@@ -68,10 +86,36 @@ def lr_grid(centre: float, multipliers: tuple[float, ...] = GRID_MULTIPLIERS) ->
     return sorted(float(f"{centre * m:.3g}") for m in multipliers)
 
 
-def centre_for(task: str, optimizer: str, table: dict[str, dict[str, float]] | None = None) -> float:
-    """The grid centre of ``optimizer`` on ``task`` (the default row for tasks not in the table)."""
+def centre_for(task: str, optimizer: str, table: dict[str, dict[str, float]] | None = None) -> float | None:
+    """The measured grid centre of ``optimizer`` on ``task`` (the default row for tasks not in the table), or
+    None where nothing was measured (the arena then finds one with :func:`coarse_search`)."""
     table = CENTRES if table is None else table
-    return table.get(task, DEFAULT_CENTRES).get(optimizer, DEFAULT_CENTRES.get(optimizer, 1e-3))
+    return table.get(task, DEFAULT_CENTRES).get(optimizer, DEFAULT_CENTRES.get(optimizer))
+
+
+# The coarse search: one run per decade over the lrs any optimizer here has used (1e-5 .. 1e2), each a quarter of
+# the task's budget, seed 0; the best of them becomes the grid centre. An lr range test (thalweg lr-find) is
+# cheaper but was measured unreliable as a centre: on the noisy sparse-bag batches its smoothed loss never
+# dropped below the first batch's (every optimizer's suggestion 1e-6, against measured centres 0.03..10),
+# and on Rosenbrock it suggested 1e-5 for momentum against a measured best of 1e-3.
+COARSE_LRS = tuple(10.0**k for k in range(-5, 3))
+COARSE_BUDGET_FRACTION = 0.25
+
+
+def coarse_search(task: Task, optimizer: str, steps: int, backend: str = DEFAULT_BACKEND,
+                  on_run: Callable[[], None] | None = None) -> tuple[float | None, list[dict[str, Any]]]:
+    """The best lr of :data:`COARSE_LRS` at a quarter of ``steps`` (None if every one diverged), and a summary
+    of each run (lr, final metric, diverged) for the report."""
+    short = max(task.eval_every, int(steps * COARSE_BUDGET_FRACTION))
+    runs = []
+    for lr in COARSE_LRS:
+        runs.append(run_one(task, optimizer, lr, 0, short, phase="coarse", backend=backend))
+        if on_run:
+            on_run()
+    best = pick_best(runs, task.higher_is_better)
+    summary = [{"lr": r["lr"], "steps": short, "final_metric": r["final_metric"], "diverged": r["diverged"]}
+               for r in runs]
+    return (best["lr"] if best else None), summary
 
 
 def steps_to_target(steps: list[int], metrics: list[float], target: float | None, higher_is_better: bool) -> int | None:
@@ -138,10 +182,11 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
     torch.manual_seed(seed)
     problem = task.setup(seed, sparse)
     opt = thalweg.create(optimizer, problem.params, lr=lr, backend=backend, **hyperparams)
+    evaluate = _evaluator(opt, problem)
     losses: list[float] = []
     step_times: list[float] = []
     eval_steps: list[int] = [0]
-    eval_values: list[float] = [problem.evaluate()]
+    eval_values: list[float] = [evaluate()]
     path: list[tuple[float, float]] = [problem.position()] if problem.position else []
     diverged_at: int | None = None
     start = time.perf_counter()
@@ -162,7 +207,7 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
         done = step + 1
         if done % task.eval_every == 0 or done == steps:
             eval_steps.append(done)
-            eval_values.append(problem.evaluate())
+            eval_values.append(evaluate())
     wall = time.perf_counter() - start
     final_metric = eval_values[-1] if diverged_at is None else math.nan
     if diverged_at is None and not math.isfinite(final_metric):
@@ -191,6 +236,23 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
     return record
 
 
+def _evaluator(opt: torch.optim.Optimizer, problem: Any) -> Callable[[], float]:
+    """``problem.evaluate`` as the optimizer's authors evaluate: Schedule-Free optimizers (those with
+    ``train()``/``eval()``) train at y but are judged at x, so evaluation switches to eval mode and back."""
+    if not (callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))):
+        return problem.evaluate
+
+    def evaluate() -> float:
+        opt.eval()
+        try:
+            return problem.evaluate()
+        finally:
+            opt.train()
+
+    opt.train()
+    return evaluate
+
+
 def score(run: dict[str, Any], higher_is_better: bool) -> float:
     """Sort key, smaller is better: the final validation metric, diverged runs last."""
     m = run["final_metric"]
@@ -210,39 +272,119 @@ def pick_best(runs: list[dict[str, Any]], higher_is_better: bool) -> dict[str, A
 def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
              multipliers: tuple[float, ...] = GRID_MULTIPLIERS,
              centres: dict[str, dict[str, float]] | None = None,
-             on_run: Callable[[], None] | None = None, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+             on_run: Callable[[], None] | None = None, backend: str = DEFAULT_BACKEND,
+             pool: Any = None) -> dict[str, Any]:
     """Sweep each optimizer's lr grid with seed 0, rerun the best lr with seeds 1..seeds-1.
 
-    Returns the task's entry in results.json (its settings, every run, and the best lr per optimizer).
-    ``on_run`` is called after each run (progress bars).
+    The grid is centred on the measured centre (:data:`CENTRES`, or ``centres``); without one, on the best lr
+    of a :func:`coarse_search` run here; lr-free optimizers (:data:`LR_FREE`) run at their documented lr alone.
+    Returns the task's entry in results.json (its settings, every run, the best lr per optimizer, where each
+    centre came from and the coarse searches). ``on_run`` is called after each run (progress bars; with a
+    ``pool`` of :func:`make_pool`, which runs the optimizers in parallel, as each optimizer's runs end).
     """
     entry: dict[str, Any] = {
         "name": task.name, "description": task.description, "kind": task.kind, "metric": task.metric,
         "higher_is_better": task.higher_is_better, "target": task.target, "steps": steps,
         "log_metric": task.log_metric, "grid_multipliers": list(multipliers), "centres": {},
-        "runs": [], "best_lr": {},
+        "centre_source": {}, "coarse": {}, "runs": [], "best_lr": {},
     }
-    with threads(1):
-        for name in optimizers:
-            centre = centre_for(task.name, name, centres)
-            entry["centres"][name] = centre
-            sweep = []
-            for lr in lr_grid(centre, multipliers):
-                sweep.append(run_one(task, name, lr, 0, steps, backend=backend))
-                if on_run:
-                    on_run()
-            entry["runs"].extend(sweep)
-            best = pick_best(sweep, task.higher_is_better)
-            # Every lr diverged: nothing to rerun; the optimizer's row says so.
-            entry["best_lr"][name] = best["lr"] if best else None
-            for seed in range(1, seeds):
-                if best:
-                    entry["runs"].append(run_one(task, name, best["lr"], seed, steps, phase="seed", backend=backend))
-                if on_run:
-                    on_run()
+    blocks = (_in_workers(pool, task, optimizers, seeds, steps, multipliers, centres, backend, on_run) if pool
+              else (run_optimizer(task, name, seeds, steps, multipliers, centres, backend, on_run) for name in optimizers))
+    for name, block in zip(optimizers, blocks):
+        entry["centres"][name] = block["centre"]
+        entry["centre_source"][name] = block["source"]
+        if block["coarse"] is not None:
+            entry["coarse"][name] = block["coarse"]
+        entry["runs"].extend(block["runs"])
+        entry["best_lr"][name] = block["best_lr"]
     return entry
 
 
-def runs_per_task(n_optimizers: int, seeds: int, multipliers: tuple[float, ...]) -> int:
-    """How many runs :func:`run_task` makes (for progress bars)."""
-    return n_optimizers * (len(multipliers) + seeds - 1)
+def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tuple[float, ...],
+                  centres: dict[str, dict[str, float]] | None, backend: str,
+                  on_run: Callable[[], None] | None = None) -> dict[str, Any]:
+    """One optimizer's part of :func:`run_task`: its centre (and where it came from), the seed-0 sweep of its
+    grid, then the best lr with the other seeds."""
+    coarse = None
+    with threads(1):
+        if name in LR_FREE:
+            centre, source, grid = LR_FREE[name], "lr-free", [LR_FREE[name]]
+        else:
+            centre, source = centre_for(task.name, name, centres), "measured"
+            if centre is None:
+                centre, coarse = coarse_search(task, name, steps, backend, on_run)
+                source = "coarse search"
+            grid = lr_grid(centre, multipliers) if centre is not None else []
+        sweep = []
+        for lr in grid:
+            sweep.append(run_one(task, name, lr, 0, steps, backend=backend))
+            if on_run:
+                on_run()
+        runs = list(sweep)
+        best = pick_best(sweep, task.higher_is_better)
+        for seed in range(1, seeds):
+            # every lr diverged: nothing to rerun; the optimizer's row says so
+            if best:
+                runs.append(run_one(task, name, best["lr"], seed, steps, phase="seed", backend=backend))
+            if on_run:
+                on_run()
+    return {"centre": centre, "source": source, "coarse": coarse, "runs": runs,
+            "best_lr": best["lr"] if best else None}
+
+
+# -- running optimizers in parallel ----------------------------------------------------------------------------
+# Each optimizer's block of runs is independent of the others' and seeded, so worker processes give the same
+# records as one process (only the timings differ: the workers share the machine). Workers are forked, so they
+# inherit the tasks, closures of compare() included, which could not be pickled.
+
+_WORKER_TASKS: dict[str, Task] = {}
+
+
+def make_pool(tasks: list[Task], jobs: int) -> Any:
+    """A process pool of ``jobs`` forked workers that know ``tasks``; None for one job or where processes
+    cannot be forked (then everything runs here)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    _WORKER_TASKS.clear()
+    _WORKER_TASKS.update({task.name: task for task in tasks})
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"),
+                               initializer=torch.set_num_threads, initargs=(1,))
+
+
+def _worker_block(task_name: str, *args: Any) -> tuple[dict[str, Any], int]:
+    done = []
+    block = run_optimizer(_WORKER_TASKS[task_name], *args, on_run=lambda: done.append(1))
+    return block, len(done)
+
+
+def _in_workers(pool: Any, task: Task, optimizers: list[str], seeds: int, steps: int, multipliers: tuple[float, ...],
+                centres: dict[str, dict[str, float]] | None, backend: str,
+                on_run: Callable[[], None] | None) -> Iterator[dict[str, Any]]:
+    """The optimizers' blocks from ``pool``, in ``optimizers``' order; progress counted as each block ends."""
+    from concurrent.futures import as_completed
+
+    futures = [pool.submit(_worker_block, task.name, name, seeds, steps, multipliers, centres, backend)
+               for name in optimizers]
+    for future in as_completed(futures):
+        if on_run:
+            for _ in range(future.result()[1]):
+                on_run()
+    for future in futures:
+        yield future.result()[0]
+
+
+def runs_per_task(optimizers: list[str], seeds: int, multipliers: tuple[float, ...],
+                  centres: dict[str, dict[str, float]] | None = None, task: str = "") -> int:
+    """How many runs :func:`run_task` makes on ``task`` (for progress bars; a fully diverged coarse search
+    makes fewer)."""
+    total = 0
+    for name in optimizers:
+        if name in LR_FREE:
+            total += seeds
+        else:
+            searched = len(COARSE_LRS) if centre_for(task, name, centres) is None else 0
+            total += searched + len(multipliers) + seeds - 1
+    return total

@@ -72,9 +72,14 @@ def _protocol_html(results: dict[str, Any]) -> str:
     mults = ", ".join(f"{m:.3g}" for m in cfg["grid_multipliers"])
     return (
         "<h2>Protocol</h2><ul>"
-        f"<li>Every optimizer gets the same lr grid, multipliers <code>{mults}</code> around its own centre "
-        "(the measured table <code>thalweg.arena.protocol.CENTRES</code>, listed per task below), and the same step budget "
-        f"per task (budget scale {cfg['budget']:g}{', quick' if cfg['quick'] else ''}).</li>"
+        f"<li>Every optimizer gets the same lr grid, multipliers <code>{mults}</code> around its own centre, and the "
+        f"same step budget per task (budget scale {cfg['budget']:g}{', quick' if cfg['quick'] else ''}). The centre is "
+        "the measured one (<code>thalweg.arena.protocol.CENTRES</code>) where there is one; for the other optimizers, "
+        "the best of a coarse search run here (lr 1e-5, 1e-4, ..., 1e2, each for a quarter of the budget, seed 0). "
+        "Centres and their sources are listed per task below.</li>"
+        "<li>Prodigy and D-Adapt Adam estimate their own step size: they run at their documented lr 1.0, without a grid "
+        "(so their seed-0 sweep is one run). Schedule-Free optimizers are evaluated in eval mode (at x, as their "
+        "authors evaluate), trained in train mode.</li>"
         "<li>All other hyper-parameters are the optimizer's defaults (e.g. AdamW and LAMB decay 0.01, LARS momentum 0.9); "
         "biases and embeddings get no weight decay and no trust ratio (<code>thalweg.create</code>). "
         f"Backend: <code>{html.escape(str(cfg.get('backend', 'auto')))}</code>.</li>"
@@ -87,6 +92,13 @@ def _protocol_html(results: dict[str, Any]) -> str:
         "<li>Sparse task: Adagrad trains the embedding with sparse gradients; the other optimizers reject sparse "
         "gradients, so they train the same model with dense ones.</li></ul>"
     )
+
+
+def _centre_text(optimizer: str, centre: float | None, source: str) -> str:
+    if centre is None:
+        return f"{optimizer} none (every coarse-search lr diverged)"
+    note = {"measured": "", "coarse search": " (coarse search)", "lr-free": " (lr-free, no grid)"}.get(source, "")
+    return f"{optimizer} {centre:.3g}{note}"
 
 
 def build(results: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
@@ -115,7 +127,8 @@ def build(results: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
     for name, task in tasks.items():
         rec = analysis.recommendation(task)
         target = "none" if task["target"] is None else f"{task['target']:g}"
-        centres = ", ".join(f"{o} {lr:.3g}" for o, lr in task["centres"].items())
+        centres = ", ".join(_centre_text(o, lr, task.get("centre_source", {}).get(o, "measured"))
+                            for o, lr in task["centres"].items())
         parts.append(f'<h2 id="{html.escape(name)}">{html.escape(name)}</h2><p>{html.escape(task["description"])}</p>'
                      f"<p>Metric: {html.escape(task['metric'])} ({'higher' if task['higher_is_better'] else 'lower'} is better); "
                      f"target {target}; {task['steps']} steps. lr centres: {html.escape(centres)}.</p>")

@@ -13,17 +13,19 @@ from .results import new_results, save_json
 from .tasks import QUICK_TASKS, TASKS, Task, get_task
 
 
-def check_optimizers(names: list[str]) -> list[str]:
-    """Validate optimizer names against the arena's optimizers (ArenaError listing the valid ones)."""
+def check_optimizers(names: list[str], valid: tuple[str, ...] | None = None, why_not: str = "") -> list[str]:
+    """Validate optimizer names against ``valid`` (default: the arena's optimizers); an ArenaError lists the
+    valid ones, and says why for a thalweg optimizer that is left out (``why_not``, or the arena's reason)."""
     import thalweg
 
-    valid = protocol.ARENA_OPTIMIZERS
+    valid = protocol.ARENA_OPTIMIZERS if valid is None else valid
     if not names:
         raise ArenaError(f"no optimizers given; valid optimizers: {', '.join(valid)}")
     for n in names:
         if n in thalweg.names() and n not in valid:
-            raise ArenaError(f"{n!r} is a thalweg optimizer the arena does not run yet (no measured lr centres); "
-                             f"the arena runs: {', '.join(valid)}")
+            reason = why_not or protocol.NOT_IN_ARENA.get(n, "")
+            raise ArenaError(f"{n!r} is a thalweg optimizer the arena does not run yet ({reason}); "
+                             f"valid here: {', '.join(valid)}")
         if n not in valid:
             raise ArenaError(f"unknown optimizer {n!r}; valid optimizers: {', '.join(valid)}")
     return list(dict.fromkeys(names))
@@ -42,6 +44,16 @@ def check_backend(backend: str) -> None:
         raise ArenaError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
 
 
+def default_jobs() -> int:
+    """The cores this process may run on (its CPU affinity where the platform says, else the CPU count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def partial_path(out: Path) -> Path:
     """Where results accumulate while the arena runs: beside the report, not in it, so an interrupted
     run leaves the previous report intact and its finished tasks on disk."""
@@ -52,14 +64,17 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
               budget: float = 1.0, quick: bool = False, out: str | Path = "arena-report",
               progress: bool = True, created: str | None = None,
               extra_tasks: dict[str, Task] | None = None,
-              centres: dict[str, dict[str, float]] | None = None, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+              centres: dict[str, dict[str, float]] | None = None, backend: str = DEFAULT_BACKEND,
+              jobs: int | None = None) -> dict[str, Any]:
     """Run the arena protocol and write the report to ``out``; returns the results.
 
     ``tasks`` default to every built-in task (``QUICK_TASKS`` with ``quick``); ``optimizers`` to
     ``protocol.ARENA_OPTIMIZERS``; ``budget`` scales every task's step budget; ``seeds`` is the number of seeds at
     each optimizer's best lr. ``extra_tasks`` lets :func:`compare` run the user's own task, and
     ``centres`` replaces the lr-centre table (:data:`protocol.CENTRES`); ``backend`` is passed to
-    every optimizer (thalweg's ``backend=``: auto, reference, foreach or fused).
+    every optimizer (thalweg's ``backend=``: auto, reference, foreach or fused). ``jobs`` processes run the
+    optimizers in parallel (default: one per core this process may use); the records are the same for any
+    ``jobs``, only the timings share the machine.
     """
     known = dict(TASKS, **(extra_tasks or {}))
     names = list(tasks) if tasks else (QUICK_TASKS if quick else list(TASKS))
@@ -68,15 +83,19 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     check_positive("seeds", seeds, integer=True)
     check_positive("budget", budget)
     check_backend(backend)
+    jobs = default_jobs() if jobs is None else jobs
+    check_positive("jobs", jobs, integer=True)
     out = report.check_writable(out)
     multipliers = protocol.QUICK_GRID_MULTIPLIERS if quick else protocol.GRID_MULTIPLIERS
     config = {"tasks": [t.name for t in task_objs], "optimizers": optimizers, "seeds": int(seeds),
-              "budget": float(budget), "quick": bool(quick), "grid_multipliers": list(multipliers), "backend": backend}
+              "budget": float(budget), "quick": bool(quick), "grid_multipliers": list(multipliers), "backend": backend,
+              "jobs": int(jobs)}
     created = created or _dt.datetime.now().isoformat(timespec="seconds")
     results = new_results(config, created)
     partial = partial_path(out)
-    per_task = protocol.runs_per_task(len(optimizers), int(seeds), multipliers)
-    bar = _progress(len(task_objs) * per_task, progress)
+    total = sum(protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, t.name) for t in task_objs)
+    bar = _progress(total, progress)
+    pool = protocol.make_pool(task_objs, min(int(jobs), len(optimizers)))
     try:
         for task in task_objs:
             if bar is not None:
@@ -84,9 +103,11 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
             steps = task.budget(quick, budget)
             results["tasks"][task.name] = protocol.run_task(
                 task, optimizers, int(seeds), steps, multipliers, centres,
-                on_run=bar.update if bar is not None else None, backend=backend)
+                on_run=bar.update if bar is not None else None, backend=backend, pool=pool)
             save_json(results, partial)
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
     report.write(results, out)

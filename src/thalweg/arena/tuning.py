@@ -36,7 +36,8 @@ def tune(task: str, optimizer: str, budget: float = 1.0, quick: bool = True,
          on_run: Callable[[], None] | None = None, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
     """Run both grids; returns a JSON-ready dict with the cells and the best setting."""
     t = get_task(task)
-    check_optimizers([optimizer])
+    check_optimizers([optimizer], protocol.MEASURED_OPTIMIZERS,
+                     "tune's second knob is defined for the optimizers with measured lr centres")
     check_positive("budget", budget)
     check_backend(backend)
     steps = t.budget(quick, budget)
