@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import thalweg
+from thalweg import engine
 from specs import SPECS, Spec, assert_same_state, clone_params, grad_stream, make_params, run
 
 SHAPES = [(3, 5), (5,), (0,), (2, 0, 3), (), (7,), (4, 4)]
@@ -96,6 +97,68 @@ def test_torch_style_foreach_and_fused_keywords_pick_the_backend(keywords, expec
 def test_fused_false_keeps_auto_off_the_fused_path():
     optimizer = thalweg.Adam(make_params([(3,)], torch.float32, 0), fused=False)
     assert optimizer.backend_for(torch.device("cpu")) != "fused"
+
+
+FUSED = engine.unavailable_reason(torch.device("cpu")) is None
+TORCH_NAMESAKES = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop", "RMSprop", "Adagrad",
+                   "Adafactor", "Muon", "SparseAdam"]
+
+
+@pytest.mark.parametrize("name", TORCH_NAMESAKES)
+def test_param_groups_carry_torchs_backend_keys(name):
+    """torch keeps foreach/fused/capturable in every param group (each optimizer its own subset): thalweg's groups
+    hold the same keys with the same values, so state_dicts match key for key (thalweg adds only `cautious`)."""
+    ours = getattr(thalweg, name)([torch.nn.Parameter(torch.zeros(2, 2))])
+    theirs = getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(2, 2))])
+    group, expected = ours.param_groups[0], theirs.param_groups[0]
+    assert set(group) - {"cautious"} == set(expected)
+    for key in ("foreach", "fused", "capturable"):
+        assert group.get(key, "absent") == expected.get(key, "absent"), key
+
+
+def test_a_group_s_own_foreach_and_fused_keys_pick_its_backend():
+    """As torch reads them per group: a group added with foreach=False steps with the for-loop, one with
+    foreach=True with torch._foreach_*, beside groups that follow the constructor; the results equal the
+    reference backend's."""
+    params = make_params([(4,), (3,), (5,)], torch.float64, 0)
+    optimizer = thalweg.Adam([{"params": [params[0]]}], backend="fused" if FUSED else "foreach", lr=0.1)
+    optimizer.add_param_group({"params": [params[1]], "foreach": False})
+    optimizer.add_param_group({"params": [params[2]], "foreach": True})
+    cpu = torch.device("cpu")
+    assert [optimizer.backend_for(cpu, group["params"], group) for group in optimizer.param_groups] == [
+        optimizer.backend, "reference", "foreach"]
+    reference_params = [p.detach().clone().requires_grad_() for p in params]
+    reference = thalweg.Adam([{"params": [p]} for p in reference_params], backend="reference", lr=0.1)
+    for step in range(3):
+        for group_params in (params, reference_params):
+            for index, p in enumerate(group_params):
+                p.grad = torch.full_like(p, float(step + index) - 1.5)
+        optimizer.step()
+        reference.step()
+    for p, q in zip(params, reference_params):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-14)
+
+
+def test_a_loaded_checkpoint_s_backend_keys_apply_as_in_torch():
+    params = make_params([(3,)], torch.float32, 0)
+    saved = torch.optim.Adam(params, foreach=True).state_dict()
+    optimizer = thalweg.Adam(params)
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["foreach"] is True
+    assert optimizer.backend_for(torch.device("cpu"), params, optimizer.param_groups[0]) == "foreach"
+
+
+@pytest.mark.parametrize("group, error, message", [
+    ({"foreach": True, "fused": True}, ValueError, "foreach=True and fused=True cannot be used together"),
+    ({"fused": 1}, TypeError, "fused must be True, False or None, got 1"),
+    ({"capturable": True}, ValueError, "capturable=True is not supported"),
+])
+def test_a_group_s_backend_keys_are_checked_when_added(group, error, message):
+    params = make_params([(3,), (2,)], torch.float32, 0)
+    optimizer = thalweg.Adam([params[0]])
+    with pytest.raises(error, match=message):
+        optimizer.add_param_group({"params": [params[1]], **group})
+    assert len(optimizer.param_groups) == 1
 
 
 @pytest.mark.skipif(thalweg.engine.unavailable_reason(torch.device("cpu")) is not None,

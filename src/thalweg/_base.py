@@ -8,6 +8,8 @@ tensors (local shards under FSDP2) to :func:`thalweg.engine.run`.
 
 from __future__ import annotations
 
+import inspect
+
 import itertools
 import operator
 from typing import Any, Callable, ClassVar, Iterable
@@ -124,6 +126,8 @@ class Optimizer(torch.optim.Optimizer):
                              f"cannot be combined with backend={self.backend!r} or state_dtype={state_dtype!r}")
         if differentiable is not None:
             defaults = {**defaults, "differentiable": differentiable}
+        passed = {"foreach": foreach, "fused": fused, "capturable": capturable}
+        defaults = {**defaults, **{key: passed[key] for key in self._backend_group_keys()}}
         _checks.optional_positive("max_grad_norm", max_grad_norm)
         _checks.flag("skip_nonfinite", skip_nonfinite)
         if not (state_dtype is None or state_dtype is torch.float32):
@@ -145,6 +149,36 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         if not any(group["params"] for group in self.param_groups):
             raise ValueError("params is empty: every parameter group has an empty 'params' list")
+
+    @classmethod
+    def _backend_group_keys(cls) -> tuple[str, ...]:
+        """Which of torch's ``foreach``, ``fused`` and ``capturable`` keys this optimizer's param groups carry:
+        those of its torch.optim namesake's constructor (NAdam has no ``fused``, SGD no ``capturable``), so that
+        state_dicts match torch's; for an optimizer torch does not have, those of its own constructor."""
+        namesake = getattr(torch.optim, cls.__name__, None)
+        constructor = namesake.__init__ if isinstance(namesake, type) else cls.__init__
+        taken = inspect.signature(constructor).parameters
+        return tuple(key for key in ("foreach", "fused", "capturable") if key in taken)
+
+    def _group_backend(self, group: dict[str, Any]) -> str | None:
+        """The backend a param group's own ``fused``/``foreach`` keys ask for, as torch reads them per group
+        (a group added with ``foreach=False``, a loaded checkpoint's keys); None where they ask nothing."""
+        if group.get("fused"):
+            return "fused"
+        if group.get("foreach"):
+            return "foreach"
+        if group.get("foreach") is False:
+            return "reference"
+        return None
+
+    def _check_backend_keys(self, group: dict[str, Any]) -> None:
+        """A param group's ``foreach``/``fused``/``capturable``, checked as the constructor checks them."""
+        resolve_backend("auto", group.get("foreach"), group.get("fused"))
+        if "capturable" in group:
+            _checks.flag("capturable", group["capturable"])
+            if group["capturable"]:
+                raise ValueError("capturable=True is not supported: a thalweg step reads its step counts on the "
+                                 "host, which a CUDA graph cannot capture")
 
     # -- what a subclass states -------------------------------------------------------------
 
@@ -343,6 +377,7 @@ class Optimizer(torch.optim.Optimizer):
             if id(tensor) in owner:
                 raise ValueError(f"{where} is already in param group {owner[id(tensor)]}; a parameter may belong to one group only")
         self._check_hyperparameters({**self.defaults, **group})
+        self._check_backend_keys(group)
         group["params"] = entries
         super().add_param_group(group)
 
@@ -476,11 +511,15 @@ class Optimizer(torch.optim.Optimizer):
         to be slower for these tensors (:meth:`_auto_fused`); otherwise torch.optim's own default for the
         device: the for-loop on CPU (where ``foreach`` is slower, see NOTES.md) and ``foreach`` elsewhere.
         """
-        if self.backend != "auto":
-            return self.backend
         if group is not None and group.get("differentiable"):  # torch ops the autograd graph can record
             return "reference"
-        if self._auto_may_fuse and engine.unavailable_reason(device) is None and (
+        asked = None if group is None else self._group_backend(group)
+        if asked is not None:
+            return asked
+        if self.backend != "auto":
+            return self.backend
+        may_fuse = self._auto_may_fuse and (group is None or group.get("fused", True) is not False)
+        if may_fuse and engine.unavailable_reason(device) is None and (
                 params is None or group is None or self._auto_fused(device, params, group)):
             return "fused"
         return "reference" if device.type == "cpu" else "foreach"
