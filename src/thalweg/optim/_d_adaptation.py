@@ -81,15 +81,27 @@ def to_host(entries: list[tuple], columns: list[torch.Tensor | None]) -> list[li
     return host
 
 
-def effective_grad(param: torch.Tensor, grad: torch.Tensor, *, weight_decay: float, decouple: bool,
-                   maximize: bool) -> torch.Tensor:
-    """The gradient the estimate of d reads: negated with ``maximize``, plus the L2 term when the decay is coupled
+def effective_grads(params: list[torch.Tensor], grads: list[torch.Tensor], *, weight_decay: float, decouple: bool,
+                    maximize: bool) -> list[torch.Tensor]:
+    """The gradients the estimate of d reads: negated with ``maximize``, plus the L2 term when the decay is coupled
     (the packages add it into ``p.grad`` in place; ``p.grad`` is left alone here, the rule adds it again)."""
     if maximize:
-        grad = -grad
+        grads = torch._foreach_neg(grads)
     if weight_decay != 0 and not decouple:
-        grad = grad.add(param, alpha=weight_decay)
-    return grad
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    return list(grads)
+
+
+def dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Σ a·b of each pair of tensors, stacked: one product per list, a sum per tensor."""
+    return torch.stack([product.sum() for product in torch._foreach_mul(a, b)])
+
+
+def accumulate_(s: list[torch.Tensor], grads: list[torch.Tensor], decay: float, alpha: float) -> torch.Tensor:
+    """``s ← decay·s + alpha·grad`` for every tensor; returns each new ``s``'s L1 norm, stacked."""
+    torch._foreach_mul_(s, decay)
+    torch._foreach_add_(s, grads, alpha=alpha)
+    return torch.stack(torch._foreach_norm(s, 1))
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -214,18 +214,19 @@ class DAdaptAdam(Optimizer):
                 columns.append(None)
                 continue
             weight_decay, eps = float(group["weight_decay"]), float(group["eps"])
-            dots, norms = [], []
-            for param, grad, state in zip(params, grads, states):
-                grad = shared.effective_grad(param, grad, weight_decay=weight_decay, decouple=decouple,
-                                             maximize=group["maximize"])
-                s, exp_avg_sq = shared.local(state["s"]), shared.local(state["exp_avg_sq"])
-                denom = exp_avg_sq.sqrt().add_(eps)  # the moments before the step
-                ratio = s.div(denom).reshape(-1)
-                dots.append(torch.dot(grad.reshape(-1).to(ratio.dtype), ratio))
-                s.mul_(sqrt_beta2).add_(grad, alpha=dlr * (1 - sqrt_beta2))
-                norms.append(s.abs().sum())
-                moments.append((group, grad, state))
-            columns.append(torch.stack([torch.stack(dots), torch.stack(norms)]).to(torch.float64))
+            if not params:
+                columns.append(None)
+                continue
+            params = [shared.local(param) for param in params]
+            grads = shared.effective_grads(params, [shared.local(grad) for grad in grads], weight_decay=weight_decay,
+                                           decouple=decouple, maximize=group["maximize"])
+            s = [shared.local(state["s"]) for state in states]
+            denom = torch._foreach_sqrt([shared.local(state["exp_avg_sq"]) for state in states])
+            torch._foreach_add_(denom, eps)  # the moments before the step
+            dots = shared.dots(grads, torch._foreach_div(s, denom))
+            norms = shared.accumulate_(s, grads, sqrt_beta2, dlr * (1 - sqrt_beta2))
+            moments.extend((group, grad, state) for grad, state in zip(grads, states))
+            columns.append(torch.stack([dots.to(torch.float64), norms.to(torch.float64)]))
         numerator_acum, sk_l1 = 0.0, 0.0
         for (group, *_), values in zip(entries, shared.to_host(entries, columns)):
             if values is None:

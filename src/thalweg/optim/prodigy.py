@@ -248,18 +248,16 @@ class Prodigy(Optimizer):
             weight_decay = float(group["weight_decay"])
             ratio = d / float(group["d0"])  # d / d0 rather than d: values that are not too small (the package)
             alpha = ratio * d if group["safeguard_warmup"] else ratio * dlr
-            dots, norms = [], []
-            for param, grad, state in zip(params, grads, states):
-                grad = shared.effective_grad(param, grad, weight_decay=weight_decay, decouple=decouple,
-                                             maximize=group["maximize"])
-                s, p0 = shared.local(state["s"]), shared.local(state["p0"])
-                difference = (p0 - param).reshape(-1)
-                dots.append(torch.dot(grad.reshape(-1).to(difference.dtype), difference))
-                s.mul_(beta3).add_(grad, alpha=alpha)
-                norms.append(s.abs().sum())
-                moments.append((group, param, grad, state))
-            columns.append(torch.stack([torch.stack(dots), torch.stack(norms)]).to(torch.float64)
-                           if dots else None)
+            if not params:
+                columns.append(None)
+                continue
+            params = [shared.local(param) for param in params]
+            grads = shared.effective_grads(params, [shared.local(grad) for grad in grads], weight_decay=weight_decay,
+                                           decouple=decouple, maximize=group["maximize"])
+            dots = shared.dots(grads, torch._foreach_sub([shared.local(state["p0"]) for state in states], params))
+            norms = shared.accumulate_([shared.local(state["s"]) for state in states], grads, beta3, alpha)
+            moments.extend((group, grad, state) for grad, state in zip(grads, states))
+            columns.append(torch.stack([dots.to(torch.float64), norms.to(torch.float64)]))
         delta_numerator, d_denom = 0.0, 0.0
         for (group, *_), values in zip(entries, shared.to_host(entries, columns)):
             if values is None:
@@ -269,7 +267,7 @@ class Prodigy(Optimizer):
                 delta_numerator += coefficient * dot
                 d_denom += norm
         if d_denom == 0:  # nothing fed the estimate: the package returns after the moments
-            for group, param, grad, state in moments:
+            for group, grad, state in moments:
                 if beta1 > 0:
                     shared.local(state["exp_avg"]).mul_(beta1).add_(grad, alpha=d * (1 - beta1))
                 shared.local(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))
