@@ -306,9 +306,14 @@ class Optimizer(torch.optim.Optimizer):
         if not roles and not self.counts_steps and not self.transforms_grads:
             return [], None
         table = self.state
-        if created_log is not None:
-            created_log.extend((table, p) for p in params if p not in table)
-        states = [table[p] for p in params]
+        # one lookup per param (a tensor's hash is a Python call): get, then create what is missing
+        states = list(map(table.get, params))
+        if None in states:
+            for i, (param, state) in enumerate(zip(params, states)):
+                if state is None:
+                    states[i] = table[param] = {}
+                    if created_log is not None:
+                        created_log.append((table, param))
         created = None
         counts_steps = self.counts_steps
         core = self.rule.core_roles
