@@ -210,23 +210,21 @@ class DAdaptAdam(Optimizer):
         sqrt_beta2 = beta2 ** 0.5
         columns, moments = [], []
         for group, params, grads, states, _ in entries:
-            if not _checks.as_number("lr", group["lr"]) > 0:
+            inputs = shared.stage_inputs(group, params, grads, decouple=decouple)
+            if inputs is None:
                 columns.append(None)
                 continue
-            weight_decay, eps = float(group["weight_decay"]), float(group["eps"])
-            if not params:
-                columns.append(None)
-                continue
-            params = [shared.local(param) for param in params]
-            grads = shared.effective_grads(params, [shared.local(grad) for grad in grads], weight_decay=weight_decay,
-                                           decouple=decouple, maximize=group["maximize"])
-            s = [shared.local(state["s"]) for state in states]
-            denom = torch._foreach_sqrt([shared.local(state["exp_avg_sq"]) for state in states])
-            torch._foreach_add_(denom, eps)  # the moments before the step
-            dots = shared.dots(grads, torch._foreach_div(s, denom))
-            norms = shared.accumulate_(s, grads, sqrt_beta2, dlr * (1 - sqrt_beta2))
+            _, grads = inputs
+            def column(grads, s, exp_avg_sq, eps=float(group["eps"])):
+                denom = torch._foreach_sqrt(exp_avg_sq)
+                torch._foreach_add_(denom, eps)  # the moments before the step
+                dots = shared.dots(grads, torch._foreach_div(s, denom))
+                norms = shared.accumulate_(s, grads, sqrt_beta2, dlr * (1 - sqrt_beta2))
+                return torch.stack([dots, norms]).to(torch.float64)
+
+            columns.append(shared.by_batches(column, grads, [shared.local(state["s"]) for state in states],
+                                             [shared.local(state["exp_avg_sq"]) for state in states]))
             moments.extend((group, grad, state) for grad, state in zip(grads, states))
-            columns.append(torch.stack([dots.to(torch.float64), norms.to(torch.float64)]))
         numerator_acum, sk_l1 = 0.0, 0.0
         for (group, *_), values in zip(entries, shared.to_host(entries, columns)):
             if values is None:

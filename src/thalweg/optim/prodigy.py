@@ -242,22 +242,20 @@ class Prodigy(Optimizer):
         decouple = first["decouple"]
         columns, moments = [], []
         for group, params, grads, states, _ in entries:
-            if not _checks.as_number("lr", group["lr"]) > 0:
+            inputs = shared.stage_inputs(group, params, grads, decouple=decouple)
+            if inputs is None:
                 columns.append(None)
                 continue
-            weight_decay = float(group["weight_decay"])
+            params, grads = inputs
             ratio = d / float(group["d0"])  # d / d0 rather than d: values that are not too small (the package)
             alpha = ratio * d if group["safeguard_warmup"] else ratio * dlr
-            if not params:
-                columns.append(None)
-                continue
-            params = [shared.local(param) for param in params]
-            grads = shared.effective_grads(params, [shared.local(grad) for grad in grads], weight_decay=weight_decay,
-                                           decouple=decouple, maximize=group["maximize"])
-            dots = shared.dots(grads, torch._foreach_sub([shared.local(state["p0"]) for state in states], params))
-            norms = shared.accumulate_([shared.local(state["s"]) for state in states], grads, beta3, alpha)
+            def column(params, grads, p0, s, alpha=alpha):
+                dots = shared.dots(grads, torch._foreach_sub(p0, params))
+                return torch.stack([dots, shared.accumulate_(s, grads, beta3, alpha)]).to(torch.float64)
+
+            columns.append(shared.by_batches(column, params, grads, [shared.local(state["p0"]) for state in states],
+                                             [shared.local(state["s"]) for state in states]))
             moments.extend((group, grad, state) for grad, state in zip(grads, states))
-            columns.append(torch.stack([dots.to(torch.float64), norms.to(torch.float64)]))
         delta_numerator, d_denom = 0.0, 0.0
         for (group, *_), values in zip(entries, shared.to_host(entries, columns)):
             if values is None:
