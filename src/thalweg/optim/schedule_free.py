@@ -166,7 +166,7 @@ class _ScheduleFree(Optimizer):
     def _states(self, params, group, program, created_log=None, where=None):
         # z starts as a copy of the parameter (the package's torch.clone(p)): written into the state the base
         # creates (zeros), before the step and inside its checks, so a refused step takes it back with the rest
-        fresh = [param not in self.state or "z" not in self.state[param] for param in params]
+        fresh = [state is None or "z" not in state for state in map(self.state.get, params)]  # one lookup each
         states, created = super()._states(params, group, program, created_log, where)
         for param, state, new in zip(params, states, fresh):
             if new and "z" in state:
