@@ -204,6 +204,11 @@ class Optimizer(torch.optim.Optimizer):
         """The value a new state tensor of ``role`` starts from (0 unless the algorithm says otherwise)."""
         return 0.0
 
+    def _initial_state(self, param: torch.Tensor, role: str, group: dict[str, Any]) -> torch.Tensor:
+        """A new state tensor of ``role`` for ``param``: filled with :meth:`_initial_value` unless the algorithm
+        starts it from the parameter itself (Schedule-Free's ``z``)."""
+        return self._new_state(param, self._initial_value(role, group))
+
     def _scalar_state(self, group: dict[str, Any]) -> dict[str, float]:
         """Per-parameter scalar state created with ``step`` (0-d tensors of torch's scalar dtype), by key and
         starting value: NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``. None by default."""
@@ -341,7 +346,7 @@ class Optimizer(torch.optim.Optimizer):
                     if role in core and not fresh:
                         raise RuntimeError(f"{_name(where, i)}: its state has {sorted(state)} but no {role!r}, which "
                                            f"every {type(self).__name__} state holds")
-                    state[role] = self._new_state(param, self._initial_value(role, group))
+                    state[role] = self._initial_state(param, role, group)
                     if created_log is not None:
                         created_log.append((state, role))
                     if created is None:

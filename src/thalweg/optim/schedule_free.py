@@ -163,15 +163,12 @@ class _ScheduleFree(Optimizer):
                 group.update(schedule(group)[2])
         return loss
 
-    def _states(self, params, group, program, created_log=None, where=None):
-        # z starts as a copy of the parameter (the package's torch.clone(p)): written into the state the base
-        # creates (zeros), before the step and inside its checks, so a refused step takes it back with the rest
-        fresh = [state is None or "z" not in state for state in map(self.state.get, params)]  # one lookup each
-        states, created = super()._states(params, group, program, created_log, where)
-        for param, state, new in zip(params, states, fresh):
-            if new and "z" in state:
-                state["z"].copy_(param)
-        return states, created
+    def _initial_state(self, param, role, group):
+        # z starts as a copy of the parameter (the package's torch.clone(p)), in the state's dtype; created with the
+        # rest of the state, inside the base's checks, so a refused step takes it back with the rest
+        if role == "z":
+            return self._new_state(param).copy_(param)
+        return super()._initial_state(param, role, group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # a group added later joins in the optimizer's current mode (its parameters have no z yet: either is right)
