@@ -5,7 +5,8 @@
 
 Nothing in the optimizer is distributed-specific: thalweg sees DTensor parameters, updates the local
 shards, and takes LAMB's trust ratios and the clipping norm over the full parameters (one all-reduce
-each per step). See docs/distributed.md for multi-machine runs.
+each per step). The README's "Distributed training" section says what sharding changes per optimizer; on several
+machines, torchrun's --nnodes and --rdzv-endpoint are all that changes here.
 """
 
 from __future__ import annotations

@@ -119,6 +119,28 @@ def test_unwritable_output_directory(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "is not a directory" in _err_line(capsys)
 
 
+def test_a_missing_extra_is_named_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain ``pip install thalweg`` lacks the arena extra: each command names what is missing and the install
+    line, before training or writing anything (``sys.modules[name] = None`` makes a module unimportable)."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    out = tmp_path / "o"
+    assert main(["arena", "--quick", "--out", str(out)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("thalweg arena: error: tqdm is not installed") and "pip install 'thalweg[arena]'" in line
+    assert not out.exists()
+    # without a progress bar tqdm is not needed: the command gets as far as its own checks
+    assert main(["arena", "--tasks", "nope", "--no-progress", "--out", str(out)]) == 2
+    assert "unknown task 'nope'" in _err_line(capsys)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert main(["tune", "--task", "logreg", "--optimizer", "adam", "--out", str(out)]) == 2
+    assert "scikit-learn, matplotlib, tqdm are not installed" in _err_line(capsys)
+    assert main(["report", str(tmp_path)]) == 2
+    assert "thalweg report: error: matplotlib is not installed" in _err_line(capsys)
+    assert not out.exists()
+
+
 def test_console_script_runs_without_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "thalweg.cli", "arena", "--tasks", "nope"],
                           capture_output=True, text=True)

@@ -26,7 +26,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 try:
     import triton  # noqa: F401
     import triton.language as tl
-except ImportError as error:  # the CPU suite without the [fused] extra
+except ImportError as error:  # the CPU suite without the [cuda] extra
     pytest.skip(f"triton is not installed ({error}): the Triton kernels cannot be interpreted",
                 allow_module_level=True)
 if type(tl.zeros).__name__ != "InterpretedFunction":

@@ -160,6 +160,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# what each command imports, by module and pip name (the ``arena`` extra)
+_EXTRA = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+
+
+def missing_extras(args: argparse.Namespace) -> list[str]:
+    """The pip names of the ``arena`` extra's packages that ``args``' command needs and this Python lacks (found,
+    not imported), so that a plain ``pip install thalweg`` fails before any work with what to install."""
+    import importlib.util
+
+    needed = ["matplotlib"] if args.command == "report" else ["sklearn", "matplotlib"]
+    if args.command in ("arena", "tune") and not args.no_progress:
+        needed.append("tqdm")
+    return [_EXTRA[module] for module in needed if importlib.util.find_spec(module) is None]
+
+
 def _names() -> list[str]:
     import thalweg
 
@@ -169,6 +184,11 @@ def _names() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``thalweg`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    missing = missing_extras(args)
+    if missing:
+        print(f"thalweg {args.command}: error: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+              "installed; pip install 'thalweg[arena]' adds what the arena needs", file=sys.stderr)
+        return EXIT_USAGE
     from thalweg.arena.errors import ArenaError
 
     try:

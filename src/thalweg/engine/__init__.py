@@ -51,7 +51,8 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         if not torch.cuda.is_available():
             reason = "CUDA is not available"
         elif _missing("triton"):
-            reason = f"triton is not installed ({_INSTALL}, or pip install triton)"
+            reason = ("triton is not installed (torch's CUDA wheels bring it; pip install 'thalweg[cuda]' or "
+                      "pip install triton)")
         else:
             reason = None
     else:
