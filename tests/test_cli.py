@@ -119,6 +119,28 @@ def test_unwritable_output_directory(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "is not a directory" in _err_line(capsys)
 
 
+@pytest.mark.parametrize("command", ["lr-find", "tune"])
+def test_lr_find_and_tune_check_their_output_directory_before_training(command: str, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import thalweg.arena.lrfind
+    import thalweg.arena.tuning
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the output directory")
+
+    monkeypatch.setattr(thalweg.arena.lrfind, "lr_find", no_training)
+    monkeypatch.setattr(thalweg.arena.tuning, "tune", no_training)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = [command, "--task", "logreg", "--optimizer", "adam", "--no-progress"][:-1 if command == "lr-find" else None]
+    assert main([*argv, "--out", str(blocker / "sub")]) == 2
+    assert "cannot write to output directory" in _err_line(capsys)
+    assert main([*argv, "--out", str(blocker)]) == 2
+    assert "exists and is not a directory" in _err_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no probe left behind
+
+
 def test_a_missing_extra_is_named_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain ``pip install thalweg`` lacks the arena extra: each command names what is missing and the install

@@ -122,6 +122,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nreport: {args.out.rstrip('/')}/index.html")
     elif args.command == "lr-find":
         from thalweg.arena.lrfind import lr_find, write_lr_find
+        from thalweg.arena.report import check_can_create
+
+        check_can_create(args.out)  # before training, not after
 
         result = lr_find(args.task, args.optimizer, args.lr_min, args.lr_max, args.steps, backend=args.backend)
         png = write_lr_find(result, args.out)
@@ -134,7 +137,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"{centre})")
         print(f"plot: {png}")
     elif args.command == "tune":
+        from thalweg.arena.report import check_can_create
         from thalweg.arena.tuning import runs_needed, tune, write_tune
+
+        check_can_create(args.out)  # before training, not after
 
         bar = None
         if not args.no_progress:

@@ -152,18 +152,30 @@ def build(results: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
     return "\n".join(parts), pngs
 
 
-def check_writable(out: str | Path) -> Path:
-    """Fail early, before any training, if the report cannot be written to ``out``."""
+def check_can_create(out: str | Path) -> Path:
+    """Fail early, before any training, if directory ``out`` cannot be created or written (a file in the way, no
+    permission): a probe directory is made and removed in its nearest existing ancestor; nothing is left behind."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ArenaError(f"output directory {out} exists and is not a directory")
+    existing = next(path for path in (out, *out.absolute().parents) if path.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".thalweg-probe-"))
+    except OSError as exc:
+        raise ArenaError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def check_writable(out: str | Path) -> Path:
+    """Fail early, before any training, if the report cannot be written to ``out``."""
+    out = check_can_create(out)
     if out.is_dir() and any(out.iterdir()) and not (out / "index.html").exists() and not (out / RESULTS_NAME).exists():
         # The report replaces the whole directory: never do that to a directory holding other files.
         raise ArenaError(f"output directory {out} is not empty and holds no arena report; choose a new or empty one")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.probe-")
-        os.rmdir(probe)
     except OSError as exc:
         raise ArenaError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
     return out
