@@ -126,6 +126,54 @@ def _without_timings(results: dict) -> dict:
     return {"config": {k: v for k, v in results["config"].items() if k != "jobs"}, "tasks": tasks}
 
 
+def test_an_interrupted_arena_keeps_its_finished_tasks_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the second task: the first is kept and named with what to do; `thalweg report` draws it;
+    `--resume` runs only the missing task (refused with other settings, or with nothing to resume), and its results
+    are an uninterrupted run's (timings aside)."""
+    import thalweg.arena.protocol as protocol
+    from thalweg.cli import main
+
+    def argv(out, *more):
+        return ["arena", "--tasks", "beale", "rosenbrock", "--optimizers", "adagrad", "momentum", "--seeds", "2",
+                "--budget", "0.03", "--no-progress", "--jobs", "1", "--out", str(out), *more]
+
+    def error_line():
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    real_run_task, ran, interrupt_at = protocol.run_task, [], ["rosenbrock"]
+
+    def run_task(task, *args, **kwargs):
+        if task.name in interrupt_at:
+            raise KeyboardInterrupt
+        ran.append(task.name)
+        return real_run_task(task, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "run_task", run_task)
+    out = tmp_path / "rep"
+    assert main(argv(out)) == 130
+    line = error_line()
+    assert "interrupted; 1 finished task(s) (beale) are kept in" in line and "--resume" in line
+    assert not out.exists()  # no report written (a previous one would be left as it was)
+    assert main(["report", str(out)]) == 0  # draws what finished
+    assert list(json.loads((out / "results.json").read_text())["tasks"]) == ["beale"]
+
+    assert main(argv(out, "--seeds", "3", "--resume")) == 2
+    assert "cannot resume" in error_line()
+    interrupt_at.clear()
+    assert main(argv(out, "--resume")) == 0
+    assert ran == ["beale", "rosenbrock"]  # beale was not run again
+    assert not list(tmp_path.glob(".*"))  # the completed run removed the partial results
+    assert main(argv(out, "--resume")) == 2
+    assert "nothing to resume" in error_line()
+
+    assert main(argv(tmp_path / "uninterrupted")) == 0
+    resumed, uninterrupted = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("rep", "uninterrupted"))
+    assert _without_timings(resumed) == _without_timings(uninterrupted)
+
+
 def test_parallel_jobs_give_the_records_of_one_process(tmp_path: Path) -> None:
     """Two worker processes (forked, so compare()'s closures travel too) against one: the same runs, in the same
     order, with the same curves and metrics; only the timings may differ."""

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="processes running optimizers in parallel (default: one per core; results do not depend "
                             "on it, timings share the machine)")
     arena.add_argument("--no-progress", action="store_true", help="no progress bar")
+    arena.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run (same settings) from the tasks it finished")
 
     lrf = sub.add_parser("lr-find", help="LR range test: exponentially increasing lr, smoothed loss, suggested lr",
                          description="Raise the lr exponentially each step on one task and plot the smoothed loss; "
@@ -117,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
 
         results = run_arena(tasks=args.tasks, optimizers=args.optimizers, seeds=args.seeds, budget=args.budget,
                             quick=args.quick, out=args.out, progress=not args.no_progress,
-                            backend=args.backend, jobs=args.jobs)
+                            backend=args.backend, jobs=args.jobs, resume=args.resume)
         print(_summary(results))
         print(f"\nreport: {args.out.rstrip('/')}/index.html")
     elif args.command == "lr-find":
@@ -181,6 +183,21 @@ def missing_extras(args: argparse.Namespace) -> list[str]:
     return [_EXTRA[module] for module in needed if importlib.util.find_spec(module) is None]
 
 
+def _kept(args: argparse.Namespace) -> str:
+    """For an interrupted arena: where its finished tasks are and how to go on from them."""
+    if args.command != "arena":
+        return ""
+    from thalweg.arena.results import load_results, partial_path
+
+    partial = partial_path(args.out)
+    try:
+        finished = list(load_results(partial)["tasks"])
+    except Exception:  # nothing finished yet, or unreadable: nothing to point at
+        return ""
+    return (f"; {len(finished)} finished task(s) ({', '.join(finished)}) are kept in {partial}: run the same command "
+            f"with --resume to continue, or `thalweg report {args.out}` to see them")
+
+
 def _names() -> list[str]:
     import thalweg
 
@@ -206,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"thalweg {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"thalweg {args.command}: interrupted", file=sys.stderr)
+        print(f"thalweg {args.command}: interrupted{_kept(args)}", file=sys.stderr)
         return 130
 
 

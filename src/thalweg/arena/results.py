@@ -14,6 +14,13 @@ SCHEMA = 1
 RESULTS_NAME = "results.json"
 
 
+def partial_path(out: str | Path) -> Path:
+    """Where results accumulate while the arena runs: beside the report, not in it, so an interrupted
+    run leaves the previous report intact and its finished tasks on disk."""
+    out = Path(out)
+    return out.parent / f".{out.name}.results.partial.json"
+
+
 def new_results(config: dict[str, Any], created: str) -> dict[str, Any]:
     """An empty results document; tasks are added to ``results["tasks"]`` as they finish."""
     from thalweg import __version__
@@ -40,10 +47,13 @@ def save_json(results: dict[str, Any], path: str | Path) -> None:
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    """Read results from a results.json file or from a report directory that holds one."""
+    """Read results from a results.json file or a report directory that holds one — or, where the last run into
+    that directory was interrupted, the tasks it finished (:func:`partial_path`; a run that completes removes them,
+    so their presence means they are newer than the report)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / RESULTS_NAME
+    if path.is_dir() or not path.exists():
+        interrupted = partial_path(path)
+        path = interrupted if interrupted.exists() else path / RESULTS_NAME
     try:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)

@@ -9,7 +9,7 @@ from typing import Any
 from . import protocol, report
 from .errors import ArenaError
 from .protocol import DEFAULT_BACKEND
-from .results import new_results, save_json
+from .results import load_results, new_results, partial_path, save_json
 from .tasks import QUICK_TASKS, TASKS, Task, get_task
 
 
@@ -54,18 +54,12 @@ def default_jobs() -> int:
         return os.cpu_count() or 1
 
 
-def partial_path(out: Path) -> Path:
-    """Where results accumulate while the arena runs: beside the report, not in it, so an interrupted
-    run leaves the previous report intact and its finished tasks on disk."""
-    return out.parent / f".{out.name}.results.partial.json"
-
-
 def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = None, seeds: int = 3,
               budget: float = 1.0, quick: bool = False, out: str | Path = "arena-report",
               progress: bool = True, created: str | None = None,
               extra_tasks: dict[str, Task] | None = None,
               centres: dict[str, dict[str, float]] | None = None, backend: str = DEFAULT_BACKEND,
-              jobs: int | None = None) -> dict[str, Any]:
+              jobs: int | None = None, resume: bool = False) -> dict[str, Any]:
     """Run the arena protocol and write the report to ``out``; returns the results.
 
     ``tasks`` default to every built-in task (``QUICK_TASKS`` with ``quick``); ``optimizers`` to
@@ -75,6 +69,10 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     every optimizer (thalweg's ``backend=``: auto, reference, foreach or fused). ``jobs`` processes run the
     optimizers in parallel (default: one per core this process may use); the records are the same for any
     ``jobs``, only the timings share the machine.
+
+    Results accumulate beside ``out`` (:func:`partial_path`) as each task finishes; an interrupted run leaves them
+    there, and ``resume=True`` continues from them with the same settings (``jobs`` aside), running only the tasks
+    they lack.
     """
     known = dict(TASKS, **(extra_tasks or {}))
     names = list(tasks) if tasks else (QUICK_TASKS if quick else list(TASKS))
@@ -93,11 +91,17 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     created = created or _dt.datetime.now().isoformat(timespec="seconds")
     results = new_results(config, created)
     partial = partial_path(out)
+    if resume:
+        results = _resumed(partial, config)
     total = sum(protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, t.name) for t in task_objs)
     bar = _progress(total, progress)
     pool = protocol.make_pool(task_objs, min(int(jobs), len(optimizers)))
     try:
         for task in task_objs:
+            if task.name in results["tasks"]:  # finished before the interruption
+                if bar is not None:
+                    bar.update(protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, task.name))
+                continue
             if bar is not None:
                 bar.set_description(task.name)
             steps = task.budget(quick, budget)
@@ -112,6 +116,22 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
             bar.close()
     report.write(results, out)
     partial.unlink(missing_ok=True)
+    return results
+
+
+def _resumed(partial: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The interrupted run's results in ``partial``, if they were made with ``config`` (its ``jobs`` aside)."""
+    if not partial.exists():
+        raise ArenaError(f"nothing to resume: {partial} does not exist (an interrupted arena run leaves its finished "
+                         "tasks there)")
+    results = load_results(partial)
+    theirs = {k: v for k, v in results.get("config", {}).items() if k != "jobs"}
+    ours = {k: v for k, v in config.items() if k != "jobs"}
+    if theirs != ours:
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise ArenaError(f"cannot resume: {partial} was made with other settings ({', '.join(differ)}); run with the "
+                         "same ones, or without --resume to start over")
+    results["config"] = config
     return results
 
 
