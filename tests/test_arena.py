@@ -328,6 +328,19 @@ def test_ranking_recommendation_and_profile() -> None:
     assert max(prof["lamb"]) == 0.0
 
 
+def test_summary_ranks_by_targets_then_mean_rank_not_by_timings() -> None:
+    """"fast" is quickest to the target on two tasks and misses the third; "steady" reaches all three, slowly. The
+    time profile favours fast; the summary ranks steady first (more targets), as its heading says it does."""
+    quick = _fake_task({"fast": [0.95] * 3, "steady": [0.92] * 3}, {"fast": [10] * 3, "steady": [50] * 3})
+    missed = _fake_task({"fast": [0.5] * 3, "steady": [0.92] * 3}, {"fast": [None] * 3, "steady": [50] * 3})
+    results = {"tasks": {"a": quick, "b": quick, "c": missed}}
+    rows = analysis.summary_table(results)
+    assert [r["optimizer"] for r in rows] == ["steady", "fast"]
+    assert [r["targets"] for r in rows] == ["3/3", "2/3"]
+    assert rows[1]["profile_score"] > rows[0]["profile_score"]  # the old ordering would have put fast first
+    assert rows[1]["mean_rank"] < rows[0]["mean_rank"]  # and so would the mean rank alone
+
+
 # ---------------------------------------------------------------- report
 
 

@@ -106,10 +106,11 @@ def _summary(results: dict[str, Any]) -> str:
         row = analysis.ranking(task)[0]
         lines.append(f"{name:<22}{rec['optimizer']:<{width}}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})")
     lines.append("")
-    lines.append(f"{'optimizer':<{width}}{'profile':>8}{'wins':>6}{'mean rank':>11}{'targets':>9}")
+    lines.append(f"{'optimizer':<{width}}{'targets':>9}{'mean rank':>11}{'wins':>6}{'profile':>9}"
+                 "   (ranked by targets reached, then mean rank, then wins)")
     for row in rows:
         mean_rank = "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}"
-        lines.append(f"{row['optimizer']:<{width}}{row['profile_score']:>8.2f}{row['wins']:>6}{mean_rank:>11}{row['targets']:>9}")
+        lines.append(f"{row['optimizer']:<{width}}{row['targets']:>9}{mean_rank:>11}{row['wins']:>6}{row['profile_score']:>9.2f}")
     return "\n".join(lines)
 
 
