@@ -328,6 +328,29 @@ def test_ranking_recommendation_and_profile() -> None:
     assert max(prof["lamb"]) == 0.0
 
 
+def test_recommendation_declares_ties_and_flags_a_best_lr_at_the_grid_edge() -> None:
+    task = _fake_task({"adam": [0.95, 0.96, 0.93], "sgd": [0.94, 0.92, 0.925], "lamb": [0.5, 0.6, 0.55]},
+                      {o: [10] * 3 for o in ("adam", "sgd", "lamb")})
+    rec = analysis.recommendation(task)
+    assert rec["optimizer"] == "adam" and rec["ties"] == ["sgd"]  # 0.92-0.94 overlaps 0.93-0.96; lamb does not
+    assert "a tie: the seed ranges of sgd overlap" in rec["evidence"]
+    assert rec["edge"] is None  # a single lr is no grid
+    separated = _fake_task({"adam": [0.95, 0.96, 0.955], "sgd": [0.94, 0.92, 0.93]}, {"adam": [10] * 3, "sgd": [10] * 3})
+    assert analysis.recommendation(separated)["ties"] == []
+
+    def grid(lrs, diverged=()):  # adam's sweep over lrs, best at 0.1
+        runs = [{"optimizer": "adam", "lr": lr, "seed": 0, "phase": "sweep", "diverged": lr in diverged,
+                 "final_metric": None if lr in diverged else (0.95 if lr == 0.1 else 0.8), "final_loss": 0.1,
+                 "steps_to_target": 10, "time_to_target": 0.01, "step_time": 0.001} for lr in lrs]
+        return {**task, "runs": runs, "centres": {"adam": 0.1}, "best_lr": {"adam": 0.1}}
+
+    assert analysis.grid_edge(grid([0.01, 0.03, 0.1]), "adam") == "highest"
+    assert analysis.grid_edge(grid([0.1, 0.3, 1.0]), "adam") == "lowest"
+    assert analysis.grid_edge(grid([0.03, 0.1, 0.3]), "adam") is None
+    assert analysis.grid_edge(grid([0.03, 0.1, 0.3], diverged={0.3}), "adam") == "next to a diverged lr"
+    assert "its best lr is the highest of its grid" in analysis.recommendation(grid([0.01, 0.03, 0.1]))["evidence"]
+
+
 def test_summary_ranks_by_targets_then_mean_rank_not_by_timings() -> None:
     """"fast" is quickest to the target on two tasks and misses the third; "steady" reaches all three, slowly. The
     time profile favours fast; the summary ranks steady first (more targets), as its heading says it does."""

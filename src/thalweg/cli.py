@@ -104,7 +104,11 @@ def _summary(results: dict[str, Any]) -> str:
             lines.append(f"{name:<22}{'(all diverged)':<{width}}")
             continue
         row = analysis.ranking(task)[0]
-        lines.append(f"{name:<22}{rec['optimizer']:<{width}}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})")
+        notes = ([f"tie with {', '.join(rec['ties'][:3])}{' ...' if len(rec['ties']) > 3 else ''}"] if rec["ties"] else []) \
+            + ([f"best lr is the {rec['edge']} of its grid" if not rec["edge"].startswith("next") else "best lr next to a "
+                "diverged one"] if rec["edge"] else [])
+        lines.append(f"{name:<22}{rec['optimizer']:<{width}}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})"
+                     + (f"  [{'; '.join(notes)}]" if notes else ""))
     lines.append("")
     lines.append(f"{'optimizer':<{width}}{'targets':>9}{'mean rank':>11}{'wins':>6}{'profile':>9}"
                  "   (ranked by targets reached, then mean rank, then wins)")

@@ -103,8 +103,37 @@ def ranking(task: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def tied_with_top(rows: list[dict[str, Any]]) -> list[str]:
+    """The optimizers (of ``rows``, ranked) that the seeds cannot separate from the top one: their range of the
+    metric over seeds overlaps the top's. With one seed each a range is a point, and only equal values tie."""
+    top = rows[0]
+    if top["metric_min"] is None:
+        return []
+    return [row["optimizer"] for row in rows[1:] if row["metric_min"] is not None
+            and row["metric_min"] <= top["metric_max"] and row["metric_max"] >= top["metric_min"]]
+
+
+def grid_edge(task: dict[str, Any], optimizer: str) -> str | None:
+    """"lowest" or "highest" when ``optimizer``'s best lr is at that end of a grid of several lrs (the optimum may
+    lie beyond it), or next to an lr that diverged on the higher side ("next to a diverged lr"); else None."""
+    lrs = sorted({r["lr"] for r in sweep_runs(task, optimizer)})
+    best = task["best_lr"].get(optimizer)
+    if len(lrs) < 2 or best not in lrs:
+        return None
+    if best == lrs[-1]:
+        return "highest"
+    if best == lrs[0]:
+        return "lowest"
+    above = lrs[lrs.index(best) + 1]
+    if any(r["diverged"] for r in sweep_runs(task, optimizer) if r["lr"] == above):
+        return "next to a diverged lr"
+    return None
+
+
 def recommendation(task: dict[str, Any]) -> dict[str, Any] | None:
-    """The top-ranked optimizer and lr, with the evidence in one sentence; None if every run diverged."""
+    """The top-ranked optimizer and lr, with the evidence in one sentence; None if every run diverged. ``ties``
+    names the optimizers whose seed ranges overlap the top's (the ranking between them is not resolved by the
+    seeds), ``edge`` flags a best lr at an end of its grid or next to a diverged lr (see :func:`grid_edge`)."""
     rows = ranking(task)
     if not rows or rows[0]["metric_median"] is None:
         return None
@@ -119,7 +148,16 @@ def recommendation(task: dict[str, Any]) -> dict[str, Any] | None:
     evidence += f"{top['good_lrs']} grid lrs within tolerance of the best"
     if runner is not None:
         evidence += f"; runner-up {runner['optimizer']} with {fmt(runner['metric_median'])}"
-    return {"optimizer": top["optimizer"], "lr": top["best_lr"], "evidence": evidence + "."}
+    ties = tied_with_top(rows)
+    if ties:
+        shown = ", ".join(ties[:5]) + (f" and {len(ties) - 5} more" if len(ties) > 5 else "")
+        evidence += f"; a tie: the seed ranges of {shown} overlap this one's"
+    edge = grid_edge(task, top["optimizer"])
+    if edge is not None:
+        where = edge if edge.startswith("next") else f"the {edge} of its grid"
+        evidence += f"; its best lr is {where}, so a better one may lie beyond"
+    return {"optimizer": top["optimizer"], "lr": top["best_lr"], "evidence": evidence + ".", "ties": ties,
+            "edge": edge}
 
 
 def profile(results: dict[str, Any], by: str = "time_to_target") -> dict[str, list[float]]:
