@@ -109,12 +109,43 @@ def test_run_task_searches_unmeasured_centres_and_runs_lr_free_optimizers_once()
     assert entry["centres"]["adam"] == protocol.CENTRES["rosenbrock"]["adam"]
     assert set(entry["coarse"]) == {"lion"} and entry["centres"]["lion"] in protocol.COARSE_LRS
     lion = [r for r in entry["runs"] if r["optimizer"] == "lion" and r["phase"] == "sweep"]
-    assert sorted(r["lr"] for r in lion) == protocol.lr_grid(entry["centres"]["lion"])
+    assert sorted(r["lr"] for r in lion) == sorted(protocol.lr_grid(entry["centres"]["lion"])
+                                                   + entry["extended"].get("lion", []))
     prodigy = [r for r in entry["runs"] if r["optimizer"] == "prodigy"]
     assert [(r["lr"], r["phase"]) for r in prodigy] == [(1.0, "sweep"), (1.0, "seed")]
     assert entry["best_lr"]["prodigy"] == 1.0
     expected = protocol.runs_per_task(["adam", "lion", "prodigy"], 2, protocol.GRID_MULTIPLIERS, None, "rosenbrock")
-    assert expected == len(entry["runs"]) + len(protocol.COARSE_LRS)
+    extended = sum(map(len, entry["extended"].values()))
+    assert expected == len(entry["runs"]) + len(protocol.COARSE_LRS) - extended
+
+
+def test_a_best_lr_at_the_grid_edge_extends_the_grid_then_is_flagged() -> None:
+    """Adam centred 100x too low on Rosenbrock: its best lr is the grid's highest, so the grid grows by its own
+    spacing (x10^0.5) twice; the best is then still the highest, and the recommendation says so. Centred at 0.1 (200
+    steps): the best, 1.0, is the highest; the one step past it diverges, and 1.0 is flagged as next to it."""
+    task = get_task("rosenbrock")
+    entry = protocol.run_task(task, ["adam"], seeds=1, steps=200, centres={"rosenbrock": {"adam": 1e-5}}, backend=REF)
+    assert entry["extended"] == {"adam": [3.16e-4, 1e-3]}
+    assert sorted(r["lr"] for r in entry["runs"]) == [1e-6, 3.16e-6, 1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3]
+    assert entry["best_lr"]["adam"] == 1e-3
+    assert analysis.grid_edge(entry, "adam") == "highest"
+    near = protocol.run_task(task, ["adam"], seeds=1, steps=200, centres={"rosenbrock": {"adam": 0.1}}, backend=REF)
+    assert near["extended"] == {"adam": [3.16]} and near["best_lr"]["adam"] == 1.0
+    assert [r["diverged"] for r in near["runs"] if r["lr"] == 3.16] == [True]
+    assert analysis.grid_edge(near, "adam") == "next to a diverged lr"
+
+
+def test_beyond_the_edge_continues_the_grid_on_the_side_of_the_best() -> None:
+    grid = [0.01, 0.0316, 0.1]
+
+    def sweep(metrics):  # lower is better
+        return [{"lr": lr, "diverged": m is None, "final_metric": m, "final_loss": m} for lr, m in metrics.items()]
+
+    assert protocol.beyond_the_edge(sweep({0.01: 1.0, 0.0316: 2.0, 0.1: 3.0}), grid, False) == 0.00316
+    assert protocol.beyond_the_edge(sweep({0.00316: 0.5, 0.01: 1.0, 0.0316: 2.0, 0.1: 3.0}), grid, False) == 0.001
+    assert protocol.beyond_the_edge(sweep({0.01: 3.0, 0.0316: 2.0, 0.1: 1.0}), grid, False) == 0.316
+    assert protocol.beyond_the_edge(sweep({0.01: 3.0, 0.0316: 1.0, 0.1: 2.0}), grid, False) is None
+    assert protocol.beyond_the_edge(sweep({0.01: None, 0.0316: None, 0.1: None}), grid, False) is None
 
 
 _TIMINGS = ("step_time", "wall_time", "time_to_target")
@@ -389,7 +420,7 @@ def test_report_contains_every_task_optimizer_and_figure(tiny_report: tuple[Path
     assert set(saved["tasks"]) == set(TINY["tasks"])
     for task in saved["tasks"].values():
         # sweep (5 lrs) per optimizer + one extra seed at the best lr
-        assert len(task["runs"]) == len(OPTS) * (len(protocol.GRID_MULTIPLIERS) + 1)
+        assert len(task["runs"]) == len(OPTS) * (len(protocol.GRID_MULTIPLIERS) + 1) + sum(map(len, task["extended"].values()))
         assert {r["seed"] for r in task["runs"] if r["phase"] == "seed"} == {1}
         assert set(task["best_lr"]) == set(OPTS)
     assert not list(out.parent.glob(".*"))  # no temp dirs or partial results left behind

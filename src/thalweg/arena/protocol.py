@@ -100,6 +100,9 @@ def centre_for(task: str, optimizer: str, table: dict[str, dict[str, float]] | N
 # and on Rosenbrock it suggested 1e-5 for momentum against a measured best of 1e-3.
 COARSE_LRS = tuple(10.0**k for k in range(-5, 3))
 COARSE_BUDGET_FRACTION = 0.25
+# A best lr at an end of its grid may not be the best: the grid grows past that end one step at a time (the grid's
+# own log spacing), at most this many steps, until the best lr is inside it.
+EDGE_EXTENSIONS = 2
 
 
 def coarse_search(task: Task, optimizer: str, steps: int, backend: str = DEFAULT_BACKEND,
@@ -286,7 +289,7 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
         "name": task.name, "description": task.description, "kind": task.kind, "metric": task.metric,
         "higher_is_better": task.higher_is_better, "target": task.target, "steps": steps,
         "log_metric": task.log_metric, "grid_multipliers": list(multipliers), "centres": {},
-        "centre_source": {}, "coarse": {}, "runs": [], "best_lr": {},
+        "centre_source": {}, "coarse": {}, "extended": {}, "runs": [], "best_lr": {},
     }
     blocks = (_in_workers(pool, task, optimizers, seeds, steps, multipliers, centres, backend, on_run) if pool
               else (run_optimizer(task, name, seeds, steps, multipliers, centres, backend, on_run) for name in optimizers))
@@ -297,6 +300,8 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
             entry["coarse"][name] = block["coarse"]
         entry["runs"].extend(block["runs"])
         entry["best_lr"][name] = block["best_lr"]
+        if block["extended"]:
+            entry["extended"][name] = block["extended"]
     return entry
 
 
@@ -320,6 +325,15 @@ def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tu
             sweep.append(run_one(task, name, lr, 0, steps, backend=backend))
             if on_run:
                 on_run()
+        extended = []
+        for _ in range(EDGE_EXTENSIONS if len(grid) > 1 else 0):
+            lr = beyond_the_edge(sweep, grid, task.higher_is_better)
+            if lr is None:
+                break
+            extended.append(lr)
+            sweep.append(run_one(task, name, lr, 0, steps, backend=backend))
+            if on_run:
+                on_run()
         runs = list(sweep)
         best = pick_best(sweep, task.higher_is_better)
         for seed in range(1, seeds):
@@ -328,8 +342,23 @@ def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tu
                 runs.append(run_one(task, name, best["lr"], seed, steps, phase="seed", backend=backend))
             if on_run:
                 on_run()
-    return {"centre": centre, "source": source, "coarse": coarse, "runs": runs,
+    return {"centre": centre, "source": source, "coarse": coarse, "runs": runs, "extended": extended,
             "best_lr": best["lr"] if best else None}
+
+
+def beyond_the_edge(sweep: list[dict[str, Any]], grid: list[float], higher_is_better: bool) -> float | None:
+    """The next lr past the end of the swept lrs where the best one sits — ``grid`` continued with its own log
+    spacing, 3 significant digits — or None when the best is inside them or every lr diverged."""
+    best = pick_best(sweep, higher_is_better)
+    lrs = sorted({r["lr"] for r in sweep})
+    if best is None or len(grid) < 2:
+        return None
+    ratio = (grid[-1] / grid[0]) ** (1 / (len(grid) - 1))
+    if best["lr"] == lrs[-1]:
+        return float(f"{grid[-1] * ratio ** (1 + sum(lr > grid[-1] for lr in lrs)):.3g}")
+    if best["lr"] == lrs[0]:
+        return float(f"{grid[0] / ratio ** (1 + sum(lr < grid[0] for lr in lrs)):.3g}")
+    return None
 
 
 # -- running optimizers in parallel ----------------------------------------------------------------------------
@@ -379,7 +408,7 @@ def _in_workers(pool: Any, task: Task, optimizers: list[str], seeds: int, steps:
 def runs_per_task(optimizers: list[str], seeds: int, multipliers: tuple[float, ...],
                   centres: dict[str, dict[str, float]] | None = None, task: str = "") -> int:
     """How many runs :func:`run_task` makes on ``task`` (for progress bars; a fully diverged coarse search
-    makes fewer)."""
+    makes fewer, and a grid extended past its edge (:data:`EDGE_EXTENSIONS`) more)."""
     total = 0
     for name in optimizers:
         if name in LR_FREE:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from . import analysis
+from . import analysis, protocol
 from .errors import ArenaError
 from .results import RESULTS_NAME, dumps
 
@@ -83,6 +83,9 @@ def _protocol_html(results: dict[str, Any]) -> str:
         "<li>All other hyper-parameters are the optimizer's defaults (e.g. AdamW and LAMB decay 0.01, LARS momentum 0.9); "
         "biases and embeddings get no weight decay and no trust ratio (<code>thalweg.create</code>). "
         f"Backend: <code>{html.escape(str(cfg.get('backend', 'auto')))}</code>.</li>"
+        "<li>Where the best lr of a grid is at one of its ends, the grid is extended past that end, one step of its "
+        f"spacing at a time, up to {protocol.EDGE_EXTENSIONS} steps, until the best lr is inside it; a best lr still at "
+        "an end (or next to a diverged lr) is flagged in the recommendation.</li>"
         f"<li>The sweep uses seed 0; the lr with the best final validation metric is rerun with seeds 1..{cfg['seeds'] - 1} "
         f"({cfg['seeds']} seeds in all). Seeds change initialisation and batch order, never the data split.</li>"
         "<li>A run whose training loss turns non-finite or exceeds the task's factor (20x; 1000x for 2-D functions) "
@@ -128,6 +131,8 @@ def build(results: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
         rec = analysis.recommendation(task)
         target = "none" if task["target"] is None else f"{task['target']:g}"
         centres = ", ".join(_centre_text(o, lr, task.get("centre_source", {}).get(o, "measured"))
+                            + (f" (grid extended to {', '.join(f'{x:.3g}' for x in task['extended'][o])})"
+                               if o in task.get("extended", {}) else "")
                             for o, lr in task["centres"].items())
         parts.append(f'<h2 id="{html.escape(name)}">{html.escape(name)}</h2><p>{html.escape(task["description"])}</p>'
                      f"<p>Metric: {html.escape(task['metric'])} ({'higher' if task['higher_is_better'] else 'lower'} is better); "
