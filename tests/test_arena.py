@@ -517,6 +517,27 @@ def test_compare_evaluates_in_eval_mode_and_restores_training(tmp_path: Path) ->
     assert modes == {"metric": {False}, "loss": {True}}
 
 
+def test_compare_takes_datasets_and_dataloaders_as_the_same_data(tmp_path: Path) -> None:
+    """A TensorDataset, and a shuffling DataLoader over it, give the records of the tensors themselves (read once;
+    the arena's own seeded batches are drawn from them). A Dataset of something else is refused by name."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from thalweg.arena import compare
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(60, 3, generator=g), torch.randn(60, generator=g)
+    model_fn = lambda: nn.Linear(3, 1)  # noqa: E731
+    loss_fn = lambda out, target: F.mse_loss(out.squeeze(1), target)  # noqa: E731
+    settings = dict(optimizers=["adam"], steps=8, seeds=1, progress=False, backend=REF, jobs=1)
+    tensors = compare(model_fn, loss_fn, ((x[:40], y[:40]), (x[40:], y[40:])), out=tmp_path / "t", **settings)
+    datasets = compare(model_fn, loss_fn, (TensorDataset(x[:40], y[:40]), DataLoader(TensorDataset(x[40:], y[40:]),
+                       batch_size=7)), out=tmp_path / "d", **settings)
+    assert _without_timings(datasets) == _without_timings(tensors)
+    with pytest.raises(ArenaError, match="validation part .*could not be read"):
+        compare(model_fn, loss_fn, ((x, y), TensorDataset(x)), out=tmp_path / "bad", **settings)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_compare_rejects_malformed_data(tmp_path: Path) -> None:
     from thalweg.arena import compare
 

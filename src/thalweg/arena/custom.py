@@ -18,8 +18,26 @@ Split = Sequence[torch.Tensor]
 
 
 def _split(name: str, part: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (inputs, targets) pair of tensors, from such a pair, a map-style Dataset of (input, target) items or a
+    DataLoader of (inputs, targets) batches (read once, into memory: every optimizer then draws the same seeded
+    batches from it)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(part, (DataLoader, Dataset)):
+        try:
+            items = list(part) if isinstance(part, DataLoader) else [part[i] for i in range(len(part))]
+            pairs = [item for item in items if isinstance(item, (tuple, list)) and len(item) == 2
+                     and all(isinstance(t, torch.Tensor) for t in item)]
+            if len(pairs) != len(items):
+                raise TypeError("every item must be an (input, target) pair of tensors")
+            join = torch.cat if isinstance(part, DataLoader) else torch.stack
+            part = (join([x for x, _ in pairs]), join([y for _, y in pairs])) if pairs else part
+        except (TypeError, RuntimeError) as exc:
+            raise ArenaError(f"data's {name} part ({type(part).__name__}) could not be read as (inputs, targets) "
+                             f"tensors: {exc}") from None
     if not (isinstance(part, (tuple, list)) and len(part) == 2 and all(isinstance(t, torch.Tensor) for t in part)):
-        raise ArenaError(f"data's {name} part must be an (inputs, targets) pair of tensors, got {type(part).__name__}")
+        raise ArenaError(f"data's {name} part must be an (inputs, targets) pair of tensors, a Dataset or a DataLoader "
+                         f"of such pairs, got {type(part).__name__}")
     x, y = part
     if len(x) != len(y) or len(x) == 0:
         raise ArenaError(f"data's {name} inputs and targets must be non-empty and of equal length, got {len(x)} and {len(y)}")
@@ -39,7 +57,9 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
     Args:
         model_fn: builds a fresh model (called once per run, after ``torch.manual_seed(seed)``).
         loss_fn: ``loss_fn(model(x), y)`` -> scalar training loss.
-        data: ``((x_train, y_train), (x_val, y_val))``.
+        data: ``((x_train, y_train), (x_val, y_val))``; each part may also be a map-style Dataset of (input, target)
+            items or a DataLoader of (inputs, targets) batches, read once into memory (its own batching and
+            shuffling are not used: every optimizer draws the same seeded batches of ``batch_size``).
         optimizers: names from ``thalweg.arena.protocol.ARENA_OPTIMIZERS`` (default: all of them).
         steps: step budget per run; batches of ``batch_size`` drawn in seeded shuffled epochs.
         metric_fn: ``metric_fn(model, x_val, y_val)`` -> float; default: ``loss_fn`` on the validation set.
