@@ -382,6 +382,33 @@ def test_recommendation_declares_ties_and_flags_a_best_lr_at_the_grid_edge() -> 
     assert "its best lr is the highest of its grid" in analysis.recommendation(grid([0.01, 0.03, 0.1]))["evidence"]
 
 
+def test_each_pick_is_held_against_adamw_by_seed_ranges() -> None:
+    def verdict(adam, adamw, higher=True):
+        task = _fake_task({"adam": adam, "adamw": adamw}, {"adam": [10] * 3, "adamw": [10] * 3})
+        return analysis.against_adamw({**task, "higher_is_better": higher})
+
+    assert verdict([0.95, 0.96, 0.97], [0.90, 0.91, 0.92])["verdict"] == "better"
+    assert verdict([0.95, 0.96, 0.97], [0.90, 0.91, 0.955])["verdict"] == "tie"
+    check = verdict([0.95, 0.96, 0.97], [0.90, 0.91, 0.92], higher=False)  # lower is better: adamw picked
+    assert check["verdict"] == "is AdamW" and check["optimizer"] == "adamw"
+    assert check["pick"] == check["adamw"] == (0.90, 0.92)
+    without = _fake_task({"adam": [0.9] * 3}, {"adam": [10] * 3})
+    assert analysis.against_adamw(without) is None
+
+
+def test_leave_one_task_out_recommends_from_the_other_tasks() -> None:
+    """"a" wins tasks one and two and misses three's target; "b" reaches every target, second on one and two. Holding
+    out three, the other tasks pick "a" (both reach both targets; "a" ranks first), last there: regret 0.9 - 0.1.
+    Holding out one, "b" reaches both remaining targets and "a" one: "b" is picked, second on one: regret 0.03."""
+    t1 = _fake_task({"a": [0.95] * 3, "b": [0.92] * 3}, {"a": [10] * 3, "b": [20] * 3})
+    t3 = _fake_task({"a": [0.1] * 3, "b": [0.9] * 3}, {"a": [None] * 3, "b": [20] * 3})
+    rows = {r["task"]: r for r in analysis.leave_one_task_out({"tasks": {"one": t1, "two": t1, "three": t3}})}
+    assert rows["three"]["pick"] == "a" and rows["three"]["rank"] == 2 and rows["three"]["of"] == 2
+    assert rows["three"]["regret"] == pytest.approx(0.8) and rows["three"]["best_optimizer"] == "b"
+    assert rows["one"]["pick"] == "b" and rows["one"]["rank"] == 2 and rows["one"]["regret"] == pytest.approx(0.03)
+    assert analysis.leave_one_task_out({"tasks": {"one": t1}}) == []
+
+
 def test_summary_ranks_by_targets_then_mean_rank_not_by_timings() -> None:
     """"fast" is quickest to the target on two tasks and misses the third; "steady" reaches all three, slowly. The
     time profile favours fast; the summary ranks steady first (more targets), as its heading says it does."""

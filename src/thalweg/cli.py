@@ -109,6 +109,15 @@ def _summary(results: dict[str, Any]) -> str:
                 "diverged one"] if rec["edge"] else [])
         lines.append(f"{name:<22}{rec['optimizer']:<{width}}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})"
                      + (f"  [{'; '.join(notes)}]" if notes else ""))
+    checks = [(name, analysis.against_adamw(task)) for name, task in results["tasks"].items()]
+    checks = [f"{name} {check['verdict']}" for name, check in checks if check is not None]
+    if checks:
+        lines.append(f"each pick against tuned AdamW (seed ranges): {', '.join(checks)}")
+    loto = analysis.leave_one_task_out(results)
+    if loto:
+        lines.append("leave one task out, the other tasks' pick on it: " + ", ".join(
+            f"{row['task']} {row['pick']} (rank {row['rank'] if row['rank'] is not None else '-'} of {row['of']})"
+            for row in loto))
     lines.append("")
     lines.append(f"{'optimizer':<{width}}{'targets':>9}{'mean rank':>11}{'wins':>6}{'profile':>9}"
                  "   (ranked by targets reached, then mean rank, then wins)")

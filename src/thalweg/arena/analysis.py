@@ -219,3 +219,46 @@ def summary_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows.sort(key=lambda r: (-int(r["targets"].split("/")[0]),
                              r["mean_rank"] if r["mean_rank"] is not None else math.inf, -r["wins"], -r["profile_score"]))
     return rows
+
+
+def against_adamw(task: dict[str, Any]) -> dict[str, Any] | None:
+    """The task's recommendation held against AdamW tuned on the same grid rule and budget, by seed ranges:
+    ``verdict`` is "better" or "worse" when the ranges are apart, "tie" when they overlap, "is AdamW" when AdamW
+    is the pick. None without a recommendation or without an AdamW row that trained."""
+    rec = recommendation(task)
+    if rec is None or "adamw" not in optimizers_of(task):
+        return None
+    pick, adamw = summarise(task, rec["optimizer"]), summarise(task, "adamw")
+    if adamw["metric_median"] is None:
+        return None
+    if rec["optimizer"] == "adamw":
+        verdict = "is AdamW"
+    elif pick["metric_min"] <= adamw["metric_max"] and pick["metric_max"] >= adamw["metric_min"]:
+        verdict = "tie"
+    else:
+        ahead = pick["metric_median"] > adamw["metric_median"]
+        verdict = "better" if ahead == task["higher_is_better"] else "worse"
+    return {"optimizer": rec["optimizer"], "verdict": verdict, "pick": (pick["metric_min"], pick["metric_max"]),
+            "adamw": (adamw["metric_min"], adamw["metric_max"]), "adamw_lr": adamw["best_lr"]}
+
+
+def leave_one_task_out(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each task: the optimizer the across-task summary of the *other* tasks ranks first, and how it does on the
+    held-out task at its lr there — its rank, its median metric, the best median, and the regret (the gap between
+    the two, in the task's metric, 0 when it is the best). Tasks where the held-out pick did not train get
+    ``rank`` None. Empty with fewer than two tasks."""
+    names = list(results["tasks"])
+    out = []
+    for held in names if len(names) > 1 else []:
+        others = {"tasks": {n: t for n, t in results["tasks"].items() if n != held}}
+        pick = summary_table(others)[0]["optimizer"]
+        task = results["tasks"][held]
+        rows = ranking(task)
+        row = next((r for r in rows if r["optimizer"] == pick), None)
+        best = rows[0]["metric_median"] if rows else None
+        mine = None if row is None else row["metric_median"]
+        regret = None if mine is None or best is None else abs(best - mine)
+        out.append({"task": held, "pick": pick, "rank": None if mine is None else row["rank"], "of": len(rows),
+                    "metric": mine, "best": best, "best_optimizer": rows[0]["optimizer"] if rows else None,
+                    "regret": regret})
+    return out

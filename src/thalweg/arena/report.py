@@ -60,6 +60,36 @@ _RANK_COLUMNS = [("rank", "#"), ("optimizer", "optimizer"), ("best_lr", "best lr
 _SUMMARY_COLUMNS = [("optimizer", "optimizer"), ("targets", "targets reached"), ("mean_rank", "mean rank"),
                     ("wins", "tasks won"), ("profile_score", "profile area (time)"), ("diverged_lrs", "diverged grid lrs")]
 
+_ADAMW_COLUMNS = [("task", "task"), ("optimizer", "recommended"), ("pick_range", "its seed range"),
+                  ("adamw_range", "AdamW's seed range"), ("adamw_lr", "AdamW's best lr"), ("verdict", "verdict")]
+_LOTO_COLUMNS = [("task", "held-out task"), ("pick", "pick of the other tasks"), ("place", "its rank there"),
+                 ("metric", "its median metric"), ("best", "best median"), ("best_optimizer", "best optimizer"),
+                 ("regret", "regret")]
+
+
+def _checks_html(results: dict[str, Any]) -> str:
+    """The recommendations checked: each against tuned AdamW by seed ranges, and leave-one-task-out regret."""
+    span = lambda pair: f"{_fmt(pair[0])}–{_fmt(pair[1])}"  # noqa: E731
+    adamw = []
+    for name, task in results["tasks"].items():
+        check = analysis.against_adamw(task)
+        if check is not None:
+            adamw.append({"task": name, **check, "pick_range": span(check["pick"]), "adamw_range": span(check["adamw"])})
+    loto = [{**row, "place": None if row["rank"] is None else f"{row['rank']} of {row['of']}"}
+            for row in analysis.leave_one_task_out(results)]
+    parts = ['<h2 id="checks">The recommendations, checked</h2>']
+    if adamw:
+        parts.append("<p>Each task's pick against AdamW tuned by the same rule and budget: <i>better</i> or <i>worse</i> "
+                     "when their ranges over seeds are apart, <i>tie</i> when they overlap.</p>")
+        parts.append(_table(adamw, _ADAMW_COLUMNS))
+    if loto:
+        parts.append("<p>Leave one task out: the optimizer the summary of the other tasks ranks first, on the task "
+                     "left out (at its best lr there). Regret: how far its median metric is from the best one's, in "
+                     "that task's metric; a large regret means the across-task pick does not transfer to it.</p>")
+        parts.append(_table(loto, _LOTO_COLUMNS))
+    return "\n".join(parts) if len(parts) > 1 else ""
+
+
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:nth-child(2),th:nth-child(2){text-align:left}img{max-width:100%;border:1px solid #eee}
@@ -154,6 +184,7 @@ def build(results: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
                      "won; the profile area, made of timings on a shared machine, only breaks ties.</p>")
         parts.append(_table(analysis.summary_table(results), _SUMMARY_COLUMNS))
         parts.append(img("profile.png"))
+        parts.append(_checks_html(results))
     parts.append("</body></html>\n")
     return "\n".join(parts), pngs
 
