@@ -312,7 +312,7 @@ TASKS: dict[str, Task] = {
              "standardised features; convex). Batch 64.", "validation log-loss", False, 0.10,
              steps=600, quick_steps=300, eval_every=20, setup=_logreg_setup),
         Task("digits-mlp", "MLP 64-128-10 (ReLU) on scikit-learn's 8x8 digits (1437 train / 360 "
-             "validation). Batch 64.", "validation accuracy", True, 0.95, steps=1200, quick_steps=500,
+             "validation). Batch 64.", "validation accuracy", True, 0.95, steps=1200, quick_steps=300,
              eval_every=25, setup=_classifier(_mlp, "digits", 64)),
         Task("digits-cnn", "Small CNN (two 3x3 conv + pool layers) on the 8x8 digits. Batch 64.",
              "validation accuracy", True, 0.95, steps=800, quick_steps=300, eval_every=25,
@@ -326,7 +326,7 @@ TASKS: dict[str, Task] = {
              "generated Zipf documents whose class is carried by rare tokens. Adagrad gets sparse "
              "embedding gradients; every other optimizer the same model with dense gradients "
              "(they reject sparse ones). Batch 32.", "validation accuracy", True, 0.90, steps=1500,
-             quick_steps=600, eval_every=25, setup=_bag_setup, has_sparse_variant=True),
+             quick_steps=450, eval_every=25, setup=_bag_setup, has_sparse_variant=True),
         Task("char-lm", "Character-level LM (8-char context MLP) on CPython's pydoc_data help topics "
              "(first 200k characters, 90/10 split). Batch 128.", "validation cross-entropy (nats)",
              False, 2.1, steps=1500, quick_steps=500, eval_every=50, setup=_char_setup),
