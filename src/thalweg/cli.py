@@ -105,8 +105,7 @@ def _summary(results: dict[str, Any]) -> str:
             continue
         row = analysis.ranking(task)[0]
         notes = ([f"tie with {', '.join(rec['ties'][:3])}{' ...' if len(rec['ties']) > 3 else ''}"] if rec["ties"] else []) \
-            + ([f"best lr is the {rec['edge']} of its grid" if not rec["edge"].startswith("next") else "best lr next to a "
-                "diverged one"] if rec["edge"] else [])
+            + ([f"best lr is {analysis.edge_text(rec['edge'])}"] if rec["edge"] else [])
         lines.append(f"{name:<22}{rec['optimizer']:<{width}}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})"
                      + (f"  [{'; '.join(notes)}]" if notes else ""))
     checks = [(name, analysis.against_adamw(task)) for name, task in results["tasks"].items()]

@@ -103,20 +103,23 @@ def ranking(task: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def seed_ranges_overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two rows of :func:`summarise` cannot be told apart by their seeds: their ranges of the metric over
+    seeds overlap. With one seed each a range is a point, and only equal values overlap."""
+    return (a["metric_min"] is not None and b["metric_min"] is not None
+            and a["metric_min"] <= b["metric_max"] and a["metric_max"] >= b["metric_min"])
+
+
 def tied_with_top(rows: list[dict[str, Any]]) -> list[str]:
-    """The optimizers (of ``rows``, ranked) that the seeds cannot separate from the top one: their range of the
-    metric over seeds overlaps the top's. With one seed each a range is a point, and only equal values tie."""
-    top = rows[0]
-    if top["metric_min"] is None:
-        return []
-    return [row["optimizer"] for row in rows[1:] if row["metric_min"] is not None
-            and row["metric_min"] <= top["metric_max"] and row["metric_max"] >= top["metric_min"]]
+    """The optimizers (of ``rows``, ranked) that the seeds cannot separate from the top one."""
+    return [row["optimizer"] for row in rows[1:] if seed_ranges_overlap(row, rows[0])]
 
 
 def grid_edge(task: dict[str, Any], optimizer: str) -> str | None:
     """"lowest" or "highest" when ``optimizer``'s best lr is at that end of a grid of several lrs (the optimum may
     lie beyond it), or next to an lr that diverged on the higher side ("next to a diverged lr"); else None."""
-    lrs = sorted({r["lr"] for r in sweep_runs(task, optimizer)})
+    sweep = sweep_runs(task, optimizer)
+    lrs = sorted({r["lr"] for r in sweep})
     best = task["best_lr"].get(optimizer)
     if len(lrs) < 2 or best not in lrs:
         return None
@@ -125,9 +128,14 @@ def grid_edge(task: dict[str, Any], optimizer: str) -> str | None:
     if best == lrs[0]:
         return "lowest"
     above = lrs[lrs.index(best) + 1]
-    if any(r["diverged"] for r in sweep_runs(task, optimizer) if r["lr"] == above):
+    if any(r["diverged"] for r in sweep if r["lr"] == above):
         return "next to a diverged lr"
     return None
+
+
+def edge_text(edge: str) -> str:
+    """Where a best lr sits, for :func:`grid_edge`'s answer: "the highest of its grid", "next to a diverged lr"."""
+    return edge if edge.startswith("next") else f"the {edge} of its grid"
 
 
 def recommendation(task: dict[str, Any]) -> dict[str, Any] | None:
@@ -154,8 +162,7 @@ def recommendation(task: dict[str, Any]) -> dict[str, Any] | None:
         evidence += f"; a tie: the seed ranges of {shown} overlap this one's"
     edge = grid_edge(task, top["optimizer"])
     if edge is not None:
-        where = edge if edge.startswith("next") else f"the {edge} of its grid"
-        evidence += f"; its best lr is {where}, so a better one may lie beyond"
+        evidence += f"; its best lr is {edge_text(edge)}, so a better one may lie beyond"
     return {"optimizer": top["optimizer"], "lr": top["best_lr"], "evidence": evidence + ".", "ties": ties,
             "edge": edge}
 
@@ -233,7 +240,7 @@ def against_adamw(task: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if rec["optimizer"] == "adamw":
         verdict = "is AdamW"
-    elif pick["metric_min"] <= adamw["metric_max"] and pick["metric_max"] >= adamw["metric_min"]:
+    elif seed_ranges_overlap(pick, adamw):
         verdict = "tie"
     else:
         ahead = pick["metric_median"] > adamw["metric_median"]

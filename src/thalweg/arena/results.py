@@ -51,9 +51,12 @@ def load_results(path: str | Path) -> dict[str, Any]:
     that directory was interrupted, the tasks it finished (:func:`partial_path`; a run that completes removes them,
     so their presence means they are newer than the report)."""
     path = Path(path)
-    if path.is_dir() or not path.exists():
+    if not path.is_file():
         interrupted = partial_path(path)
-        path = interrupted if interrupted.exists() else path / RESULTS_NAME
+        if interrupted.exists():
+            path = interrupted
+        elif path.is_dir():
+            path = path / RESULTS_NAME
     try:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
