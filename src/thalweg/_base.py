@@ -74,6 +74,9 @@ class Optimizer(torch.optim.Optimizer):
 
     rule: ClassVar[engine.Rule]
     name: ClassVar[str]  # the name thalweg.create knows it by
+    # the kind of method, for readers choosing among many (the arena groups its report by it): "SGD-like",
+    # "RMSprop-like", "Adam-like", "layer-wise", "LR-free", "schedule-free" or "matrix"
+    family: ClassVar[str] = "other"
     # create and advance a ``step`` counter per parameter, as torch.optim does for all but SGD
     counts_steps: ClassVar[bool] = True
     # group keys a checkpoint may lack (filled from the defaults, as torch.optim's __setstate__ does for keys

@@ -57,6 +57,7 @@ class Adadelta(Optimizer):
     """
 
     name = "adadelta"  # thalweg.create's name
+    family = "RMSprop-like"  # the arena's family (report panels, toggles)
     rule = adadelta
 
     def __init__(

@@ -73,6 +73,7 @@ class Adafactor(Optimizer):
     """
 
     name = "adafactor"  # thalweg.create's name
+    family = "RMSprop-like"  # the arena's family (report panels, toggles)
     rule = adafactor
     own_state_keys = frozenset({"row_var", "col_var", "variance"})
     unshaped_state_keys = frozenset({"row_var", "col_var"})

@@ -57,6 +57,7 @@ class Adagrad(Optimizer):
     """
 
     name = "adagrad"  # thalweg.create's name
+    family = "RMSprop-like"  # the arena's family (report panels, toggles)
 
     rule = adagrad
     accepts_sparse_grads = True

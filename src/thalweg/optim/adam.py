@@ -90,6 +90,7 @@ class Adam(Optimizer):
     """
 
     name = "adam"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
 
     rule = adam
     optional_group_keys = Optimizer.optional_group_keys | {"amsgrad", "decoupled_weight_decay", "cautious"}
@@ -163,6 +164,7 @@ class AdamW(Adam):
     """
 
     name = "adamw"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
 
     def __init__(
         self,

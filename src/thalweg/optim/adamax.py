@@ -58,6 +58,7 @@ class Adamax(Optimizer):
     """
 
     name = "adamax"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = adamax
 
     def __init__(

@@ -86,6 +86,7 @@ class Adan(Optimizer):
     """
 
     name = "adan"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = adan
 
     def __init__(

@@ -85,6 +85,7 @@ class AdEMAMix(Optimizer):
     """
 
     name = "ademamix"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = ademamix
 
     def __init__(

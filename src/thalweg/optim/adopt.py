@@ -70,6 +70,7 @@ class ADOPT(Optimizer):
     """
 
     name = "adopt"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = adopt
 
     def __init__(

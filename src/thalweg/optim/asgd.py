@@ -64,6 +64,7 @@ class ASGD(Optimizer):
     """
 
     name = "asgd"  # thalweg.create's name
+    family = "SGD-like"  # the arena's family (report panels, toggles)
     rule = asgd
 
     def __init__(

@@ -109,6 +109,7 @@ class DAdaptAdam(Optimizer):
     """
 
     name = "dadaptadam"  # thalweg.create's name
+    family = "LR-free"  # the arena's family (report panels, toggles)
     rule = dadapt_adam
     stages_step = True
     own_state_keys = frozenset({"s"})

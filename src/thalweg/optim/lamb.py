@@ -68,6 +68,7 @@ class LAMB(Optimizer):
     """
 
     name = "lamb"  # thalweg.create's name
+    family = "layer-wise"  # the arena's family (report panels, toggles)
 
     rule = lamb
     optional_group_keys = Optimizer.optional_group_keys | {"trust_ratio"}

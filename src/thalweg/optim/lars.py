@@ -72,6 +72,7 @@ class LARS(Optimizer):
     """
 
     name = "lars"  # thalweg.create's name
+    family = "layer-wise"  # the arena's family (report panels, toggles)
 
     rule = lars
     optional_group_keys = Optimizer.optional_group_keys | {"trust_ratio"}

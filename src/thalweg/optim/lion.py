@@ -72,6 +72,7 @@ class Lion(Optimizer):
     """
 
     name = "lion"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = lion
     counts_steps = False  # the update needs no step count (no bias correction)
 

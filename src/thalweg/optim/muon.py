@@ -101,6 +101,7 @@ class Muon(Optimizer):
     """
 
     name = "muon"  # thalweg.create's name
+    family = "matrix"  # the arena's family (report panels, toggles)
     rule = muon
     counts_steps = False  # torch's Muon keeps no step counter
     own_state_keys = frozenset({"momentum_buffer"})

@@ -86,6 +86,7 @@ class NAdam(Optimizer):
     """
 
     name = "nadam"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = nadam
     optional_group_keys = Optimizer.optional_group_keys | {"decoupled_weight_decay", "cautious"}
 

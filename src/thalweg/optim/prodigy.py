@@ -129,6 +129,7 @@ class Prodigy(Optimizer):
     """
 
     name = "prodigy"  # thalweg.create's name
+    family = "LR-free"  # the arena's family (report panels, toggles)
     rule = prodigy
     stages_step = True
     own_state_keys = frozenset({"s", "p0"})

@@ -87,6 +87,7 @@ class RAdam(Optimizer):
     """
 
     name = "radam"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = radam
     optional_group_keys = Optimizer.optional_group_keys | {"decoupled_weight_decay", "cautious"}
 

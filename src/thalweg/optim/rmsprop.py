@@ -70,6 +70,7 @@ class RMSprop(Optimizer):
     """
 
     name = "rmsprop"  # thalweg.create's name
+    family = "RMSprop-like"  # the arena's family (report panels, toggles)
 
     rule = rmsprop
     optional_group_keys = Optimizer.optional_group_keys | {"momentum", "centered"}

@@ -61,6 +61,7 @@ class Rprop(Optimizer):
     """
 
     name = "rprop"  # thalweg.create's name
+    family = "RMSprop-like"  # the arena's family (report panels, toggles)
     rule = rprop
 
     def __init__(

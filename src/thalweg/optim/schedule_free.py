@@ -255,6 +255,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
     """
 
     name = "schedulefree_adamw"  # thalweg.create's name
+    family = "schedule-free"  # the arena's family (report panels, toggles)
     rule = schedule_free_adamw
 
     def __init__(
@@ -322,6 +323,7 @@ class ScheduleFreeSGD(_ScheduleFree):
     """
 
     name = "schedulefree_sgd"  # thalweg.create's name
+    family = "schedule-free"  # the arena's family (report panels, toggles)
     rule = schedule_free_sgd
 
     def __init__(

@@ -74,6 +74,7 @@ class SGD(Optimizer):
     """
 
     name = "sgd"  # thalweg.create's name
+    family = "SGD-like"  # the arena's family (report panels, toggles)
 
     rule = sgd
     optional_group_keys = Optimizer.optional_group_keys | {"nesterov", "cautious"}
@@ -141,6 +142,7 @@ class Momentum(SGD):
     """SGD with momentum 0.9 on by default — the classic "Momentum" optimizer. Arguments as :class:`SGD`."""
 
     name = "momentum"  # thalweg.create's name
+    family = "SGD-like"  # the arena's family (report panels, toggles)
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ class SparseAdam(Optimizer):
     """
 
     name = "sparseadam"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = sparse_adam
     accepts_sparse_grads = True
     requires_sparse_grads = True

@@ -74,6 +74,7 @@ class StableAdamW(Optimizer):
     """
 
     name = "stableadamw"  # thalweg.create's name
+    family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = stable_adamw
 
     def __init__(
