@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
@@ -97,7 +98,10 @@ def _summary(results: dict[str, Any]) -> str:
 
     rows = analysis.summary_table(results)
     width = max([len("optimizer")] + [len(row["optimizer"]) for row in rows]) + 2
-    lines = [f"{'task':<22}{'recommendation':<{width}}{'lr':>10}  metric"]
+    verdict = analysis.verdict(results)
+    lines = [] if verdict is None else [textwrap.fill("Verdict: " + verdict["text"][0].lower() + verdict["text"][1:],
+                                                     width=110, subsequent_indent="  "), ""]
+    lines.append(f"{'task':<22}{'recommendation':<{width}}{'lr':>10}  metric")
     for name, task in results["tasks"].items():
         rec = analysis.recommendation(task)
         if rec is None:

@@ -20,12 +20,21 @@ def optimizers_of(task: dict[str, Any]) -> list[str]:
 
 
 def best_runs(task: dict[str, Any], optimizer: str) -> Runs:
-    """The runs at the optimizer's best lr: seed 0 of the sweep plus the seed reruns."""
+    """The runs that report the optimizer's result: the seeds rerun at its best lr (seeds 1, 2, ...).
+
+    The sweep's seed 0 chose that lr, so its result is the best of several draws and flatters the optimizer: it
+    is kept out of every reported median, range and curve. It stands in only where nothing was rerun (a one-seed
+    arena) or where there was no choice to flatter (a grid of one lr: the lr-free optimizers).
+    """
     lr = task["best_lr"].get(optimizer)
     if lr is None:
         return []
-    return [r for r in task["runs"] if r["optimizer"] == optimizer and r["lr"] == lr
-            and (r["phase"] == "seed" or r["seed"] == 0)]
+    mine = [r for r in task["runs"] if r["optimizer"] == optimizer and r["lr"] == lr]
+    reruns = [r for r in mine if r["phase"] == "seed"]
+    chosen = [r for r in mine if r["phase"] == "sweep" and r["seed"] == 0]
+    if not reruns:
+        return chosen
+    return chosen + reruns if len(sweep_runs(task, optimizer)) == 1 else reruns
 
 
 def sweep_runs(task: dict[str, Any], optimizer: str) -> Runs:
@@ -63,29 +72,41 @@ def summarise(task: dict[str, Any], optimizer: str) -> dict[str, Any]:
         "steps_to_target": med_of("steps_to_target"), "time_to_target": med_of("time_to_target"),
         "step_time_ms": (_median([r["step_time"] for r in runs if r["step_time"] is not None]) or math.nan) * 1e3,
         "diverged_lrs": f"{sum(r['diverged'] for r in sweep)}/{len(sweep)}",
-        "good_lrs": good_lr_count(task, optimizer),
+        "good_lrs": good_lr_count(task, optimizer), "lr_width": lr_range_width(task, optimizer),
+        # measured: the bytes of the optimizer's state tensors after training over the parameters' elements
+        "memory": _median([r["state_bytes_per_param"] for r in runs if r.get("state_bytes_per_param") is not None]),
+        "family": task.get("families", {}).get(optimizer, "other"),
     }
 
 
-def good_lr_count(task: dict[str, Any], optimizer: str) -> str:
-    """Robustness: how many grid lrs end within 10% of the task's best metric gap (for accuracy-like
-    metrics, within 2 points) -- a flat lr-sensitivity curve means less tuning."""
-    sweep = sweep_runs(task, optimizer)
+def good_lrs(task: dict[str, Any], optimizer: str) -> list[float]:
+    """The sweep lrs whose final metric is within tolerance of the task's best: 10% of its value (for accuracy-like
+    metrics, higher is better, within 2 points)."""
     values = [r["final_metric"] for r in task["runs"] if r["phase"] == "sweep" and r["final_metric"] is not None and not r["diverged"]]
-    if not values or not sweep:
-        return f"0/{len(sweep)}"
+    if not values:
+        return []
     hib = task["higher_is_better"]
     best = max(values) if hib else min(values)
-    ok = 0
-    for r in sweep:
+    good = []
+    for r in sweep_runs(task, optimizer):
         m = r["final_metric"]
-        if m is None or r["diverged"]:
-            continue
-        if hib:
-            ok += m >= best - 0.02
-        else:
-            ok += m <= best + 0.1 * abs(best) + 1e-12
-    return f"{ok}/{len(sweep)}"
+        if m is not None and not r["diverged"] and (m >= best - 0.02 if hib else m <= best + 0.1 * abs(best) + 1e-12):
+            good.append(r["lr"])
+    return good
+
+
+def good_lr_count(task: dict[str, Any], optimizer: str) -> str:
+    """Robustness: how many grid lrs are good (:func:`good_lrs`) -- a flat lr-sensitivity curve means less tuning."""
+    return f"{len(good_lrs(task, optimizer))}/{len(sweep_runs(task, optimizer))}"
+
+
+def lr_range_width(task: dict[str, Any], optimizer: str) -> float | None:
+    """How wide the good lr range is, in decades: log10 of the largest good lr over the smallest (0 for one good lr,
+    None for none). Wider means the lr matters less. Not defined for an lr-free optimizer's grid of one."""
+    lrs = good_lrs(task, optimizer)
+    if not lrs or len(sweep_runs(task, optimizer)) < 2:
+        return None
+    return math.log10(max(lrs) / min(lrs))
 
 
 def ranking(task: dict[str, Any]) -> list[dict[str, Any]]:
@@ -163,8 +184,39 @@ def recommendation(task: dict[str, Any]) -> dict[str, Any] | None:
     edge = grid_edge(task, top["optimizer"])
     if edge is not None:
         evidence += f"; its best lr is {edge_text(edge)}, so a better one may lie beyond"
+    lighter, faster = lighter_and_faster(rows)
+    if lighter is not None:
+        evidence += (f"; for less memory: {lighter['optimizer']} (rank {lighter['rank']}, {lighter['memory']:.3g} bytes "
+                     f"of state per parameter against {top['memory']:.3g})")
+    if faster is not None:
+        key, what = (("time_to_target", "time to target (s)") if top["time_to_target"] is not None
+                     else ("step_time_ms", "ms per step"))
+        evidence += (f"; for less wall time: {faster['optimizer']} (rank {faster['rank']}, {what} "
+                     f"{faster[key]:.3g} against {top[key]:.3g})")
     return {"optimizer": top["optimizer"], "lr": top["best_lr"], "evidence": evidence + ".", "ties": ties,
-            "edge": edge}
+            "edge": edge, "lighter": None if lighter is None else lighter["optimizer"],
+            "faster": None if faster is None else faster["optimizer"]}
+
+
+def lighter_and_faster(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The runners-up of a ranking (best first) for memory and for wall time: the best-ranked optimizer that keeps
+    less state per parameter than the top one, and the best-ranked that is quicker — to the target when the top
+    one reaches it (and so does the other), else per step. Only optimizers that trained (a median metric) count;
+    None where no one beats the top."""
+    top = rows[0]
+    lighter = faster = None
+    for row in rows[1:]:
+        if row["metric_median"] is None:
+            continue
+        if lighter is None and top["memory"] is not None and row["memory"] is not None and row["memory"] < top["memory"]:
+            lighter = row
+        if faster is None:
+            if top["time_to_target"] is not None:
+                quicker = row["time_to_target"] is not None and row["time_to_target"] < top["time_to_target"]
+            else:
+                quicker = math.isfinite(row["step_time_ms"]) and row["step_time_ms"] < top["step_time_ms"]
+            faster = row if quicker else None
+    return lighter, faster
 
 
 def profile(results: dict[str, Any], by: str = "time_to_target") -> dict[str, list[float]]:
@@ -197,35 +249,79 @@ def all_optimizers(results: dict[str, Any]) -> list[str]:
 
 
 def summary_table(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Across tasks, per optimizer: wins, mean rank, targets reached, diverged lrs, and the area under
-    the time profile (normalised to 1 = fastest on every task). Ranked by what it claims to rank: most targets
-    reached, then the lowest mean rank over tasks, then most wins; the profile area (timings, which share a noisy
-    machine) only breaks what is still tied."""
+    """Across tasks, per optimizer: targets reached, mean rank, wins, and what else people weigh — steps and time to
+    the target relative to the task's fastest optimizer (median over the tasks where it got there), state memory per
+    parameter, the width of its good lr range (mean over tasks, decades), diverged lrs, and the area under the time
+    profile (1 = fastest everywhere). Ranked by what it claims to rank: most targets reached, then the lowest mean
+    rank over tasks, then most wins; the profile area (timings, which share a noisy machine) only breaks what is
+    still tied."""
     optimizers = all_optimizers(results)
     prof = profile(results)
-    stats = {o: {"optimizer": o, "wins": 0, "ranks": [], "targets": 0, "with_target": 0, "div": 0, "grid": 0}
-             for o in optimizers}
+    stats = {o: {"optimizer": o, "wins": 0, "ranks": [], "targets": 0, "with_target": 0, "div": 0, "grid": 0,
+                 "steps": [], "time": [], "memory": [], "width": [], "family": "other"} for o in optimizers}
     for task in results["tasks"].values():
-        for row in ranking(task):
+        rows = ranking(task)
+        fastest = {key: min((r[key] for r in rows if r[key] is not None), default=None)
+                   for key in ("steps_to_target", "time_to_target")}
+        for row in rows:
             s = stats[row["optimizer"]]
+            s["family"] = row["family"]
             s["ranks"].append(row["rank"])
             s["wins"] += row["rank"] == 1
             if task["target"] is not None:
                 s["with_target"] += 1
                 s["targets"] += row["reached_target"]
+            for key, into in (("steps_to_target", "steps"), ("time_to_target", "time")):
+                if row[key] is not None and fastest[key]:
+                    s[into].append(row[key] / fastest[key])
+            for key, into in (("memory", "memory"), ("lr_width", "width")):
+                if row[key] is not None:
+                    s[into].append(row[key])
             d, g = map(int, row["diverged_lrs"].split("/"))
             s["div"] += d
             s["grid"] += g
     rows = []
     for o, s in stats.items():
         area = sum(prof[o]) / len(PROFILE_TAUS) if prof[o] else 0.0
-        rows.append({"optimizer": o, "wins": s["wins"],
+        rows.append({"optimizer": o, "family": s["family"], "wins": s["wins"],
                      "mean_rank": statistics.mean(s["ranks"]) if s["ranks"] else None,
                      "targets": f"{s['targets']}/{s['with_target']}", "diverged_lrs": f"{s['div']}/{s['grid']}",
+                     "steps_ratio": _median(s["steps"]), "time_ratio": _median(s["time"]),
+                     "memory": _median(s["memory"]), "lr_width": statistics.mean(s["width"]) if s["width"] else None,
                      "profile_score": area})
     rows.sort(key=lambda r: (-int(r["targets"].split("/")[0]),
                              r["mean_rank"] if r["mean_rank"] is not None else math.inf, -r["wins"], -r["profile_score"]))
     return rows
+
+
+def verdict(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The report's first line: the optimizer to use across the tasks (the summary's first), why, how close the next
+    one is, and each task's own pick with its ties and edge flags. None without a task that trained."""
+    picks = []
+    for name, task in results["tasks"].items():
+        rec = recommendation(task)
+        if rec is not None:
+            picks.append({"task": name, **rec})
+    if not picks:
+        return None
+    rows = summary_table(results)
+    top = rows[0]
+    n_tasks = len(results["tasks"])
+    why = (f"it reached {top['targets']} targets with the best mean rank, {top['mean_rank']:.1f} among "
+           f"{len(rows)} optimizers over {n_tasks} task{'s' if n_tasks > 1 else ''}")
+    close = [r["optimizer"] for r in rows[1:] if r["targets"] == top["targets"] and r["mean_rank"] is not None
+             and r["mean_rank"] - top["mean_rank"] <= 1.0]
+    if close:
+        why += f"; within one rank of it: {', '.join(close[:4])}{' and more' if len(close) > 4 else ''}"
+    text = f"Use {top['optimizer']}: {why}."
+    if n_tasks > 1:
+        parts = []
+        for pick in picks:
+            notes = ([f"tie with {len(pick['ties'])}"] if pick["ties"] else []) + (["lr at an edge"] if pick["edge"] else [])
+            parts.append(f"{pick['task']}: {pick['optimizer']} at lr {pick['lr']:.3g}"
+                         + (f" ({', '.join(notes)})" if notes else ""))
+        text += " Per task: " + "; ".join(parts) + "."
+    return {"optimizer": top["optimizer"], "close": close, "picks": picks, "text": text}
 
 
 def against_adamw(task: dict[str, Any]) -> dict[str, Any] | None:

@@ -212,6 +212,7 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
             eval_steps.append(done)
             eval_values.append(evaluate())
     wall = time.perf_counter() - start
+    memory = state_bytes_per_param(opt)
     final_metric = eval_values[-1] if diverged_at is None else math.nan
     if diverged_at is None and not math.isfinite(final_metric):
         diverged_at = steps
@@ -229,7 +230,7 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
         "final_loss": _finite(losses[-1]) if losses and diverged_at is None else None,
         "final_metric": _finite(final_metric),
         "steps_to_target": hit if diverged_at is None or (hit is not None and hit <= diverged_at) else None,
-        "step_time": _finite(step_time), "wall_time": wall,
+        "step_time": _finite(step_time), "wall_time": wall, "state_bytes_per_param": memory,
     }
     record["time_to_target"] = (record["steps_to_target"] * step_time
                                 if record["steps_to_target"] is not None and math.isfinite(step_time) else None)
@@ -237,6 +238,19 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
         idx = sorted(set(range(0, len(path), max(1, len(path) // MAX_TRAJECTORY_POINTS))) | {len(path) - 1})
         record["trajectory"] = [[_finite(path[i][0]), _finite(path[i][1])] for i in idx]
     return record
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer) -> float | None:
+    """What the optimizer holds, measured: the bytes of the distinct storages behind its state tensors, per element
+    of the parameters it steps (None for no parameter elements)."""
+    storages: dict[int, int] = {}
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and not value.is_sparse:
+                storage = value.untyped_storage()
+                storages[storage.data_ptr() or id(storage)] = storage.nbytes()
+    elements = sum(p.numel() for group in opt.param_groups for p in group["params"])
+    return sum(storages.values()) / elements if elements else None
 
 
 def _evaluator(opt: torch.optim.Optimizer, problem: Any) -> Callable[[], float]:
@@ -288,7 +302,8 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
     entry: dict[str, Any] = {
         "name": task.name, "description": task.description, "kind": task.kind, "metric": task.metric,
         "higher_is_better": task.higher_is_better, "target": task.target, "steps": steps,
-        "log_metric": task.log_metric, "grid_multipliers": list(multipliers), "centres": {},
+        "log_metric": task.log_metric, "grid_multipliers": list(multipliers), "families": families(optimizers),
+        "centres": {},
         "centre_source": {}, "coarse": {}, "extended": {}, "runs": [], "best_lr": {},
     }
     blocks = (_in_workers(pool, task, optimizers, seeds, steps, multipliers, centres, backend, on_run) if pool
@@ -303,6 +318,14 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
         if block["extended"]:
             entry["extended"][name] = block["extended"]
     return entry
+
+
+def families(optimizers: list[str]) -> dict[str, str]:
+    """Each optimizer's family (its class's ``family``: SGD-like, Adam-like, ...), kept in the results so the report
+    groups them without importing thalweg."""
+    from thalweg.factory import optimizer_class
+
+    return {name: optimizer_class(name).family for name in optimizers}
 
 
 def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tuple[float, ...],

@@ -1,16 +1,16 @@
-"""The report: results -> figures (PNG) + index.html + results.json, written atomically.
+"""The report: results -> index.html (figures inline, as SVG) + results.json, written atomically.
 
-``build(results)`` is pure (results in, files as bytes out), so ``thalweg report DIR`` redraws byte
+``build(results)`` is pure (results in, the page out), so ``thalweg report DIR`` redraws byte
 for byte what the run drew. ``write(results, out)`` builds the report in a temporary directory next
 to ``out`` and renames it into place: a failure leaves the previous report (or nothing), never half.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,23 +20,39 @@ from . import analysis, protocol
 from .errors import ArenaError
 from .results import RESULTS_NAME, dumps
 
-FIGURE_DIR = "figures"
-
-
 def figure_plan(results: dict[str, Any]) -> list[tuple[str, str, Callable[[], Any]]]:
     """(file name, caption, figure builder) of every figure, in report order."""
     from . import figures
 
     plan: list[tuple[str, str, Callable[[], Any]]] = []
     for name, task in results["tasks"].items():
-        plan.append((f"{name}-curves.png", "loss and validation curves (median and min-max over seeds)",
+        plan.append((f"{name}-curves.svg", "training loss and validation metric at each optimizer's best lr: each "
+                     "family's leader, then one row per family (median over the evaluation seeds; band: their range)",
                      lambda t=task: figures.curves_figure(t)))
-        plan.append((f"{name}-lr.png", "lr sensitivity", lambda t=task: figures.lr_figure(t)))
+        plan.append((f"{name}-lr.svg", "lr sensitivity, one panel per family (seed-0 sweep)",
+                     lambda t=task: figures.lr_figure(t)))
         if task["kind"] == "2d":
-            plan.append((f"{name}-trajectories.png", "trajectories", lambda t=task: figures.trajectory_figure(t)))
+            plan.append((f"{name}-trajectories.svg", "one path per optimizer", lambda t=task: figures.trajectory_figure(t)))
     if results["tasks"]:
-        plan.append(("profile.png", "performance profiles", lambda: figures.profile_figure(results)))
+        plan.append(("profile.svg", "performance profiles", lambda: figures.profile_figure(results)))
     return plan
+
+
+def inline_svg(svg: str, prefix: str, titles: dict[str, str]) -> str:
+    """``svg`` made ready to sit in the page: the XML prologue dropped, every id prefixed (several figures share one
+    document), and each optimizer's artists (tagged by :mod:`.figures`) turned into a ``data-optimizer`` group that
+    the controls toggle, with a hover title."""
+    from .figures import GID_PREFIX
+
+    svg = svg[svg.index("<svg"):]
+
+    def group(match: re.Match) -> str:
+        optimizer = match.group(1)
+        title = html.escape(titles.get(optimizer, optimizer))
+        return f'<g data-optimizer="{html.escape(optimizer)}"><title>{title}</title>'
+
+    svg = re.sub(rf'<g id="{re.escape(GID_PREFIX)}([^"]+)">', group, svg)
+    return re.sub(r'(\bid="|url\(#|href="#)', lambda m: m.group(1) + prefix, svg)
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -47,18 +63,49 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(row.get(key))}</td>" for key, _ in columns) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _sort_value(v: Any) -> str | None:
+    """What a sortable column sorts a cell by: its number ("3/4" by its count), "" for a missing one (kept last), or
+    None for text (sorted as text)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, (int, float)):
+        return repr(float(v))
+    if isinstance(v, str) and re.fullmatch(r"\d+/\d+", v):
+        return v.split("/")[0]
+    return None
 
 
-_RANK_COLUMNS = [("rank", "#"), ("optimizer", "optimizer"), ("best_lr", "best lr"), ("metric_median", "median metric"),
-                 ("metric_min", "min"), ("metric_max", "max"), ("reached", "seeds at target"),
-                 ("steps_to_target", "steps to target"), ("time_to_target", "time to target (s)"),
-                 ("step_time_ms", "ms/step"), ("good_lrs", "good lrs"), ("diverged_lrs", "diverged lrs")]
-_SUMMARY_COLUMNS = [("optimizer", "optimizer"), ("targets", "targets reached"), ("mean_rank", "mean rank"),
-                    ("wins", "tasks won"), ("profile_score", "profile area (time)"), ("diverged_lrs", "diverged grid lrs")]
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], sortable: bool = False) -> str:
+    """An HTML table of ``rows``; ``sortable``: a click on a heading sorts by that column (the page's script), and
+    each row carries its optimizer, so the controls can hide it."""
+    head = "".join(f'<th title="sort by {html.escape(title)}">{html.escape(title)}</th>' if sortable
+                   else f"<th>{html.escape(title)}</th>" for _, title in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            value = row.get(key)
+            order = _sort_value(value) if sortable else None
+            cells.append(f"<td>{_fmt(value)}</td>" if order is None else f'<td data-value="{order}">{_fmt(value)}</td>')
+        mark = f' data-optimizer="{html.escape(row["optimizer"])}"' if sortable and "optimizer" in row else ""
+        body.append(f"<tr{mark}>" + "".join(cells) + "</tr>")
+    kind = ' class="sortable"' if sortable else ""
+    return f"<table{kind}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+_RANK_COLUMNS = [("rank", "#"), ("optimizer", "optimizer"), ("family", "family"), ("best_lr", "best lr"),
+                 ("metric_median", "median metric"), ("metric_min", "min"), ("metric_max", "max"),
+                 ("reached", "seeds at target"), ("steps_to_target", "steps to target"),
+                 ("time_to_target", "time to target (s)"), ("step_time_ms", "ms/step"),
+                 ("memory", "state bytes/param"), ("lr_width", "good lr range (decades)"), ("good_lrs", "good lrs"),
+                 ("diverged_lrs", "diverged lrs")]
+_SUMMARY_COLUMNS = [("optimizer", "optimizer"), ("family", "family"), ("targets", "targets reached"),
+                    ("mean_rank", "mean rank"), ("wins", "tasks won"), ("steps_ratio", "steps to target / fastest"),
+                    ("time_ratio", "time to target / fastest"), ("memory", "state bytes/param"),
+                    ("lr_width", "good lr range (decades)"), ("profile_score", "profile area (time)"),
+                    ("diverged_lrs", "diverged grid lrs")]
 
 _ADAMW_COLUMNS = [("task", "task"), ("optimizer", "recommended"), ("pick_range", "its seed range"),
                   ("adamw_range", "AdamW's seed range"), ("adamw_lr", "AdamW's best lr"), ("verdict", "verdict")]
@@ -90,18 +137,21 @@ def _checks_html(results: dict[str, Any]) -> str:
     return "\n".join(parts) if len(parts) > 1 else ""
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td:nth-child(2),th:nth-child(2){text-align:left}img{max-width:100%;border:1px solid #eee}
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td{white-space:nowrap}
+th{background:#f3f3f3}td:nth-child(2),th:nth-child(2){text-align:left}figure{margin:1em 0}svg{max-width:100%;height:auto}
+table.sortable th{cursor:pointer}th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 .rec{background:#eef7ee;border-left:4px solid #4a4;padding:.5em 1em}code{background:#f5f5f5;padding:0 3px}
-nav a{margin-right:1em}"""
+.verdict{background:#eef2fb;border-left:5px solid #36c;padding:.7em 1em;font-size:1.05em}
+#controls{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:.3em 0;z-index:1;font-size:.85em}
+#controls .family{margin:.15em 0}#controls label{margin-right:.7em;white-space:nowrap}nav a{margin-right:1em}"""
 
 
 def _protocol_html(results: dict[str, Any]) -> str:
     cfg = results["config"]
     mults = ", ".join(f"{m:.3g}" for m in cfg["grid_multipliers"])
     return (
-        "<h2>Protocol</h2><ul>"
+        '<h2 id="protocol">Protocol</h2><ul>'
         f"<li>Every optimizer gets the same lr grid, multipliers <code>{mults}</code> around its own centre, and the "
         f"same step budget per task (budget scale {cfg['budget']:g}{', quick' if cfg['quick'] else ''}). The centre is "
         "the measured one (<code>thalweg.arena.protocol.CENTRES</code>) where there is one; for the other optimizers, "
@@ -134,29 +184,119 @@ def _centre_text(optimizer: str, centre: float | None, source: str) -> str:
     return f"{optimizer} {centre:.3g}{note}"
 
 
-def build(results: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
-    """The report's HTML and its figures (file name -> PNG bytes), from results alone."""
+_SCRIPT = """
+// Sortable tables: a click on a heading sorts the rows by that column, again reverses; missing values stay last.
+document.querySelectorAll("table.sortable th").forEach(function (th, _, all) {
+  th.addEventListener("click", function () {
+    var table = th.closest("table"), body = table.tBodies[0], column = th.cellIndex;
+    var ascending = th.getAttribute("aria-sort") !== "ascending";
+    table.querySelectorAll("th").forEach(function (other) { other.removeAttribute("aria-sort"); });
+    th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+    var rows = Array.prototype.slice.call(body.rows);
+    function key(row) {
+      var cell = row.cells[column], value = cell.getAttribute("data-value");
+      if (value === null) return cell.textContent;
+      return value === "" ? null : parseFloat(value);
+    }
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b);
+      if (x === null || y === null) return (x === null) - (y === null);
+      var order = typeof x === "number" ? x - y : String(x).localeCompare(String(y));
+      return ascending ? order : -order;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  });
+});
+// Toggles: an optimizer's box shows or hides everything of that optimizer (table rows, lines in the figures);
+// a family's box sets all of its optimizers' boxes.
+function applyToggles() {
+  document.querySelectorAll("input[data-optimizer]").forEach(function (box) {
+    var name = box.getAttribute("data-optimizer");
+    document.querySelectorAll('[data-optimizer="' + name + '"]').forEach(function (el) {
+      if (el !== box && el.tagName !== "INPUT" && el.tagName !== "LABEL") el.style.display = box.checked ? "" : "none";
+    });
+  });
+  document.querySelectorAll("input[data-family]").forEach(function (box) {
+    var members = document.querySelectorAll('input[data-member-of="' + box.getAttribute("data-family") + '"]');
+    var on = Array.prototype.filter.call(members, function (m) { return m.checked; }).length;
+    box.checked = on === members.length;
+    box.indeterminate = on > 0 && on < members.length;
+  });
+}
+document.querySelectorAll("input[data-family]").forEach(function (box) {
+  box.addEventListener("change", function () {
+    document.querySelectorAll('input[data-member-of="' + box.getAttribute("data-family") + '"]')
+      .forEach(function (m) { m.checked = box.checked; });
+    applyToggles();
+  });
+});
+document.querySelectorAll("input[data-optimizer]").forEach(function (box) { box.addEventListener("change", applyToggles); });
+applyToggles();
+"""
+
+
+def _controls_html(results: dict[str, Any]) -> str:
+    """One box per optimizer, grouped by family with a box for the whole family."""
+    from .figures import by_family
+
+    families: dict[str, str] = {}
+    for task in results["tasks"].values():
+        families.update(task.get("families", {}))
+    parts = ['<details id="controls" open><summary>Show optimizers (uncheck to hide them in every table and figure; '
+             "hover a line for its name)</summary>"]
+    for family, members in by_family(analysis.all_optimizers(results), families):
+        f = html.escape(family)
+        boxes = "".join(f'<label><input type="checkbox" checked data-optimizer="{html.escape(o)}" data-member-of="{f}">'
+                        f" {html.escape(o)}</label>" for o in members)
+        parts.append(f'<div class="family"><label><b><input type="checkbox" checked data-family="{f}"> {f}</b></label>'
+                     f" {boxes}</div>")
+    parts.append("</details>")
+    return "".join(parts)
+
+
+def _verdict_html(results: dict[str, Any]) -> str:
+    verdict = analysis.verdict(results)
+    if verdict is None:
+        return '<p class="verdict"><b>No verdict:</b> every run diverged.</p>'
+    return f'<p class="verdict" id="verdict"><b>Verdict.</b> {html.escape(verdict["text"])}</p>'
+
+
+def _titles(task: dict[str, Any]) -> dict[str, str]:
+    """Hover text per optimizer on a task: its best lr and its result there."""
+    out = {}
+    for row in analysis.ranking(task):
+        result = "every lr diverged" if row["metric_median"] is None else \
+            f"median {task['metric']} {row['metric_median']:.4g}, rank {row['rank']}"
+        lr = "" if row["best_lr"] is None else f" at lr {row['best_lr']:.3g}"
+        out[row["optimizer"]] = f"{row['optimizer']} ({row['family']}){lr}: {result}"
+    return out
+
+
+def build(results: dict[str, Any]) -> str:
+    """The report's HTML, from results alone. The page holds everything it shows (its figures as inline SVG, its
+    script and style), so it is one file that opens from disk, without a server or a network."""
     from . import figures
 
-    pngs: dict[str, bytes] = {}
+    svgs: dict[str, str] = {}
     captions: dict[str, str] = {}
     for filename, caption, make in figure_plan(results):
-        fig = make()
-        pngs[filename] = figures.to_png(fig)
+        svgs[filename] = figures.to_svg(make())
         captions[filename] = caption
-
-    def img(filename: str) -> str:
-        data = base64.b64encode(pngs[filename]).decode("ascii")
-        return (f'<figure><img alt="{html.escape(filename)}" src="data:image/png;base64,{data}">'
-                f'<figcaption>{html.escape(captions[filename])} &mdash; <a href="{FIGURE_DIR}/{html.escape(filename)}">'
-                f"{html.escape(filename)}</a></figcaption></figure>")
-
     tasks = results["tasks"]
+    overall = {o: o for o in analysis.all_optimizers(results)}
+
+    def img(filename: str, titles: dict[str, str]) -> str:
+        prefix = re.sub(r"[^A-Za-z0-9]", "-", filename.rsplit(".", 1)[0]) + "-"
+        return (f'<figure id="{prefix}figure">{inline_svg(svgs[filename], prefix, titles)}'
+                f"<figcaption>{html.escape(captions[filename])}</figcaption></figure>")
+
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>thalweg arena</title><style>{_CSS}</style></head><body>",
              f"<h1>thalweg arena</h1><p>thalweg {html.escape(results['thalweg_version'])}, run {html.escape(results['created'])}; "
-             f"optimizers: {html.escape(', '.join(analysis.all_optimizers(results)))}; tasks: {html.escape(', '.join(tasks))}.</p>",
-             "<nav>" + "".join(f'<a href="#{html.escape(n)}">{html.escape(n)}</a>' for n in tasks) + '<a href="#summary">summary</a></nav>',
-             _protocol_html(results)]
+             f"{len(overall)} optimizers on {len(tasks)} tasks: {html.escape(', '.join(tasks))}.</p>",
+             _verdict_html(results),
+             "<nav>" + "".join(f'<a href="#{html.escape(n)}">{html.escape(n)}</a>' for n in tasks)
+             + '<a href="#summary">summary</a><a href="#checks">checks</a><a href="#protocol">protocol</a></nav>',
+             _controls_html(results)]
     for name, task in tasks.items():
         rec = analysis.recommendation(task)
         target = "none" if task["target"] is None else f"{task['target']:g}"
@@ -166,27 +306,33 @@ def build(results: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
                             for o, lr in task["centres"].items())
         parts.append(f'<h2 id="{html.escape(name)}">{html.escape(name)}</h2><p>{html.escape(task["description"])}</p>'
                      f"<p>Metric: {html.escape(task['metric'])} ({'higher' if task['higher_is_better'] else 'lower'} is better); "
-                     f"target {target}; {task['steps']} steps. lr centres: {html.escape(centres)}.</p>")
+                     f"target {target}; {task['steps']} steps.</p>")
         if rec:
             parts.append(f'<p class="rec"><b>Recommendation: {html.escape(rec["optimizer"])} at lr {rec["lr"]:.3g}</b> &mdash; '
                          f"{html.escape(rec['evidence'])}</p>")
         else:
             parts.append('<p class="rec"><b>No recommendation:</b> every run diverged.</p>')
-        parts.append(_table(analysis.ranking(task), _RANK_COLUMNS))
+        parts.append(_table(analysis.ranking(task), _RANK_COLUMNS, sortable=True))
+        titles = _titles(task)
         for filename, _, _ in figure_plan({"tasks": {name: task}}):
-            if filename != "profile.png":
-                parts.append(img(filename))
+            if filename != "profile.svg":
+                parts.append(img(filename, titles))
+        parts.append(f"<details><summary>lr centres</summary><p>{html.escape(centres)}.</p></details>")
     if tasks:
-        parts.append('<h2 id="summary">Across tasks</h2><p>Performance profile (AlgoPerf, Dahl et al. 2023): for each '
-                     "optimizer, the fraction of tasks on which it reaches the target within &tau; times the fastest "
-                     "optimizer's time on that task. Profile area: the mean of that curve over &tau; in [1, 4] "
-                     "(1 = fastest everywhere). The table ranks by targets reached, then mean rank over tasks, then tasks "
-                     "won; the profile area, made of timings on a shared machine, only breaks ties.</p>")
-        parts.append(_table(analysis.summary_table(results), _SUMMARY_COLUMNS))
-        parts.append(img("profile.png"))
+        parts.append('<h2 id="summary">Across tasks</h2><p>The table ranks by targets reached, then mean rank over tasks, '
+                     "then tasks won; click a heading to sort by another column. Steps and time to target are relative "
+                     "to the task's fastest optimizer (median over the tasks it reached); state bytes per parameter are "
+                     "measured after training; the good lr range is how many decades of lr end within tolerance of the "
+                     "task's best. Performance profile (AlgoPerf, Dahl et al. 2023): for each optimizer, the fraction of "
+                     "tasks on which it reaches the target within &tau; times the fastest optimizer's time on that task. "
+                     "Profile area: the mean of that curve over &tau; in [1, 4] (1 = fastest everywhere); made of timings "
+                     "on a shared machine, it only breaks ties.</p>")
+        parts.append(_table(analysis.summary_table(results), _SUMMARY_COLUMNS, sortable=True))
+        parts.append(img("profile.svg", overall))
         parts.append(_checks_html(results))
-    parts.append("</body></html>\n")
-    return "\n".join(parts), pngs
+    parts.append(_protocol_html(results))
+    parts.append(f"<script>{_SCRIPT}</script></body></html>\n")
+    return "\n".join(parts)
 
 
 def check_can_create(out: str | Path) -> Path:
@@ -219,14 +365,12 @@ def check_writable(out: str | Path) -> Path:
 
 
 def write(results: dict[str, Any], out: str | Path) -> Path:
-    """Write index.html, figures/*.png and results.json to ``out`` atomically; returns index.html's path."""
+    """Write index.html (the whole report, figures inline) and results.json to ``out`` atomically; returns
+    index.html's path."""
     out = check_writable(out)
-    page, pngs = build(results)
+    page = build(results)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        (tmp / FIGURE_DIR).mkdir()
-        for filename, data in pngs.items():
-            (tmp / FIGURE_DIR / filename).write_bytes(data)
         (tmp / RESULTS_NAME).write_text(dumps(results), encoding="utf-8")
         (tmp / "index.html").write_text(page, encoding="utf-8")
         _swap_in(tmp, out)
