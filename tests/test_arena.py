@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from thalweg.arena import analysis, protocol, report
+from thalweg.arena import analysis, figures, protocol, report
 from thalweg.arena.errors import ArenaError
 from thalweg.arena.report import redraw
 from thalweg.arena.results import load
@@ -52,13 +52,17 @@ def test_lr_grid_is_log_spaced_around_the_centre() -> None:
         protocol.lr_grid(0.0)
 
 
-def test_centre_table_covers_every_task_for_the_measured_optimizers() -> None:
+def test_no_lr_is_kept_by_hand_every_centre_is_searched_unless_given() -> None:
+    assert not hasattr(protocol, "CENTRES")
     for task in TASKS:
-        for opt in protocol.MEASURED_OPTIMIZERS:
-            assert protocol.centre_for(task, opt) == protocol.CENTRES[task][opt] > 0
-        assert protocol.centre_for(task, "lion") is None  # not measured: the arena searches for it
-    # The large-batch task scales the small-batch centres up (square-root rule, batch ratio ~22).
-    assert protocol.CENTRES["digits-mlp-fullbatch"]["sgd"] == pytest.approx(protocol.CENTRES["digits-mlp"]["sgd"] * (1437 / 64) ** 0.5)
+        for opt in protocol.ARENA_OPTIMIZERS:
+            assert protocol.centre_for(task, opt) is None  # the arena searches for it
+    assert protocol.centre_for("logreg", "sgd", {"logreg": {"sgd": 0.3}}) == 0.3  # a caller's own centre
+    # the walk starts from the decade of each optimizer's own default lr (LARS has none: 1e-3)
+    assert protocol.default_lr("adam") == 1e-3 and protocol.default_lr("lion") == 1e-4 and protocol.default_lr("lars") is None
+    from thalweg.factory import names, optimizer_class
+
+    assert all(optimizer_class(name).family in figures.FAMILY_ORDER[:-1] for name in names())
 
 
 def test_the_arena_runs_every_registry_optimizer_but_those_it_names_a_reason_for() -> None:
@@ -89,34 +93,54 @@ def test_every_arena_optimizer_trains_on_every_kind_of_task(task: str) -> None:
         assert run["final_metric"] is not None and len(run["evals"]["metric"]) == 2, name
 
 
-def test_coarse_search_centres_on_its_best_decade() -> None:
+def test_coarse_search_walks_decades_from_the_default_lr_to_the_best() -> None:
+    """Lion (default lr 1e-4) on Rosenbrock: the walk tries 1e-4, then 1e-3 and on upwards while each decade beats
+    the last, and stops at the first that does not (or diverges); its best is the centre. A walk that went up never
+    tries below the start."""
     task = get_task("rosenbrock")
     calls = []
     centre, summary = protocol.coarse_search(task, "lion", 200, REF, on_run=lambda: calls.append(1))
-    assert [s["lr"] for s in summary] == list(protocol.COARSE_LRS) and len(calls) == len(protocol.COARSE_LRS)
-    assert all(s["steps"] == 50 for s in summary)  # a quarter of the budget
+    lrs = [s["lr"] for s in summary]
+    assert len(calls) == len(summary) and all(s["steps"] == 50 for s in summary)  # a quarter of the budget
+    assert lrs[:2] == [1e-4, 1e-3] and lrs == sorted(lrs)  # it went up, one decade at a time
     finished = [s for s in summary if not s["diverged"] and s["final_metric"] is not None]
-    assert finished and centre == min(finished, key=lambda s: s["final_metric"])["lr"]
-    # the decade matters: the best and the worst finished decades differ by orders of magnitude on Rosenbrock
-    values = sorted(s["final_metric"] for s in finished)
-    assert values[-1] > 10 * values[0]
+    assert centre == min(finished, key=lambda s: s["final_metric"])["lr"] == lrs[-2]  # the last one was worse
+    values = [s["final_metric"] for s in summary[:-1]]
+    assert values == sorted(values, reverse=True)  # each decade up to the best improved on the one before
 
 
-def test_run_task_searches_unmeasured_centres_and_runs_lr_free_optimizers_once() -> None:
+def test_coarse_search_goes_down_when_the_decade_above_is_worse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A made-up valley at 1e-5 (the lowest decade): from adam's 1e-3 the walk tries 1e-2 (worse), then 1e-4, 1e-5,
+    and ends at the bound; with every lr diverging it gives no centre after three runs."""
+    def fake_run(task, optimizer, lr, seed, steps, phase, backend):
+        return {"lr": lr, "final_metric": abs(math.log10(lr) + 5), "diverged": False, "final_loss": 0.0}
+
+    monkeypatch.setattr(protocol, "run_one", fake_run)
+    task = get_task("logreg")  # lower is better
+    centre, summary = protocol.coarse_search(task, "adam", 100, REF)
+    assert centre == 1e-5 and [s["lr"] for s in summary] == [1e-3, 1e-2, 1e-4, 1e-5]
+    monkeypatch.setattr(protocol, "run_one", lambda task, optimizer, lr, *a, **k: {
+        "lr": lr, "final_metric": None, "diverged": True, "final_loss": None})
+    centre, summary = protocol.coarse_search(task, "adam", 100, REF)
+    assert centre is None and [s["lr"] for s in summary] == [1e-3, 1e-2, 1e-4]
+
+
+def test_run_task_searches_every_centre_and_runs_lr_free_optimizers_once() -> None:
     task = get_task("rosenbrock")
     entry = protocol.run_task(task, ["adam", "lion", "prodigy"], seeds=2, steps=40, backend=REF)
-    assert entry["centre_source"] == {"adam": "measured", "lion": "coarse search", "prodigy": "lr-free"}
-    assert entry["centres"]["adam"] == protocol.CENTRES["rosenbrock"]["adam"]
-    assert set(entry["coarse"]) == {"lion"} and entry["centres"]["lion"] in protocol.COARSE_LRS
-    lion = [r for r in entry["runs"] if r["optimizer"] == "lion" and r["phase"] == "sweep"]
-    assert sorted(r["lr"] for r in lion) == sorted(protocol.lr_grid(entry["centres"]["lion"])
-                                                   + entry["extended"].get("lion", []))
+    assert entry["centre_source"] == {"adam": "coarse search", "lion": "coarse search", "prodigy": "lr-free"}
+    assert set(entry["coarse"]) == {"adam", "lion"}
+    for name in ("adam", "lion"):
+        assert entry["centres"][name] in [s["lr"] for s in entry["coarse"][name]]
+        swept = [r for r in entry["runs"] if r["optimizer"] == name and r["phase"] == "sweep"]
+        assert sorted(r["lr"] for r in swept) == sorted(protocol.lr_grid(entry["centres"][name])
+                                                        + entry["extended"].get(name, []))
     prodigy = [r for r in entry["runs"] if r["optimizer"] == "prodigy"]
     assert [(r["lr"], r["phase"]) for r in prodigy] == [(1.0, "sweep"), (1.0, "seed")]
     assert entry["best_lr"]["prodigy"] == 1.0
-    expected = protocol.runs_per_task(["adam", "lion", "prodigy"], 2, protocol.GRID_MULTIPLIERS, None, "rosenbrock")
-    extended = sum(map(len, entry["extended"].values()))
-    assert expected == len(entry["runs"]) + len(protocol.COARSE_LRS) - extended
+    assert entry["families"] == {"adam": "Adam-like", "lion": "Adam-like", "prodigy": "LR-free"}
+    given = protocol.run_task(task, ["adam"], seeds=1, steps=40, centres={"rosenbrock": {"adam": 0.1}}, backend=REF)
+    assert given["centre_source"] == {"adam": "given"} and given["coarse"] == {} and given["centres"]["adam"] == 0.1
 
 
 def test_a_best_lr_at_the_grid_edge_extends_the_grid_then_is_flagged() -> None:
@@ -155,6 +179,40 @@ def _without_timings(results: dict) -> dict:
     tasks = {name: {**task, "runs": [{k: v for k, v in run.items() if k not in _TIMINGS} for run in task["runs"]]}
              for name, task in results["tasks"].items()}
     return {"config": {k: v for k, v in results["config"].items() if k != "jobs"}, "tasks": tasks}
+
+
+def test_progress_weighs_each_task_by_its_timed_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar counts estimated seconds: every run of a task adds that task's timed step x its budget, so a slow
+    task moves the ETA as much as it costs (here logreg's step is made 100x Rosenbrock's)."""
+    from thalweg.arena import runner
+
+    class Bar:
+        def __init__(self, total: float) -> None:
+            self.total, self.n, self.updates = total, 0.0, []
+
+        def update(self, amount: float) -> None:
+            self.n += amount
+            self.updates.append(amount)
+
+        def set_description(self, _: str) -> None: ...
+        def refresh(self) -> None: ...
+        def close(self) -> None: ...
+
+    bars = []
+    monkeypatch.setattr(protocol, "seconds_per_step", lambda task, backend: {"rosenbrock": 1e-4, "logreg": 1e-2}[task.name])
+    monkeypatch.setattr(runner, "_progress", lambda total, enabled: bars.append(Bar(total)) or bars[-1])
+    results = run_arena(tasks=["rosenbrock", "logreg"], optimizers=["sgd"], seeds=2, budget=0.02, quick=True,
+                        out=tmp_path / "r", progress=True, backend=REF, jobs=1)
+    steps = {name: get_task(name).budget(True, 0.02) for name in ("rosenbrock", "logreg")}
+    weights = {name: {"rosenbrock": 1e-4, "logreg": 1e-2}[name] * steps[name] for name in steps}
+    runs = {name: len(task["runs"]) + len(task["coarse"].get("sgd", [])) for name, task in results["tasks"].items()}
+    (bar,) = bars
+    assert bar.updates == [pytest.approx(weights["rosenbrock"])] * runs["rosenbrock"] + \
+        [pytest.approx(weights["logreg"])] * runs["logreg"]
+    # the estimate is redone as each task starts (what is done, plus the estimated runs of what is left), and grows
+    # with the work when a coarse walk ran longer than estimated
+    expected = protocol.runs_per_task(["sgd"], 2, protocol.QUICK_GRID_MULTIPLIERS, None, "logreg")
+    assert bar.total == pytest.approx(max(runs["rosenbrock"] * weights["rosenbrock"] + expected * weights["logreg"], bar.n))
 
 
 def test_an_interrupted_arena_keeps_its_finished_tasks_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "suggests the lr of steepest descent.")
     lrf.add_argument("--task", required=True)
     lrf.add_argument("--optimizer", required=True)
-    lrf.add_argument("--lr-min", type=_positive_float, help="first lr (default: 1e-4 x the arena centre)")
-    lrf.add_argument("--lr-max", type=_positive_float, help="last lr (default: 1e2 x the arena centre)")
+    lrf.add_argument("--lr-min", type=_positive_float, help="first lr (default: 1e-5)")
+    lrf.add_argument("--lr-max", type=_positive_float, help="last lr (default: 1e2)")
     lrf.add_argument("--steps", type=_positive_int, default=200, help="steps of the test (default 200)")
     lrf.add_argument("--backend", default="reference", help="thalweg backend: reference (default), auto, foreach or fused")
     lrf.add_argument("--out", default="lr-find", metavar="DIR", help="where the PNG and JSON go (default: lr-find)")
@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         if s["steepest"] is None:
             print("loss diverged almost at once; lower --lr-min")
         else:
-            centre = f"arena centre {result['centre']:.3g}" if result["centre"] else "no measured arena centre"
+            centre = f"its default lr {result['default_lr']:.3g}" if result["default_lr"] else "it has no default lr"
             print(f"suggested lr (steepest descent): {s['steepest']:.3g}   (min-loss lr / 10: {s['min_over_10']:.3g}; "
                   f"{centre})")
         print(f"plot: {png}")

@@ -20,7 +20,7 @@ from .errors import ArenaError
 _LAZY = {
     "compare": "custom", "run_arena": "runner", "lr_find": "lrfind", "tune": "tuning",
     "redraw": "report", "load_results": "results", "TASKS": "tasks", "QUICK_TASKS": "tasks",
-    "CENTRES": "protocol", "lr_grid": "protocol",
+    "lr_grid": "protocol", "coarse_search": "protocol",
 }
 __all__ = ["ArenaError", *_LAZY]
 

@@ -8,7 +8,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import protocol
 from .errors import ArenaError
 from .protocol import DEFAULT_BACKEND
 from .runner import check_positive, run_arena
@@ -64,8 +63,8 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
         steps: step budget per run; batches of ``batch_size`` drawn in seeded shuffled epochs.
         metric_fn: ``metric_fn(model, x_val, y_val)`` -> float; default: ``loss_fn`` on the validation set.
         higher_is_better, target: how to read the metric; ``target`` enables steps/time to target.
-        centres: lr-grid centre per optimizer (default: the arena's digits-MLP centres where measured, else a
-            coarse search on your problem, as the arena does).
+        centres: lr-grid centre per optimizer (default: found by the arena's coarse search on your problem, the
+            same procedure as for its own tasks).
         seeds: seeds at each optimizer's best lr.
         backend: thalweg backend for every optimizer ("auto", "reference", "foreach", "fused").
         jobs: processes running optimizers in parallel (default: one per core; the records do not depend on it).
@@ -110,6 +109,6 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
     every = eval_every or max(1, steps // 20)
     task = Task(name, f"User problem: {len(x_tr)} training / {len(x_va)} validation samples, batch {batch_size}.",
                 metric, higher_is_better, target, steps, steps, every, setup)
-    table = {name: {**protocol.DEFAULT_CENTRES, **(centres or {})}}
+    table = {name: dict(centres or {})}
     return run_arena([name], optimizers, seeds=seeds, out=out, progress=progress, extra_tasks={name: task},
                      centres=table, backend=backend, jobs=jobs)

@@ -45,17 +45,15 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, float | None]:
 def lr_find(task: str, optimizer: str, lr_min: float | None = None, lr_max: float | None = None,
             steps: int = 200, seed: int = 0, stop_factor: float = 4.0, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
     """Run the range test on a built-in task; stops once the smoothed loss exceeds ``stop_factor`` x
-    its minimum. Defaults span 1e-4..1e2 x the optimizer's measured arena centre, or the coarse search's
-    1e-5..1e2 where none was measured."""
+    its minimum. The default span is the coarse search's, 1e-5..1e2 (:data:`protocol.COARSE_BOUNDS`)."""
     import thalweg
 
     t = get_task(task)
     check_optimizers([optimizer])
     check_positive("steps", steps, integer=True)
     check_backend(backend)
-    centre = protocol.centre_for(t.name, optimizer)
-    lr_min = (centre * 1e-4 if centre else min(protocol.COARSE_LRS)) if lr_min is None else lr_min
-    lr_max = (centre * 1e2 if centre else max(protocol.COARSE_LRS)) if lr_max is None else lr_max
+    lr_min = protocol.COARSE_BOUNDS[0] if lr_min is None else lr_min
+    lr_max = protocol.COARSE_BOUNDS[1] if lr_max is None else lr_max
     check_positive("lr_min", lr_min)
     check_positive("lr_max", lr_max)
     if lr_max <= lr_min:
@@ -85,7 +83,7 @@ def lr_find(task: str, optimizer: str, lr_min: float | None = None, lr_max: floa
             opt.step()
     smoothed = smooth(losses)
     return {"task": t.name, "optimizer": optimizer, "lr": lrs, "loss": losses, "smoothed": smoothed,
-            "suggestion": suggest(lrs, smoothed), "centre": centre}
+            "suggestion": suggest(lrs, smoothed), "default_lr": protocol.default_lr(optimizer)}
 
 
 def lr_find_figure(result: dict[str, Any]) -> Any:

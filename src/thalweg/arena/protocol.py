@@ -1,8 +1,8 @@
 """The protocol: one run, an lr sweep, seeds at the best lr. Everything here *runs*; nothing draws.
 
 DeepOBS-style (Schneider et al. 2019): every optimizer gets the same log-spaced grid of multipliers
-around its own lr centre (:data:`CENTRES`) and the same step budget; the lr with the best final
-validation metric (seed 0) is rerun with more seeds. Divergence is a result: a run whose loss turns
+around its own lr centre (found by :func:`coarse_search`, the same procedure for all) and the same step
+budget; the lr with the best final validation metric (seed 0) is rerun with more seeds. Divergence is a result: a run whose loss turns
 non-finite or explodes stops early and is recorded as diverged.
 """
 
@@ -19,25 +19,6 @@ import torch
 from .errors import ArenaError
 from .tasks import Task
 
-# lr centre of each optimizer's grid, per task, by measurement: the best (on a plateau, the middle) lr
-# of a decade sweep (1e-3..1e3 x a first guess) at the quick budget, seed 0. Rows are tasks, columns
-# optimizers; `thalweg lr-find` / `thalweg tune` revisit one cell. LARS has no default lr: its update
-# is lr * 0.001 * |w|/|g| * g (LARC), so its useful lrs are far larger than SGD's.
-CENTRES: dict[str, dict[str, float]] = {
-    "rosenbrock": dict(sgd=1e-3, momentum=1e-3, adam=1e-1, adamw=1e-1, rmsprop=1e-2, adagrad=3e-1, lars=10.0, lamb=3e-2),
-    "beale":      dict(sgd=1e-2, momentum=1e-3, adam=3e-1, adamw=3e-1, rmsprop=1e-2, adagrad=1.0, lars=1.0, lamb=3e-3),
-    "rastrigin":  dict(sgd=1e-3, momentum=1e-4, adam=3e-1, adamw=3e-1, rmsprop=1e-2, adagrad=3e-1, lars=10.0, lamb=3e-1),
-    "logreg":     dict(sgd=1.0, momentum=1e-1, adam=3e-2, adamw=3e-2, rmsprop=1e-2, adagrad=3e-1, lars=10.0, lamb=1e-2),
-    "digits-mlp": dict(sgd=1.0, momentum=1e-1, adam=1e-2, adamw=1e-2, rmsprop=3e-3, adagrad=3e-2, lars=3.0, lamb=3e-3),
-    "digits-cnn": dict(sgd=3e-1, momentum=1e-1, adam=1e-2, adamw=1e-2, rmsprop=3e-3, adagrad=3e-2, lars=1.0, lamb=1e-2),
-    "sparse-bag": dict(sgd=10.0, momentum=1.0, adam=1e-1, adamw=1e-1, rmsprop=1e-1, adagrad=1.0, lars=10.0, lamb=3e-2),
-    "char-lm":    dict(sgd=1.0, momentum=1e-1, adam=3e-3, adamw=3e-3, rmsprop=3e-3, adagrad=3e-2, lars=1.0, lamb=3e-3),
-}
-# Large-batch centres for the full-batch digits MLP (batch 1437 vs 64, ratio ~22): the square-root
-# rule (Malladi et al. 2022) for every optimizer. The linear rule (Goyal et al. 2017) put SGD's whole
-# grid past its stability limit in a measured full run (every lr >= 2.2 diverged or stalled at chance).
-_BATCH_RATIO = 1437 / 64
-CENTRES["digits-mlp-fullbatch"] = {opt: lr * math.sqrt(_BATCH_RATIO) for opt, lr in CENTRES["digits-mlp"].items()}
 # Optimizers that estimate their own step size (lr is a multiplier of the estimate, 1.0 documented): they run
 # at that lr, without a grid; the report says so.
 LR_FREE: dict[str, float] = {"prodigy": 1.0, "dadaptadam": 1.0}
@@ -54,13 +35,9 @@ def _arena_optimizers() -> tuple[str, ...]:
     return tuple(name for name in thalweg.names() if name not in NOT_IN_ARENA)
 
 
-# Every registry optimizer the arena can run: those with measured centres use them, the others are centred by
-# a coarse search in the arena run itself (:func:`coarse_search`), the lr-free ones run at their documented lr.
+# Every registry optimizer the arena can run: each is centred by a coarse search in the arena run itself
+# (:func:`coarse_search`), the lr-free ones run at their documented lr.
 ARENA_OPTIMIZERS = _arena_optimizers()
-# The eight whose centres were measured by hand (above); the quick arena's default set.
-MEASURED_OPTIMIZERS = tuple(CENTRES["digits-mlp"])
-# For the user's own problems (thalweg.arena.compare): the "nets" centres.
-DEFAULT_CENTRES = dict(CENTRES["digits-mlp"])
 
 # Half-decade steps over two decades: wide enough to bracket the best lr when the centre is off by
 # 10x, small enough to run eight optimizers in the quick budget.
@@ -87,38 +64,66 @@ def lr_grid(centre: float, multipliers: tuple[float, ...] = GRID_MULTIPLIERS) ->
 
 
 def centre_for(task: str, optimizer: str, table: dict[str, dict[str, float]] | None = None) -> float | None:
-    """The measured grid centre of ``optimizer`` on ``task`` (the default row for tasks not in the table), or
-    None where nothing was measured (the arena then finds one with :func:`coarse_search`)."""
-    table = CENTRES if table is None else table
-    return table.get(task, DEFAULT_CENTRES).get(optimizer, DEFAULT_CENTRES.get(optimizer))
+    """The grid centre ``table`` (a caller's own, by task then optimizer) gives ``optimizer`` on ``task``, or None:
+    the arena then finds one with :func:`coarse_search`."""
+    return (table or {}).get(task, {}).get(optimizer)
 
 
-# The coarse search: one run per decade over the lrs any optimizer here has used (1e-5 .. 1e2), each a quarter of
-# the task's budget, seed 0; the best of them becomes the grid centre. An lr range test (thalweg lr-find) is
-# cheaper but was measured unreliable as a centre: on the noisy sparse-bag batches its smoothed loss never
-# dropped below the first batch's (every optimizer's suggestion 1e-6, against measured centres 0.03..10),
-# and on Rosenbrock it suggested 1e-5 for momentum against a measured best of 1e-3.
-COARSE_LRS = tuple(10.0**k for k in range(-5, 3))
+# The coarse search: a walk over decades of lr at a quarter of the task's budget, seed 0, from the power of ten
+# nearest the optimizer's own default lr (1e-3 where it has none): one decade up and one down, then on in the
+# direction that improved while it improves, within COARSE_BOUNDS (the lrs any optimizer here has used). Its best
+# lr becomes the grid centre. The same rule for every optimizer on every task, a user's own task included: no table
+# of centres is kept by hand. It costs 3 runs when the default's decade is the best, more as the walk goes on (the
+# fixed sweep of all eight decades it replaced cost 8). An lr range test (thalweg lr-find) is cheaper but was
+# measured unreliable as a centre: on the noisy sparse-bag batches its smoothed loss never dropped below the first
+# batch's (every optimizer's suggestion 1e-6, against best lrs 0.03..10), and on Rosenbrock it suggested 1e-5 for
+# momentum against a best of 1e-3.
+COARSE_BOUNDS = (1e-5, 1e2)
 COARSE_BUDGET_FRACTION = 0.25
+COARSE_RUNS_EXPECTED = 4  # for progress estimates only: the walk's length is known when it ends
 # A best lr at an end of its grid may not be the best: the grid grows past that end one step at a time (the grid's
 # own log spacing), at most this many steps, until the best lr is inside it.
 EDGE_EXTENSIONS = 2
 
 
+def default_lr(optimizer: str) -> float | None:
+    """The ``lr`` default of the optimizer's constructor (None where it has none, or it is not a positive number)."""
+    import inspect
+
+    from thalweg.factory import optimizer_class
+
+    parameter = inspect.signature(optimizer_class(optimizer).__init__).parameters.get("lr")
+    default = None if parameter is None else parameter.default
+    return float(default) if isinstance(default, (int, float)) and default > 0 else None
+
+
 def coarse_search(task: Task, optimizer: str, steps: int, backend: str = DEFAULT_BACKEND,
                   on_run: Callable[[], None] | None = None) -> tuple[float | None, list[dict[str, Any]]]:
-    """The best lr of :data:`COARSE_LRS` at a quarter of ``steps`` (None if every one diverged), and a summary
-    of each run (lr, final metric, diverged) for the report."""
+    """The best lr of the decade walk (see :data:`COARSE_BOUNDS`) at a quarter of ``steps`` (None if every lr it
+    tried diverged), and a summary of each run (lr, final metric, diverged), in the order run, for the report."""
     short = max(task.eval_every, int(steps * COARSE_BUDGET_FRACTION))
-    runs = []
-    for lr in COARSE_LRS:
-        runs.append(run_one(task, optimizer, lr, 0, short, phase="coarse", backend=backend))
-        if on_run:
-            on_run()
-    best = pick_best(runs, task.higher_is_better)
+    low, high = (round(math.log10(bound)) for bound in COARSE_BOUNDS)
+    runs: dict[int, dict[str, Any]] = {}  # by decade: log10 of the lr
+
+    def result(k: int) -> float:
+        if k not in runs:
+            runs[k] = run_one(task, optimizer, 10.0**k, 0, short, phase="coarse", backend=backend)
+            if on_run:
+                on_run()
+        return score(runs[k], task.higher_is_better)
+
+    start = min(max(round(math.log10(default_lr(optimizer) or 1e-3)), low), high)
+    best = start
+    result(start)
+    for direction in (1, -1):
+        k = best + direction
+        while low <= k <= high and result(k) < result(best):
+            best, k = k, k + direction
+        if best != start:
+            break  # it moved up: a decade below a start that the one above beat is not the best (lr has one valley)
     summary = [{"lr": r["lr"], "steps": short, "final_metric": r["final_metric"], "diverged": r["diverged"]}
-               for r in runs]
-    return (best["lr"] if best else None), summary
+               for r in runs.values()]
+    return (10.0**best if math.isfinite(result(best)) else None), summary
 
 
 def steps_to_target(steps: list[int], metrics: list[float], target: float | None, higher_is_better: bool) -> int | None:
@@ -240,6 +245,14 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
     return record
 
 
+def seconds_per_step(task: Task, backend: str = DEFAULT_BACKEND, steps: int = 6) -> float:
+    """A task's training step, timed: the median of a few steps of SGD on one thread (setup and evaluation aside).
+    Progress bars weigh each task's runs by it."""
+    with threads(1):
+        record = run_one(task, "sgd", 1e-3, 0, steps, phase="timing", backend=backend)
+    return record["step_time"] or 1e-3
+
+
 def state_bytes_per_param(opt: torch.optim.Optimizer) -> float | None:
     """What the optimizer holds, measured: the bytes of the distinct storages behind its state tensors, per element
     of the parameters it steps (None for no parameter elements)."""
@@ -293,7 +306,7 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
              pool: Any = None) -> dict[str, Any]:
     """Sweep each optimizer's lr grid with seed 0, rerun the best lr with seeds 1..seeds-1.
 
-    The grid is centred on the measured centre (:data:`CENTRES`, or ``centres``); without one, on the best lr
+    The grid is centred on the caller's centre (``centres``, by task then optimizer); without one, on the best lr
     of a :func:`coarse_search` run here; lr-free optimizers (:data:`LR_FREE`) run at their documented lr alone.
     Returns the task's entry in results.json (its settings, every run, the best lr per optimizer, where each
     centre came from and the coarse searches). ``on_run`` is called after each run (progress bars; with a
@@ -338,7 +351,7 @@ def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tu
         if name in LR_FREE:
             centre, source, grid = LR_FREE[name], "lr-free", [LR_FREE[name]]
         else:
-            centre, source = centre_for(task.name, name, centres), "measured"
+            centre, source = centre_for(task.name, name, centres), "given"
             if centre is None:
                 centre, coarse = coarse_search(task, name, steps, backend, on_run)
                 source = "coarse search"
@@ -430,13 +443,14 @@ def _in_workers(pool: Any, task: Task, optimizers: list[str], seeds: int, steps:
 
 def runs_per_task(optimizers: list[str], seeds: int, multipliers: tuple[float, ...],
                   centres: dict[str, dict[str, float]] | None = None, task: str = "") -> int:
-    """How many runs :func:`run_task` makes on ``task`` (for progress bars; a fully diverged coarse search
-    makes fewer, and a grid extended past its edge (:data:`EDGE_EXTENSIONS`) more)."""
+    """About how many runs :func:`run_task` makes on ``task``, for progress bars: a coarse search's walk counts as
+    :data:`COARSE_RUNS_EXPECTED` (its length is known only when it ends), and a grid extended past its edge
+    (:data:`EDGE_EXTENSIONS`) makes more."""
     total = 0
     for name in optimizers:
         if name in LR_FREE:
             total += seeds
         else:
-            searched = len(COARSE_LRS) if centre_for(task, name, centres) is None else 0
+            searched = COARSE_RUNS_EXPECTED if centre_for(task, name, centres) is None else 0
             total += searched + len(multipliers) + seeds - 1
     return total

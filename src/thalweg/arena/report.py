@@ -154,9 +154,11 @@ def _protocol_html(results: dict[str, Any]) -> str:
         '<h2 id="protocol">Protocol</h2><ul>'
         f"<li>Every optimizer gets the same lr grid, multipliers <code>{mults}</code> around its own centre, and the "
         f"same step budget per task (budget scale {cfg['budget']:g}{', quick' if cfg['quick'] else ''}). The centre is "
-        "the measured one (<code>thalweg.arena.protocol.CENTRES</code>) where there is one; for the other optimizers, "
-        "the best of a coarse search run here (lr 1e-5, 1e-4, ..., 1e2, each for a quarter of the budget, seed 0). "
-        "Centres and their sources are listed per task below.</li>"
+        "found here, by the same procedure for every optimizer: a coarse search over decades of lr, each run a quarter "
+        "of the budget with seed 0, starting from the decade of the optimizer's default lr (1e-3 where it has none), "
+        "one decade up and one down, then on in the direction that improves while it improves, within 1e-5..1e2; its "
+        "best lr is the centre (a centre given to <code>compare()</code> is used as given). No lr is kept by hand. "
+        "Centres are listed per task.</li>"
         "<li>Prodigy and D-Adapt Adam estimate their own step size: they run at their documented lr 1.0, without a grid "
         "(so their seed-0 sweep is one run). Schedule-Free optimizers are evaluated in eval mode (at x, as their "
         "authors evaluate), trained in train mode.</li>"
@@ -180,7 +182,7 @@ def _protocol_html(results: dict[str, Any]) -> str:
 def _centre_text(optimizer: str, centre: float | None, source: str) -> str:
     if centre is None:
         return f"{optimizer} none (every coarse-search lr diverged)"
-    note = {"measured": "", "coarse search": " (coarse search)", "lr-free": " (lr-free, no grid)"}.get(source, "")
+    note = {"given": " (given)", "coarse search": "", "lr-free": " (lr-free, no grid)"}.get(source, "")
     return f"{optimizer} {centre:.3g}{note}"
 
 

@@ -65,7 +65,7 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     ``tasks`` default to every built-in task (``QUICK_TASKS`` with ``quick``); ``optimizers`` to
     ``protocol.ARENA_OPTIMIZERS``; ``budget`` scales every task's step budget; ``seeds`` is the number of seeds at
     each optimizer's best lr. ``extra_tasks`` lets :func:`compare` run the user's own task, and
-    ``centres`` replaces the lr-centre table (:data:`protocol.CENTRES`); ``backend`` is passed to
+    ``centres`` gives lr centres (by task, then optimizer) that replace the coarse search; ``backend`` is passed to
     every optimizer (thalweg's ``backend=``: auto, reference, foreach or fused). ``jobs`` processes run the
     optimizers in parallel (default: one per core this process may use); the records are the same for any
     ``jobs``, only the timings share the machine.
@@ -93,21 +93,24 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     partial = partial_path(out)
     if resume:
         results = _resumed(partial, config)
-    total = sum(protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, t.name) for t in task_objs)
-    bar = _progress(total, progress)
+    todo = [t for t in task_objs if t.name not in results["tasks"]]  # with resume, the tasks still to run
+    runs = {t.name: protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, t.name) for t in todo}
+    # the bar counts estimated seconds, not runs: a run of the character LM costs a hundred of Rosenbrock's, and an
+    # ETA from counting runs would be off by that much (each task's step is timed first, in a few steps)
+    cost = {t.name: protocol.seconds_per_step(t, backend) * t.budget(quick, budget) for t in todo} if progress else {}
+    bar = _progress(sum(runs[n] * cost[n] for n in cost), progress)
     pool = protocol.make_pool(task_objs, min(int(jobs), len(optimizers)))
     try:
-        for task in task_objs:
-            if task.name in results["tasks"]:  # finished before the interruption
-                if bar is not None:
-                    bar.update(protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, task.name))
-                continue
+        for task in todo:
             if bar is not None:
                 bar.set_description(task.name)
+                bar.total = bar.n + sum(runs[t.name] * cost[t.name] for t in todo[todo.index(task):])  # estimates redone
+                bar.refresh()
             steps = task.budget(quick, budget)
             results["tasks"][task.name] = protocol.run_task(
                 task, optimizers, int(seeds), steps, multipliers, centres,
-                on_run=bar.update if bar is not None else None, backend=backend, pool=pool)
+                on_run=(lambda seconds=cost[task.name]: _advance(bar, seconds)) if bar is not None else None,
+                backend=backend, pool=pool)
             save_json(results, partial)
     finally:
         if pool is not None:
@@ -140,4 +143,13 @@ def _progress(total: int, enabled: bool) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="run", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, leave=False, dynamic_ncols=True,
+                bar_format="{desc}{percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left")
+
+
+def _advance(bar: Any, seconds: float) -> None:
+    """One run done: its estimated seconds on the bar (whose total grows if a coarse walk ran longer than
+    estimated)."""
+    bar.update(seconds)
+    if bar.n > bar.total:
+        bar.total = bar.n

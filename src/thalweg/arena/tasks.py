@@ -318,8 +318,7 @@ TASKS: dict[str, Task] = {
              "validation accuracy", True, 0.95, steps=800, quick_steps=300, eval_every=25,
              setup=_classifier(_cnn, "digits", 64, _DIGITS_IMG)),
         Task("digits-mlp-fullbatch", "The digits MLP at full batch (1437 samples per step, 22x the "
-             "small batch): the large-batch regime LARS and LAMB were designed for. Centres are "
-             "the small-batch ones times the square root of the batch ratio.",
+             "small batch): the large-batch regime LARS and LAMB were designed for.",
              "validation accuracy", True, 0.95, steps=300, quick_steps=150, eval_every=10,
              setup=_classifier(_mlp, "digits", 1_000_000)),
         Task("sparse-bag", "Bag-of-tokens classifier (EmbeddingBag 5000x16, mean, then linear) on "

@@ -1,6 +1,6 @@
 """``tune``: a grid over the tuning knobs of one optimizer on one task, drawn as heat-maps.
 
-Two grids share the lr axis: lr x the momentum knob (``betas[0]`` for Adam-family, ``momentum`` for
+The lr axis is the arena's grid around the centre its coarse search finds on the task. Two grids share it: lr x the momentum knob (``betas[0]`` for Adam-family, ``momentum`` for
 SGD-family and RMSprop; Adagrad has none, so its grid is lr x ``lr_decay``) at the default weight
 decay, then lr x weight decay at the best momentum value. Cells hold the final validation metric
 (seed 0); diverged cells are marked.
@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import protocol
+from .errors import ArenaError
 from .protocol import DEFAULT_BACKEND
 from .runner import check_backend, check_optimizers, check_positive
 from .tasks import get_task
 
 _BETA_LIKE = {"adam", "adamw", "lamb"}
+# the optimizers whose second knob is defined here
+TUNABLE = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lars", "lamb")
 MOMENTA = [0.0, 0.5, 0.9, 0.99]
 WEIGHT_DECAYS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
 
@@ -36,15 +39,18 @@ def tune(task: str, optimizer: str, budget: float = 1.0, quick: bool = True,
          on_run: Callable[[], None] | None = None, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
     """Run both grids; returns a JSON-ready dict with the cells and the best setting."""
     t = get_task(task)
-    check_optimizers([optimizer], protocol.MEASURED_OPTIMIZERS,
-                     "tune's second knob is defined for the optimizers with measured lr centres")
+    check_optimizers([optimizer], TUNABLE, "tune's second knob is defined for " + ", ".join(TUNABLE))
     check_positive("budget", budget)
     check_backend(backend)
     steps = t.budget(quick, budget)
-    lrs = protocol.lr_grid(protocol.centre_for(t.name, optimizer), multipliers)
+    with protocol.threads(1):
+        centre, _ = protocol.coarse_search(t, optimizer, steps, backend, on_run)
+    if centre is None:
+        raise ArenaError(f"every lr the coarse search tried for {optimizer} on {t.name} diverged: nothing to tune around")
+    lrs = protocol.lr_grid(centre, multipliers)
     label, values, make = knob(optimizer)
     out: dict[str, Any] = {"task": t.name, "optimizer": optimizer, "metric": t.metric,
-                           "higher_is_better": t.higher_is_better, "steps": steps, "lr": lrs,
+                           "higher_is_better": t.higher_is_better, "steps": steps, "centre": centre, "lr": lrs,
                            "knob": label, "knob_values": values, "weight_decays": WEIGHT_DECAYS}
 
     def cell(lr: float, hp: dict[str, Any]) -> float | None:
@@ -73,7 +79,7 @@ def tune(task: str, optimizer: str, budget: float = 1.0, quick: bool = True,
 
 
 def runs_needed(optimizer: str) -> int:
-    return len(protocol.GRID_MULTIPLIERS) * (len(knob(optimizer)[1]) + len(WEIGHT_DECAYS))
+    return protocol.COARSE_RUNS_EXPECTED + len(protocol.GRID_MULTIPLIERS) * (len(knob(optimizer)[1]) + len(WEIGHT_DECAYS))
 
 
 def tune_figure(result: dict[str, Any]) -> Any:
