@@ -112,7 +112,7 @@ def test_coarse_search_walks_decades_from_the_default_lr_to_the_best() -> None:
 def test_coarse_search_goes_down_when_the_decade_above_is_worse(monkeypatch: pytest.MonkeyPatch) -> None:
     """A made-up valley at 1e-5 (the lowest decade): from adam's 1e-3 the walk tries 1e-2 (worse), then 1e-4, 1e-5,
     and ends at the bound; with every lr diverging it gives no centre after three runs."""
-    def fake_run(task, optimizer, lr, seed, steps, phase, backend):
+    def fake_run(task, optimizer, lr, seed, steps, phase, backend, device):
         return {"lr": lr, "final_metric": abs(math.log10(lr) + 5), "diverged": False, "final_loss": 0.0}
 
     monkeypatch.setattr(protocol, "run_one", fake_run)
@@ -181,6 +181,30 @@ def _without_timings(results: dict) -> dict:
     return {"config": {k: v for k, v in results["config"].items() if k != "jobs"}, "tasks": tasks}
 
 
+def test_device_is_checked_before_any_work_and_auto_picks_the_gpu_where_there_is_one(tmp_path: Path) -> None:
+    from thalweg.arena.runner import check_device
+
+    assert check_device("cpu") == "cpu"
+    assert check_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ArenaError, match=r"device 'cuda' is not available here \(torch.cuda.is_available\(\) is False\)"):
+            run_arena(tasks=["logreg"], optimizers=["sgd"], out=tmp_path / "r", progress=False, device="cuda")
+        assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_arena_trains_on_the_gpu(tmp_path: Path) -> None:
+    """Every task's model and data on the GPU (its records say so through the parameters' device), one job."""
+    results = run_arena(tasks=["rosenbrock", "logreg", "sparse-bag"], optimizers=["sgd", "adam"], seeds=2, budget=0.02,
+                        out=tmp_path / "r", progress=False, device="cuda", jobs=2)
+    assert results["config"]["device"] == "cuda" and results["config"]["jobs"] == 1
+    task = get_task("sparse-bag")
+    problem = task.setup(0, False, torch.device("cuda"))
+    assert all(p.is_cuda for p in problem.params.parameters())
+    for entry in results["tasks"].values():
+        assert all(entry["best_lr"][o] is not None for o in ("sgd", "adam"))
+
+
 def test_progress_weighs_each_task_by_its_timed_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bar counts estimated seconds: every run of a task adds that task's timed step x its budget, so a slow
     task moves the ETA as much as it costs (here logreg's step is made 100x Rosenbrock's)."""
@@ -199,7 +223,7 @@ def test_progress_weighs_each_task_by_its_timed_step(tmp_path: Path, monkeypatch
         def close(self) -> None: ...
 
     bars = []
-    monkeypatch.setattr(protocol, "seconds_per_step", lambda task, backend: {"rosenbrock": 1e-4, "logreg": 1e-2}[task.name])
+    monkeypatch.setattr(protocol, "seconds_per_step", lambda task, backend, device: {"rosenbrock": 1e-4, "logreg": 1e-2}[task.name])
     monkeypatch.setattr(runner, "_progress", lambda total, enabled: bars.append(Bar(total)) or bars[-1])
     results = run_arena(tasks=["rosenbrock", "logreg"], optimizers=["sgd"], seeds=2, budget=0.02, quick=True,
                         out=tmp_path / "r", progress=True, backend=REF, jobs=1)
@@ -290,7 +314,7 @@ def test_schedule_free_is_evaluated_at_x_in_eval_mode() -> None:
 
     task = get_task("rosenbrock")
     run = protocol.run_one(task, "schedulefree_adamw", 0.02, 0, 30, backend=REF)
-    problem = task.setup(0, False)
+    problem = task.setup(0, False, torch.device("cpu"))
     torch.manual_seed(0)
     optimizer = thalweg.create("schedulefree_adamw", problem.params, lr=0.02, backend=REF)
     optimizer.train()
@@ -338,7 +362,7 @@ def test_run_records_curve_evals_and_target() -> None:
     assert run["steps_to_target"] == protocol.steps_to_target(run["evals"]["step"], run["evals"]["metric"], task.target, False)
     assert run["time_to_target"] == pytest.approx(run["steps_to_target"] * run["step_time"])
     assert len(run["curve"]["loss"]) <= protocol.MAX_CURVE_POINTS
-    assert run["trajectory"][0] == list(task.setup(0, False).position())
+    assert run["trajectory"][0] == list(task.setup(0, False, torch.device("cpu")).position())
     assert run["trajectory"][-1][0] == pytest.approx(1.0, abs=0.1)
 
 
@@ -362,7 +386,7 @@ def test_sparse_task_gives_adagrad_sparse_gradients_only() -> None:
     task = get_task("sparse-bag")
     assert protocol.run_one(task, "adagrad", 0.1, 0, 3, backend=REF)["sparse_grads"] is True
     assert protocol.run_one(task, "adam", 0.01, 0, 3, backend=REF)["sparse_grads"] is False
-    problem = task.setup(0, True)
+    problem = task.setup(0, True, torch.device("cpu"))
     problem.loss(0).backward()
     assert problem.params.bag.weight.grad.is_sparse
 

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     arena = sub.add_parser("arena", help="benchmark optimizers on the built-in tasks and write a report",
                            description="Run every optimizer on the built-in tasks under one protocol (same lr grid "
                                        "around each optimizer's centre, same step budget, best lr rerun with several "
-                                       "seeds) and write DIR/index.html, figures and results.json.")
-    arena.add_argument("--quick", action="store_true", help="4 tasks, short budgets (about 2.5 minutes on 2 cores)")
+                                       "seeds) and write DIR/index.html (the report, figures inline) and "
+                                       "results.json.")
+    arena.add_argument("--quick", action="store_true", help="4 tasks, short budgets (about 3 minutes on 2 cores)")
     arena.add_argument("--out", default="arena-report", metavar="DIR", help="report directory (default: arena-report)")
     arena.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to run (default: all, or the quick set)")
     arena.add_argument("--optimizers", nargs="+", metavar="OPT", help="optimizers to compare (default: all)")
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     arena.add_argument("--jobs", type=_positive_int, metavar="N",
                        help="processes running optimizers in parallel (default: one per core; results do not depend "
                             "on it, timings share the machine)")
+    arena.add_argument("--device", default="cpu", help="where runs train: cpu (default), cuda, cuda:N, or auto (the "
+                       "GPU where there is one); on a GPU the runs go one at a time")
     arena.add_argument("--no-progress", action="store_true", help="no progress bar")
     arena.add_argument("--resume", action="store_true",
                        help="continue an interrupted run (same settings) from the tasks it finished")
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     lrf.add_argument("--lr-max", type=_positive_float, help="last lr (default: 1e2)")
     lrf.add_argument("--steps", type=_positive_int, default=200, help="steps of the test (default 200)")
     lrf.add_argument("--backend", default="reference", help="thalweg backend: reference (default), auto, foreach or fused")
+    lrf.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     lrf.add_argument("--out", default="lr-find", metavar="DIR", help="where the PNG and JSON go (default: lr-find)")
 
     tune = sub.add_parser("tune", help="grid over lr x beta1/momentum and lr x weight decay, with heat-maps",
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--optimizer", required=True)
     tune.add_argument("--budget", type=_positive_float, default=1.0, metavar="X", help="scale of the quick step budget")
     tune.add_argument("--backend", default="reference", help="thalweg backend: reference (default), auto, foreach or fused")
+    tune.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     tune.add_argument("--out", default="tune", metavar="DIR", help="where the PNG and JSON go (default: tune)")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -136,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
 
         results = run_arena(tasks=args.tasks, optimizers=args.optimizers, seeds=args.seeds, budget=args.budget,
                             quick=args.quick, out=args.out, progress=not args.no_progress,
-                            backend=args.backend, jobs=args.jobs, resume=args.resume)
+                            backend=args.backend, jobs=args.jobs, resume=args.resume, device=args.device)
         print(_summary(results))
         print(f"\nreport: {args.out.rstrip('/')}/index.html")
     elif args.command == "lr-find":
@@ -145,7 +150,8 @@ def _run(args: argparse.Namespace) -> int:
 
         check_can_create(args.out)  # before training, not after
 
-        result = lr_find(args.task, args.optimizer, args.lr_min, args.lr_max, args.steps, backend=args.backend)
+        result = lr_find(args.task, args.optimizer, args.lr_min, args.lr_max, args.steps, backend=args.backend,
+                         device=args.device)
         png = write_lr_find(result, args.out)
         s = result["suggestion"]
         if s["steepest"] is None:
@@ -168,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
             bar = tqdm(total=runs_needed(args.optimizer) if args.optimizer in _names() else 0, unit="run", leave=False)
         try:
             result = tune(args.task, args.optimizer, budget=args.budget, on_run=bar.update if bar else None,
-                          backend=args.backend)
+                          backend=args.backend, device=args.device)
         finally:
             if bar is not None:
                 bar.close()

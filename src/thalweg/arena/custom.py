@@ -50,7 +50,7 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
             metric: str = "validation loss", higher_is_better: bool = False, target: float | None = None,
             centres: dict[str, float] | None = None, eval_every: int | None = None, name: str = "custom",
             out: str | Path = "thalweg-compare", progress: bool = True, backend: str = DEFAULT_BACKEND,
-            jobs: int | None = None) -> dict[str, Any]:
+            jobs: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """Compare optimizers on your problem under the arena protocol and write the report to ``out``.
 
     Args:
@@ -68,6 +68,8 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
         seeds: seeds at each optimizer's best lr.
         backend: thalweg backend for every optimizer ("auto", "reference", "foreach", "fused").
         jobs: processes running optimizers in parallel (default: one per core; the records do not depend on it).
+        device: where every run trains: "cpu", "cuda", "cuda:N", or "auto" (the GPU where there is one); the model
+            from ``model_fn`` and the data are moved there. On a GPU the runs go one at a time.
 
     Returns the results dict also saved as ``out/results.json``.
 
@@ -84,14 +86,15 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
         def metric_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
             return float(loss_fn(model(x), y))
 
-    def setup(seed: int, sparse: bool) -> Problem:
+    def setup(seed: int, sparse: bool, device: torch.device) -> Problem:
         torch.manual_seed(seed)
-        model = model_fn()
+        model = model_fn().to(device)
         batch = batch_indices(len(x_tr), batch_size, seed)
+        train_x, train_y, val_x, val_y = (t.to(device) for t in (x_tr, y_tr, x_va, y_va))
 
         def loss(step: int) -> torch.Tensor:
-            idx = batch(step)
-            return loss_fn(model(x_tr[idx]), y_tr[idx])
+            idx = batch(step).to(device)
+            return loss_fn(model(train_x[idx]), train_y[idx])
 
         def evaluate() -> float:
             # eval mode (Dropout off, BatchNorm on its running statistics, which validation data must not
@@ -100,7 +103,7 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
             model.eval()
             try:
                 with torch.no_grad():
-                    return float(metric_fn(model, x_va, y_va))
+                    return float(metric_fn(model, val_x, val_y))
             finally:
                 model.train(training)
 
@@ -111,4 +114,4 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
                 metric, higher_is_better, target, steps, steps, every, setup)
     table = {name: dict(centres or {})}
     return run_arena([name], optimizers, seeds=seeds, out=out, progress=progress, extra_tasks={name: task},
-                     centres=table, backend=backend, jobs=jobs)
+                     centres=table, backend=backend, jobs=jobs, device=device)

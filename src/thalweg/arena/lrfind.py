@@ -15,7 +15,7 @@ import torch
 from . import protocol
 from .errors import ArenaError
 from .protocol import DEFAULT_BACKEND
-from .runner import check_backend, check_optimizers, check_positive
+from .runner import check_backend, check_device, check_optimizers, check_positive
 from .tasks import get_task
 
 
@@ -43,7 +43,8 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, float | None]:
 
 
 def lr_find(task: str, optimizer: str, lr_min: float | None = None, lr_max: float | None = None,
-            steps: int = 200, seed: int = 0, stop_factor: float = 4.0, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+            steps: int = 200, seed: int = 0, stop_factor: float = 4.0, backend: str = DEFAULT_BACKEND,
+            device: str = "cpu") -> dict[str, Any]:
     """Run the range test on a built-in task; stops once the smoothed loss exceeds ``stop_factor`` x
     its minimum. The default span is the coarse search's, 1e-5..1e2 (:data:`protocol.COARSE_BOUNDS`)."""
     import thalweg
@@ -52,6 +53,7 @@ def lr_find(task: str, optimizer: str, lr_min: float | None = None, lr_max: floa
     check_optimizers([optimizer])
     check_positive("steps", steps, integer=True)
     check_backend(backend)
+    device = check_device(device)
     lr_min = protocol.COARSE_BOUNDS[0] if lr_min is None else lr_min
     lr_max = protocol.COARSE_BOUNDS[1] if lr_max is None else lr_max
     check_positive("lr_min", lr_min)
@@ -60,7 +62,7 @@ def lr_find(task: str, optimizer: str, lr_min: float | None = None, lr_max: floa
         raise ArenaError(f"lr_max must exceed lr_min, got {lr_max:g} <= {lr_min:g}")
     with protocol.threads(1):
         torch.manual_seed(seed)
-        problem = t.setup(seed, t.has_sparse_variant and optimizer in protocol.SPARSE_OPTIMIZERS)
+        problem = t.setup(seed, t.has_sparse_variant and optimizer in protocol.SPARSE_OPTIMIZERS, torch.device(device))
         opt = thalweg.create(optimizer, problem.params, lr=lr_min, backend=backend)
         ratio = (lr_max / lr_min) ** (1 / max(1, steps - 1))
         lrs, losses, best = [], [], math.inf

@@ -98,7 +98,7 @@ def default_lr(optimizer: str) -> float | None:
 
 
 def coarse_search(task: Task, optimizer: str, steps: int, backend: str = DEFAULT_BACKEND,
-                  on_run: Callable[[], None] | None = None) -> tuple[float | None, list[dict[str, Any]]]:
+                  on_run: Callable[[], None] | None = None, *, device: str = "cpu") -> tuple[float | None, list[dict[str, Any]]]:
     """The best lr of the decade walk (see :data:`COARSE_BOUNDS`) at a quarter of ``steps`` (None if every lr it
     tried diverged), and a summary of each run (lr, final metric, diverged), in the order run, for the report."""
     short = max(task.eval_every, int(steps * COARSE_BUDGET_FRACTION))
@@ -107,7 +107,7 @@ def coarse_search(task: Task, optimizer: str, steps: int, backend: str = DEFAULT
 
     def result(k: int) -> float:
         if k not in runs:
-            runs[k] = run_one(task, optimizer, 10.0**k, 0, short, phase="coarse", backend=backend)
+            runs[k] = run_one(task, optimizer, 10.0**k, 0, short, phase="coarse", backend=backend, device=device)
             if on_run:
                 on_run()
         return score(runs[k], task.higher_is_better)
@@ -176,9 +176,10 @@ def _finite(x: float) -> float | None:
 
 
 def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
-            hyperparams: dict[str, Any] | None = None, phase: str = "sweep", backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+            hyperparams: dict[str, Any] | None = None, phase: str = "sweep", backend: str = DEFAULT_BACKEND,
+            device: str = "cpu") -> dict[str, Any]:
     """Train one fresh instance of ``task`` with ``optimizer`` at ``lr`` for ``steps`` steps, on the
-    optimizer's ``backend`` (thalweg's ``backend=`` argument; see :data:`DEFAULT_BACKEND`).
+    optimizer's ``backend`` (thalweg's ``backend=`` argument; see :data:`DEFAULT_BACKEND`), on ``device``.
 
     Returns the run record stored in results.json: the (downsampled) training-loss curve, validation
     metric history, final values, steps and time to the target, wall time and divergence.
@@ -188,8 +189,10 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
     hyperparams = dict(hyperparams or {})
     sparse = task.has_sparse_variant and optimizer in SPARSE_OPTIMIZERS
     torch.manual_seed(seed)
-    problem = task.setup(seed, sparse)
+    problem = task.setup(seed, sparse, torch.device(device))
     opt = thalweg.create(optimizer, problem.params, lr=lr, backend=backend, **hyperparams)
+    # a GPU step is only queued when the Python call returns: wait for it, or the step times would be launch times
+    settle = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     evaluate = _evaluator(opt, problem)
     losses: list[float] = []
     step_times: list[float] = []
@@ -208,6 +211,7 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
             break
         loss.backward()
         opt.step()
+        settle()
         step_times.append(time.perf_counter() - t0)
         losses.append(value)
         if problem.position:
@@ -245,11 +249,11 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
     return record
 
 
-def seconds_per_step(task: Task, backend: str = DEFAULT_BACKEND, steps: int = 6) -> float:
+def seconds_per_step(task: Task, backend: str = DEFAULT_BACKEND, steps: int = 6, *, device: str = "cpu") -> float:
     """A task's training step, timed: the median of a few steps of SGD on one thread (setup and evaluation aside).
     Progress bars weigh each task's runs by it."""
     with threads(1):
-        record = run_one(task, "sgd", 1e-3, 0, steps, phase="timing", backend=backend)
+        record = run_one(task, "sgd", 1e-3, 0, steps, phase="timing", backend=backend, device=device)
     return record["step_time"] or 1e-3
 
 
@@ -303,7 +307,7 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
              multipliers: tuple[float, ...] = GRID_MULTIPLIERS,
              centres: dict[str, dict[str, float]] | None = None,
              on_run: Callable[[], None] | None = None, backend: str = DEFAULT_BACKEND,
-             pool: Any = None) -> dict[str, Any]:
+             pool: Any = None, *, device: str = "cpu") -> dict[str, Any]:
     """Sweep each optimizer's lr grid with seed 0, rerun the best lr with seeds 1..seeds-1.
 
     The grid is centred on the caller's centre (``centres``, by task then optimizer); without one, on the best lr
@@ -319,8 +323,9 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
         "centres": {},
         "centre_source": {}, "coarse": {}, "extended": {}, "runs": [], "best_lr": {},
     }
-    blocks = (_in_workers(pool, task, optimizers, seeds, steps, multipliers, centres, backend, on_run) if pool
-              else (run_optimizer(task, name, seeds, steps, multipliers, centres, backend, on_run) for name in optimizers))
+    blocks = (_in_workers(pool, task, optimizers, seeds, steps, multipliers, centres, backend, on_run, device) if pool
+              else (run_optimizer(task, name, seeds, steps, multipliers, centres, backend, on_run, device=device)
+                    for name in optimizers))
     for name, block in zip(optimizers, blocks):
         entry["centres"][name] = block["centre"]
         entry["centre_source"][name] = block["source"]
@@ -343,7 +348,7 @@ def families(optimizers: list[str]) -> dict[str, str]:
 
 def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tuple[float, ...],
                   centres: dict[str, dict[str, float]] | None, backend: str,
-                  on_run: Callable[[], None] | None = None) -> dict[str, Any]:
+                  on_run: Callable[[], None] | None = None, *, device: str = "cpu") -> dict[str, Any]:
     """One optimizer's part of :func:`run_task`: its centre (and where it came from), the seed-0 sweep of its
     grid, then the best lr with the other seeds."""
     coarse = None
@@ -353,12 +358,12 @@ def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tu
         else:
             centre, source = centre_for(task.name, name, centres), "given"
             if centre is None:
-                centre, coarse = coarse_search(task, name, steps, backend, on_run)
+                centre, coarse = coarse_search(task, name, steps, backend, on_run, device=device)
                 source = "coarse search"
             grid = lr_grid(centre, multipliers) if centre is not None else []
         sweep = []
         for lr in grid:
-            sweep.append(run_one(task, name, lr, 0, steps, backend=backend))
+            sweep.append(run_one(task, name, lr, 0, steps, backend=backend, device=device))
             if on_run:
                 on_run()
         extended = []
@@ -367,7 +372,7 @@ def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tu
             if lr is None:
                 break
             extended.append(lr)
-            sweep.append(run_one(task, name, lr, 0, steps, backend=backend))
+            sweep.append(run_one(task, name, lr, 0, steps, backend=backend, device=device))
             if on_run:
                 on_run()
         runs = list(sweep)
@@ -375,7 +380,7 @@ def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tu
         for seed in range(1, seeds):
             # every lr diverged: nothing to rerun; the optimizer's row says so
             if best:
-                runs.append(run_one(task, name, best["lr"], seed, steps, phase="seed", backend=backend))
+                runs.append(run_one(task, name, best["lr"], seed, steps, phase="seed", backend=backend, device=device))
             if on_run:
                 on_run()
     return {"centre": centre, "source": source, "coarse": coarse, "runs": runs, "extended": extended,
@@ -419,19 +424,19 @@ def make_pool(tasks: list[Task], jobs: int) -> Any:
                                initializer=torch.set_num_threads, initargs=(1,))
 
 
-def _worker_block(task_name: str, *args: Any) -> tuple[dict[str, Any], int]:
+def _worker_block(task_name: str, *args: Any, device: str) -> tuple[dict[str, Any], int]:
     done = []
-    block = run_optimizer(_WORKER_TASKS[task_name], *args, on_run=lambda: done.append(1))
+    block = run_optimizer(_WORKER_TASKS[task_name], *args, on_run=lambda: done.append(1), device=device)
     return block, len(done)
 
 
 def _in_workers(pool: Any, task: Task, optimizers: list[str], seeds: int, steps: int, multipliers: tuple[float, ...],
                 centres: dict[str, dict[str, float]] | None, backend: str,
-                on_run: Callable[[], None] | None) -> Iterator[dict[str, Any]]:
+                on_run: Callable[[], None] | None, device: str) -> Iterator[dict[str, Any]]:
     """The optimizers' blocks from ``pool``, in ``optimizers``' order; progress counted as each block ends."""
     from concurrent.futures import as_completed
 
-    futures = [pool.submit(_worker_block, task.name, name, seeds, steps, multipliers, centres, backend)
+    futures = [pool.submit(_worker_block, task.name, name, seeds, steps, multipliers, centres, backend, device=device)
                for name in optimizers]
     for future in as_completed(futures):
         if on_run:

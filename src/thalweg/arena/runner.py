@@ -44,6 +44,25 @@ def check_backend(backend: str) -> None:
         raise ArenaError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
 
 
+def check_device(device: str) -> str:
+    """The device runs go to: ``device`` as torch spells it ("cpu", "cuda", "cuda:1"), "auto" for the GPU where
+    there is one (else the CPU). A GPU that is not there is an ArenaError before any work."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ArenaError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if kind not in ("cpu", "cuda"):
+        raise ArenaError(f"the arena runs on cpu or cuda, got device {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ArenaError(f"device {device!r} is not available here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or auto")
+    return device
+
+
 def default_jobs() -> int:
     """The cores this process may run on (its CPU affinity where the platform says, else the CPU count)."""
     import os
@@ -59,7 +78,7 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
               progress: bool = True, created: str | None = None,
               extra_tasks: dict[str, Task] | None = None,
               centres: dict[str, dict[str, float]] | None = None, backend: str = DEFAULT_BACKEND,
-              jobs: int | None = None, resume: bool = False) -> dict[str, Any]:
+              jobs: int | None = None, resume: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Run the arena protocol and write the report to ``out``; returns the results.
 
     ``tasks`` default to every built-in task (``QUICK_TASKS`` with ``quick``); ``optimizers`` to
@@ -68,7 +87,8 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     ``centres`` gives lr centres (by task, then optimizer) that replace the coarse search; ``backend`` is passed to
     every optimizer (thalweg's ``backend=``: auto, reference, foreach or fused). ``jobs`` processes run the
     optimizers in parallel (default: one per core this process may use); the records are the same for any
-    ``jobs``, only the timings share the machine.
+    ``jobs``, only the timings share the machine. ``device`` is where every run trains (see :func:`check_device`);
+    on a GPU the runs go one at a time (one device; forked workers cannot share CUDA).
 
     Results accumulate beside ``out`` (:func:`partial_path`) as each task finishes; an interrupted run leaves them
     there, and ``resume=True`` continues from them with the same settings (``jobs`` aside), running only the tasks
@@ -83,11 +103,14 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     check_backend(backend)
     jobs = default_jobs() if jobs is None else jobs
     check_positive("jobs", jobs, integer=True)
+    device = check_device(device)
+    if device != "cpu":
+        jobs = 1
     out = report.check_writable(out)
     multipliers = protocol.QUICK_GRID_MULTIPLIERS if quick else protocol.GRID_MULTIPLIERS
     config = {"tasks": [t.name for t in task_objs], "optimizers": optimizers, "seeds": int(seeds),
               "budget": float(budget), "quick": bool(quick), "grid_multipliers": list(multipliers), "backend": backend,
-              "jobs": int(jobs)}
+              "jobs": int(jobs), "device": device}
     created = created or _dt.datetime.now().isoformat(timespec="seconds")
     results = new_results(config, created)
     partial = partial_path(out)
@@ -97,7 +120,8 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     runs = {t.name: protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, t.name) for t in todo}
     # the bar counts estimated seconds, not runs: a run of the character LM costs a hundred of Rosenbrock's, and an
     # ETA from counting runs would be off by that much (each task's step is timed first, in a few steps)
-    cost = {t.name: protocol.seconds_per_step(t, backend) * t.budget(quick, budget) for t in todo} if progress else {}
+    cost = ({t.name: protocol.seconds_per_step(t, backend, device=device) * t.budget(quick, budget) for t in todo}
+            if progress else {})
     bar = _progress(sum(runs[n] * cost[n] for n in cost), progress)
     pool = protocol.make_pool(task_objs, min(int(jobs), len(optimizers)))
     try:
@@ -110,7 +134,7 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
             results["tasks"][task.name] = protocol.run_task(
                 task, optimizers, int(seeds), steps, multipliers, centres,
                 on_run=(lambda seconds=cost[task.name]: _advance(bar, seconds)) if bar is not None else None,
-                backend=backend, pool=pool)
+                backend=backend, pool=pool, device=device)
             save_json(results, partial)
     finally:
         if pool is not None:

@@ -41,7 +41,7 @@ class Problem:
 class Task:
     """A benchmark task and its protocol settings.
 
-    ``setup(seed, sparse)`` builds a :class:`Problem`; ``sparse`` asks for sparse embedding gradients
+    ``setup(seed, sparse, device)`` builds a :class:`Problem` on ``device``; ``sparse`` asks for sparse embedding gradients
     (only tasks with ``has_sparse_variant`` use it). ``steps``/``quick_steps`` are the step budgets;
     the validation metric is computed every ``eval_every`` steps and compared with ``target``.
     """
@@ -54,7 +54,7 @@ class Task:
     steps: int
     quick_steps: int
     eval_every: int
-    setup: Callable[[int, bool], Problem]
+    setup: Callable[[int, bool, torch.device], Problem]
     kind: str = "model"  # "model" or "2d"
     has_sparse_variant: bool = False
     # A training loss above diverge_factor x the first loss (or non-finite) ends the run as diverged.
@@ -72,9 +72,9 @@ class Task:
 def _surface_task(name: str, target: float, steps: int, quick_steps: int) -> Task:
     surface = SURFACES[name]
 
-    def setup(seed: int, sparse: bool) -> Problem:
+    def setup(seed: int, sparse: bool, device: torch.device) -> Problem:
         # The start is fixed: a 2-D benchmark compares paths from the same point; seeds do not matter.
-        point = torch.tensor(surface.start, dtype=torch.float64, requires_grad=True)
+        point = torch.tensor(surface.start, dtype=torch.float64, device=device, requires_grad=True)
 
         def value() -> torch.Tensor:
             return surface.fn(point[0], point[1])
@@ -140,13 +140,13 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _classifier(model_fn: Callable[[], nn.Module], data: str, batch_size: int,
-                reshape: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[int, bool], Problem]:
-    def setup(seed: int, sparse: bool) -> Problem:
-        x_tr, y_tr, x_va, y_va = _split(data)
+                reshape: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[int, bool, torch.device], Problem]:
+    def setup(seed: int, sparse: bool, device: torch.device) -> Problem:
+        x_tr, y_tr, x_va, y_va = (t.to(device) for t in _split(data))
         if reshape is not None:
             x_tr, x_va = reshape(x_tr), reshape(x_va)
         torch.manual_seed(seed)
-        model = model_fn()
+        model = model_fn().to(device)
         batch = batch_indices(len(x_tr), batch_size, seed)
 
         def loss(step: int) -> torch.Tensor:
@@ -158,10 +158,10 @@ def _classifier(model_fn: Callable[[], nn.Module], data: str, batch_size: int,
     return setup
 
 
-def _logreg_setup(seed: int, sparse: bool) -> Problem:
-    x_tr, y_tr, x_va, y_va = _split("breast_cancer")
+def _logreg_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
+    x_tr, y_tr, x_va, y_va = (t.to(device) for t in _split("breast_cancer"))
     torch.manual_seed(seed)
-    model = nn.Linear(x_tr.shape[1], 1)
+    model = nn.Linear(x_tr.shape[1], 1).to(device)
     batch = batch_indices(len(x_tr), 64, seed)
     bce = F.binary_cross_entropy_with_logits
 
@@ -228,10 +228,10 @@ class BagClassifier(nn.Module):
         return self.head(self.bag(tokens))
 
 
-def _bag_setup(seed: int, sparse: bool) -> Problem:
-    x_tr, y_tr, x_va, y_va = _bag_data()
+def _bag_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
+    x_tr, y_tr, x_va, y_va = (t.to(device) for t in _bag_data())
     torch.manual_seed(seed)
-    model = BagClassifier(sparse)
+    model = BagClassifier(sparse).to(device)
     batch = batch_indices(len(x_tr), 32, seed)
 
     def loss(step: int) -> torch.Tensor:
@@ -275,14 +275,16 @@ class CharMLP(nn.Module):
 
 
 def _windows(codes: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = torch.arange(_CONTEXT)
+    starts = starts.to(codes.device)
+    offsets = torch.arange(_CONTEXT, device=codes.device)
     return codes[starts[:, None] + offsets], codes[starts + _CONTEXT]
 
 
-def _char_setup(seed: int, sparse: bool) -> Problem:
+def _char_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
     train, val, vocab = _char_data()
+    train, val = train.to(device), val.to(device)
     torch.manual_seed(seed)
-    model = CharMLP(vocab)
+    model = CharMLP(vocab).to(device)
     gen = torch.Generator().manual_seed(10_000 + seed)
     # A fixed validation sample keeps evaluation cheap and identical for every run.
     val_x, val_y = _windows(val, torch.arange(0, len(val) - _CONTEXT - 1, 5))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from . import protocol
 from .errors import ArenaError
 from .protocol import DEFAULT_BACKEND
-from .runner import check_backend, check_optimizers, check_positive
+from .runner import check_backend, check_device, check_optimizers, check_positive
 from .tasks import get_task
 
 _BETA_LIKE = {"adam", "adamw", "lamb"}
@@ -36,15 +36,16 @@ def knob(optimizer: str) -> tuple[str, list[float], Callable[[float], dict[str, 
 
 def tune(task: str, optimizer: str, budget: float = 1.0, quick: bool = True,
          multipliers: tuple[float, ...] = protocol.GRID_MULTIPLIERS,
-         on_run: Callable[[], None] | None = None, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+         on_run: Callable[[], None] | None = None, backend: str = DEFAULT_BACKEND, device: str = "cpu") -> dict[str, Any]:
     """Run both grids; returns a JSON-ready dict with the cells and the best setting."""
     t = get_task(task)
     check_optimizers([optimizer], TUNABLE, "tune's second knob is defined for " + ", ".join(TUNABLE))
     check_positive("budget", budget)
     check_backend(backend)
+    device = check_device(device)
     steps = t.budget(quick, budget)
     with protocol.threads(1):
-        centre, _ = protocol.coarse_search(t, optimizer, steps, backend, on_run)
+        centre, _ = protocol.coarse_search(t, optimizer, steps, backend, on_run, device=device)
     if centre is None:
         raise ArenaError(f"every lr the coarse search tried for {optimizer} on {t.name} diverged: nothing to tune around")
     lrs = protocol.lr_grid(centre, multipliers)
@@ -54,7 +55,7 @@ def tune(task: str, optimizer: str, budget: float = 1.0, quick: bool = True,
                            "knob": label, "knob_values": values, "weight_decays": WEIGHT_DECAYS}
 
     def cell(lr: float, hp: dict[str, Any]) -> float | None:
-        r = protocol.run_one(t, optimizer, lr, 0, steps, hp, backend=backend)
+        r = protocol.run_one(t, optimizer, lr, 0, steps, hp, backend=backend, device=device)
         if on_run:
             on_run()
         return None if r["diverged"] else r["final_metric"]
