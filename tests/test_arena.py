@@ -83,7 +83,8 @@ def test_an_optimizer_left_out_is_refused_with_its_reason() -> None:
     assert check_optimizers(["lion", "adam", "lion"]) == ["lion", "adam"]
 
 
-@pytest.mark.parametrize("task", ["rosenbrock", "sparse-bag", "digits-cnn", "char-lm"])
+@pytest.mark.parametrize("task", ["rosenbrock", "sparse-bag", "digits-cnn", "char-lm", "char-transformer",
+                                  "noisy-quadratic"])
 def test_every_arena_optimizer_trains_on_every_kind_of_task(task: str) -> None:
     """A 2-D point, an embedding bag (sparse gradients where the optimizer takes them), convolutions and a
     character LM: every arena optimizer makes its steps and is evaluated (no refusal, no crash)."""
@@ -91,6 +92,41 @@ def test_every_arena_optimizer_trains_on_every_kind_of_task(task: str) -> None:
         run = protocol.run_one(get_task(task), name, 1e-3, 0, 3, backend=REF)
         assert run["steps_done"] == 3 and not run["diverged"], (name, run)
         assert run["final_metric"] is not None and len(run["evals"]["metric"]) == 2, name
+
+
+def test_the_transformer_is_causal_and_predicts_every_next_character() -> None:
+    """Changing a character changes no prediction before it (causal attention), and does change later ones."""
+    from thalweg.arena.tasks import CharTransformer, _char_data
+
+    torch.manual_seed(0)
+    model = CharTransformer(_char_data()[2]).eval()
+    tokens = torch.randint(0, 10, (2, 32))
+    changed = tokens.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 10
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    assert before.shape == (2, 32, _char_data()[2])
+    assert torch.equal(before[:, :20], after[:, :20]) and not torch.allclose(before[:, 20:], after[:, 20:])
+
+
+def test_the_noisy_quadratic_has_the_curvatures_and_noise_it_describes() -> None:
+    """At the start (x = 1): loss 0.5 * sum(1/i) = 3.74; the mini-batch gradient's mean is h * x and its variance
+    0.01 * h per coordinate (h_i = 1/i), estimated over 4000 draws."""
+    from thalweg.arena.tasks import _NQM_DIM, _NQM_NOISE
+
+    problem = get_task("noisy-quadratic").setup(0, False, torch.device("cpu"))
+    (x,) = problem.params
+    h = 1.0 / torch.arange(1, _NQM_DIM + 1, dtype=torch.float64)
+    assert problem.evaluate() == pytest.approx(0.5 * float(h.sum()), rel=1e-6)
+    grads = []
+    for step in range(4000):
+        x.grad = None
+        problem.loss(step).backward()
+        grads.append(x.grad.double().clone())
+    grads = torch.stack(grads)
+    assert torch.allclose(grads.mean(0), h, atol=4 * (_NQM_NOISE / 4000) ** 0.5)
+    ratio = grads.var(0) / (_NQM_NOISE * h)
+    assert 0.9 < float(ratio.mean()) < 1.1 and float(ratio.min()) > 0.8
 
 
 def test_coarse_search_walks_decades_from_the_default_lr_to_the_best() -> None:

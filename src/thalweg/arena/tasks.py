@@ -300,6 +300,99 @@ def _char_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
     return Problem(model, loss, evaluate)
 
 
+# ---------------------------------------------------------------- noisy quadratic
+
+_NQM_DIM = 1000
+_NQM_NOISE = 1e-2  # gradient-noise variance per unit of curvature
+
+
+def _nqm_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
+    """The noisy quadratic model: curvatures h_i = 1/i (condition number 1000) and gradient noise of variance
+    proportional to the curvature, as a mini-batch gradient's is near a minimum (Zhang et al. 2019). The metric is
+    the noise-free loss."""
+    h = 1.0 / torch.arange(1, _NQM_DIM + 1, dtype=torch.float32, device=device)
+    torch.manual_seed(seed)
+    x = torch.ones(_NQM_DIM, device=device).requires_grad_()
+    gen = torch.Generator(device=device).manual_seed(10_000 + seed)
+
+    def loss(step: int) -> torch.Tensor:
+        # a mini-batch loss whose gradient is h*x plus noise of variance _NQM_NOISE * h
+        noise = torch.randn(_NQM_DIM, generator=gen, device=device) * (_NQM_NOISE * h).sqrt()
+        return 0.5 * (h * x * x).sum() + (noise * x).sum()
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(0.5 * (h * x * x).sum())
+
+    return Problem([x], loss, evaluate)
+
+
+
+# ---------------------------------------------------------------- character-level transformer
+
+_TF_CONTEXT, _TF_WIDTH, _TF_LAYERS, _TF_HEADS, _TF_BATCH = 32, 32, 2, 4, 16
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: causal multi-head self-attention, then a 4x GELU MLP, each added back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(_TF_WIDTH), nn.LayerNorm(_TF_WIDTH)
+        self.qkv = nn.Linear(_TF_WIDTH, 3 * _TF_WIDTH)
+        self.proj = nn.Linear(_TF_WIDTH, _TF_WIDTH)
+        self.mlp = nn.Sequential(nn.Linear(_TF_WIDTH, 4 * _TF_WIDTH), nn.GELU(), nn.Linear(4 * _TF_WIDTH, _TF_WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, _TF_HEADS, width // _TF_HEADS).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+        return x + self.mlp(self.norm2(x))
+
+
+class CharTransformer(nn.Module):
+    """A small decoder-only transformer (GPT-style: learned positions, pre-norm blocks, a final norm) predicting
+    every next character of its context."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, _TF_WIDTH)
+        self.position = nn.Parameter(torch.zeros(_TF_CONTEXT, _TF_WIDTH))
+        self.blocks = nn.Sequential(*(_Block() for _ in range(_TF_LAYERS)))
+        self.norm = nn.LayerNorm(_TF_WIDTH)
+        self.out = nn.Linear(_TF_WIDTH, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        return self.out(self.norm(self.blocks(x)))
+
+
+def _char_transformer_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
+    train, val, vocab = _char_data()
+    train, val = train.to(device), val.to(device)
+    torch.manual_seed(seed)
+    model = CharTransformer(vocab).to(device)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    offsets = torch.arange(_TF_CONTEXT + 1, device=device)
+    # a fixed validation sample: 128 windows spread over the held-out text
+    val_windows = val[torch.linspace(0, len(val) - _TF_CONTEXT - 2, 128, device=device).long()[:, None] + offsets]
+
+    def next_char_loss(windows: torch.Tensor) -> torch.Tensor:
+        logits = model(windows[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+
+    def loss(step: int) -> torch.Tensor:
+        starts = torch.randint(0, len(train) - _TF_CONTEXT - 1, (_TF_BATCH,), generator=gen).to(device)
+        return next_char_loss(train[starts[:, None] + offsets])
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(next_char_loss(val_windows))
+
+    return Problem(model, loss, evaluate)
+
+
 # ---------------------------------------------------------------- registry
 
 _DIGITS_IMG = lambda x: x.view(-1, 1, 8, 8)  # noqa: E731
@@ -331,6 +424,17 @@ TASKS: dict[str, Task] = {
         Task("char-lm", "Character-level LM (8-char context MLP) on CPython's pydoc_data help topics "
              "(first 200k characters, 90/10 split). Batch 128.", "validation cross-entropy (nats)",
              False, 2.1, steps=1500, quick_steps=500, eval_every=50, setup=_char_setup),
+        Task("char-transformer", "Decoder-only transformer (2 pre-norm blocks, width 32, 4 heads, 32-character "
+             "context, learned positions) predicting every next character of the same pydoc_data text. Batch 16 "
+             "windows. Where Adam-like and matrix optimizers are meant to earn their place.",
+             "validation cross-entropy (nats)", False, 2.15, steps=400, quick_steps=200, eval_every=40,
+             setup=_char_transformer_setup),
+        Task("noisy-quadratic", "The noisy quadratic model (Zhang et al. 2019): 1000 coordinates with curvatures "
+             "1/i (condition number 1000) and gradient noise whose variance follows the curvature, as a mini-batch "
+             "gradient's does near a minimum. The metric is the noise-free loss (3.74 at the start). Per-coordinate "
+             "step sizes pay off here; plain SGD is held back by the flat directions and the noise.",
+             "loss without noise", False, 0.05, steps=500, quick_steps=250, eval_every=10,
+             setup=_nqm_setup, log_metric=True),
     ]
 }
 
