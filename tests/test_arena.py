@@ -663,7 +663,7 @@ def test_report_refuses_a_foreign_non_empty_directory(tiny_report: tuple[Path, d
 # ---------------------------------------------------------------- compare()
 
 
-def test_compare_on_user_model(tmp_path: Path) -> None:
+def test_compare_on_user_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from thalweg.arena import compare
 
     g = torch.Generator().manual_seed(0)
@@ -679,6 +679,9 @@ def test_compare_on_user_model(tmp_path: Path) -> None:
     assert max(r["final_metric"] or 0 for r in task["runs"]) > 0.8  # a linearly separable toy is learnt
     page = (tmp_path / "cmp" / "index.html").read_text()
     assert 'id="toy"' in page and '<figure id="toy-lr-figure">' in page
+    printed = capsys.readouterr().out  # what it found, and where the report is, as the CLI prints them
+    assert printed.startswith("Verdict: use ") and f"report: {tmp_path / 'cmp' / 'index.html'}" in printed
+    assert "toy" in printed and "sgd" in printed and "adam" in printed
 
 
 def test_compare_evaluates_in_eval_mode_and_restores_training(tmp_path: Path) -> None:

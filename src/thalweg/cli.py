@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
-from typing import Any, Sequence
+from typing import Sequence
 
 EXIT_USAGE = 2
 
@@ -98,51 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _summary(results: dict[str, Any]) -> str:
-    from thalweg.arena import analysis
-
-    rows = analysis.summary_table(results)
-    width = max([len("optimizer")] + [len(row["optimizer"]) for row in rows]) + 2
-    verdict = analysis.verdict(results)
-    lines = [] if verdict is None else [textwrap.fill("Verdict: " + verdict["text"][0].lower() + verdict["text"][1:],
-                                                     width=110, subsequent_indent="  "), ""]
-    lines.append(f"{'task':<22}{'recommendation':<{width}}{'lr':>10}  metric")
-    for name, task in results["tasks"].items():
-        rec = analysis.recommendation(task)
-        if rec is None:
-            lines.append(f"{name:<22}{'(all diverged)':<{width}}")
-            continue
-        row = analysis.ranking(task)[0]
-        notes = ([f"tie with {', '.join(rec['ties'][:3])}{' ...' if len(rec['ties']) > 3 else ''}"] if rec["ties"] else []) \
-            + ([f"best lr is {analysis.edge_text(rec['edge'])}"] if rec["edge"] else [])
-        lines.append(f"{name:<22}{rec['optimizer']:<{width}}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})"
-                     + (f"  [{'; '.join(notes)}]" if notes else ""))
-    checks = [(name, analysis.against_adamw(task)) for name, task in results["tasks"].items()]
-    checks = [f"{name} {check['verdict']}" for name, check in checks if check is not None]
-    if checks:
-        lines.append(f"each pick against tuned AdamW (seed ranges): {', '.join(checks)}")
-    loto = analysis.leave_one_task_out(results)
-    if loto:
-        lines.append("leave one task out, the other tasks' pick on it: " + ", ".join(
-            f"{row['task']} {row['pick']} (rank {row['rank'] if row['rank'] is not None else '-'} of {row['of']})"
-            for row in loto))
-    lines.append("")
-    lines.append(f"{'optimizer':<{width}}{'targets':>9}{'mean rank':>11}{'wins':>6}{'profile':>9}"
-                 "   (ranked by targets reached, then mean rank, then wins)")
-    for row in rows:
-        mean_rank = "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}"
-        lines.append(f"{row['optimizer']:<{width}}{row['targets']:>9}{mean_rank:>11}{row['wins']:>6}{row['profile_score']:>9.2f}")
-    return "\n".join(lines)
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.command == "arena":
+        from thalweg.arena.analysis import summary_text
         from thalweg.arena.runner import run_arena
 
         results = run_arena(tasks=args.tasks, optimizers=args.optimizers, seeds=args.seeds, budget=args.budget,
                             quick=args.quick, out=args.out, progress=not args.no_progress,
                             backend=args.backend, jobs=args.jobs, resume=args.resume, device=args.device)
-        print(_summary(results))
+        print(summary_text(results))
         print(f"\nreport: {args.out.rstrip('/')}/index.html")
     elif args.command == "lr-find":
         from thalweg.arena.lrfind import lr_find, write_lr_find

@@ -365,3 +365,42 @@ def leave_one_task_out(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "metric": mine, "best": best, "best_optimizer": rows[0]["optimizer"] if rows else None,
                     "regret": regret})
     return out
+
+
+def summary_text(results: dict[str, Any]) -> str:
+    """What the CLI and compare() print after a run: the verdict, each task's pick with its ties and edge flags, the
+    checks against AdamW and leave-one-task-out, and the across-task summary."""
+    import textwrap
+
+    rows = summary_table(results)
+    width = max([len("optimizer")] + [len(row["optimizer"]) for row in rows]) + 2
+    first = verdict(results)
+    lines = [] if first is None else [textwrap.fill("Verdict: " + first["text"][0].lower() + first["text"][1:],
+                                                   width=110, subsequent_indent="  "), ""]
+    lines.append(f"{'task':<22}{'recommendation':<{width}}{'lr':>10}  metric")
+    for name, task in results["tasks"].items():
+        rec = recommendation(task)
+        if rec is None:
+            lines.append(f"{name:<22}{'(all diverged)':<{width}}")
+            continue
+        row = ranking(task)[0]
+        notes = ([f"tie with {', '.join(rec['ties'][:3])}{' ...' if len(rec['ties']) > 3 else ''}"] if rec["ties"] else []) \
+            + ([f"best lr is {edge_text(rec['edge'])}"] if rec["edge"] else [])
+        lines.append(f"{name:<22}{rec['optimizer']:<{width}}{rec['lr']:>10.3g}  {row['metric_median']:.4g} ({task['metric']})"
+                     + (f"  [{'; '.join(notes)}]" if notes else ""))
+    checks = [(name, against_adamw(task)) for name, task in results["tasks"].items()]
+    checks = [f"{name} {check['verdict']}" for name, check in checks if check is not None]
+    if checks:
+        lines.append(f"each pick against tuned AdamW (seed ranges): {', '.join(checks)}")
+    loto = leave_one_task_out(results)
+    if loto:
+        lines.append("leave one task out, the other tasks' pick on it: " + ", ".join(
+            f"{row['task']} {row['pick']} (rank {row['rank'] if row['rank'] is not None else '-'} of {row['of']})"
+            for row in loto))
+    lines.append("")
+    lines.append(f"{'optimizer':<{width}}{'targets':>9}{'mean rank':>11}{'wins':>6}{'profile':>9}"
+                 "   (ranked by targets reached, then mean rank, then wins)")
+    for row in rows:
+        mean_rank = "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}"
+        lines.append(f"{row['optimizer']:<{width}}{row['targets']:>9}{mean_rank:>11}{row['wins']:>6}{row['profile_score']:>9.2f}")
+    return "\n".join(lines)

@@ -50,7 +50,7 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
             metric: str = "validation loss", higher_is_better: bool = False, target: float | None = None,
             centres: dict[str, float] | None = None, eval_every: int | None = None, name: str = "custom",
             out: str | Path = "thalweg-compare", progress: bool = True, backend: str = DEFAULT_BACKEND,
-            jobs: int | None = None, device: str = "cpu") -> dict[str, Any]:
+            jobs: int | None = None, device: str = "cpu", show: bool = True) -> dict[str, Any]:
     """Compare optimizers on your problem under the arena protocol and write the report to ``out``.
 
     Args:
@@ -68,6 +68,7 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
         seeds: seeds at each optimizer's best lr.
         backend: thalweg backend for every optimizer ("auto", "reference", "foreach", "fused").
         jobs: processes running optimizers in parallel (default: one per core; the records do not depend on it).
+        show: print the verdict, the summary and the report's path when done (as ``thalweg arena`` does).
         device: where every run trains: "cpu", "cuda", "cuda:N", or "auto" (the GPU where there is one); the model
             from ``model_fn`` and the data are moved there. On a GPU the runs go one at a time.
 
@@ -113,5 +114,11 @@ def compare(model_fn: Callable[[], nn.Module], loss_fn: Callable[[torch.Tensor, 
     task = Task(name, f"User problem: {len(x_tr)} training / {len(x_va)} validation samples, batch {batch_size}.",
                 metric, higher_is_better, target, steps, steps, every, setup)
     table = {name: dict(centres or {})}
-    return run_arena([name], optimizers, seeds=seeds, out=out, progress=progress, extra_tasks={name: task},
-                     centres=table, backend=backend, jobs=jobs, device=device)
+    results = run_arena([name], optimizers, seeds=seeds, out=out, progress=progress, extra_tasks={name: task},
+                        centres=table, backend=backend, jobs=jobs, device=device)
+    if show:
+        from .analysis import summary_text
+
+        print(summary_text(results))
+        print(f"\nreport: {Path(out) / 'index.html'}")
+    return results
