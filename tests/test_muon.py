@@ -37,7 +37,8 @@ def test_matches_torch(backend, options, shapes_, dtype, seed):
         assert set(mine.state[a]) == set(torchs.state[b]) == {"momentum_buffer"}
         torch.testing.assert_close(mine.state[a]["momentum_buffer"], torchs.state[b]["momentum_buffer"],
                                    **TOLERANCE[dtype])
-    assert mine.state_dict()["param_groups"][0].keys() - {"skipped_steps"} == torchs.state_dict()["param_groups"][0].keys()
+    assert mine.state_dict()["param_groups"][0].keys() - {"skipped_steps", "batch_dims"} == \
+        torchs.state_dict()["param_groups"][0].keys()
 
 
 def test_bfloat16_reference_is_torchs_for_loop_and_every_backend_is_as_accurate():
@@ -80,6 +81,59 @@ def test_bfloat16_momentum_buffer_without_nesterov_is_the_recurrence():
     assert not torch.equal(results[torch.optim.Muon], expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_convolution_steps_as_torchs_muon_steps_its_flattened_matrix(backend, dtype):
+    """A conv weight (out, in, kh, kw), and a conv1d's (out, in, k), is the matrix out x (in*kh*kw): thalweg's step on
+    it equals torch's Muon on that matrix (params and momentum), the lr scaled by the matrix's shape."""
+    generator = torch.Generator().manual_seed(0)
+    shapes_ = [(8, 3, 3, 3), (6, 4, 5), (5, 7)]
+    starts = [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes_]
+    grads = [[torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes_] for _ in range(6)]
+    for options in (dict(lr=0.02), dict(lr=0.02, adjust_lr_fn="match_rms_adamw", nesterov=False)):
+        ours = [torch.nn.Parameter(s.clone()) for s in starts]
+        theirs = [torch.nn.Parameter(s.reshape(s.shape[0], -1).clone()) for s in starts]
+        mine, torchs = thalweg.Muon(ours, backend=backend, **options), torch.optim.Muon(theirs, **options)
+        for step in grads:
+            for p, q, g in zip(ours, theirs, step):
+                p.grad, q.grad = g.clone(), g.reshape(q.shape).clone()
+            mine.step()
+            torchs.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.reshape(q.shape), q, **TOLERANCE[dtype])
+            torch.testing.assert_close(mine.state[p]["momentum_buffer"].reshape(q.shape),
+                                       torchs.state[q]["momentum_buffer"], **TOLERANCE[dtype])
+
+
+def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():
+    """batch_dims=1 on an (experts, m, n) stack: each expert's step is torch's Muon on that expert alone, up to the
+    bfloat16 Newton-Schulz (the stack multiplies in one batched product, torch one matrix at a time), with the lr
+    scaled by one expert's shape (4 x 6), not the stack's."""
+    generator = torch.Generator().manual_seed(1)
+    start = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)
+    grads = [torch.randn(3, 4, 6, generator=generator, dtype=torch.float64) for _ in range(5)]
+    stacked = torch.nn.Parameter(start.clone())
+    experts = [torch.nn.Parameter(start[e].clone()) for e in range(3)]
+    mine = thalweg.Muon([stacked], lr=0.02, batch_dims=1, adjust_lr_fn="match_rms_adamw", backend="reference")
+    torchs = torch.optim.Muon(experts, lr=0.02, adjust_lr_fn="match_rms_adamw")
+    for grad in grads:
+        stacked.grad = grad.clone()
+        for e, expert in enumerate(experts):
+            expert.grad = grad[e].clone()
+        mine.step()
+        torchs.step()
+    moved = [(stacked[e] - start[e]).abs().max() for e in range(3)]
+    for e, expert in enumerate(experts):
+        torch.testing.assert_close(mine.state[stacked]["momentum_buffer"][e], torchs.state[expert]["momentum_buffer"],
+                                   rtol=1e-12, atol=1e-12)  # the momentum is exact
+        # within 2% of how far the expert moved: bfloat16's rounding, not another lr scale (that would be 20-50%)
+        assert float((stacked[e] - expert).abs().max()) < 0.02 * float(moved[e])
+    batched = orthogonalize(start.float(), (3.4445, -4.775, 2.0315), 5, 1e-7)
+    for e in range(3):
+        single = orthogonalize(start[e].float(), (3.4445, -4.775, 2.0315), 5, 1e-7)
+        torch.testing.assert_close(batched[e].float(), single.float(), rtol=0, atol=2e-2)
+
+
 def test_orthogonalize_gives_singular_values_near_one():
     generator = torch.Generator().manual_seed(0)
     for shape in [(16, 8), (8, 16), (12, 12)]:
@@ -90,8 +144,17 @@ def test_orthogonalize_gives_singular_values_near_one():
 
 def test_bad_input_is_refused_by_name():
     matrix = torch.nn.Parameter(torch.zeros(3, 2))
-    with pytest.raises(ValueError, match=r"Muon steps 2-D parameters only: params\[1\] of param group 0 has shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"Muon steps matrices: params\[1\] of param group 0 has shape \(3,\), which "
+                                         r"with batch_dims=0 holds no matrix"):
         thalweg.Muon([matrix, torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match=r"params\[0\] of param group 0 has shape \(3, 2\), which with batch_dims=1"):
+        thalweg.Muon([matrix], batch_dims=1)
+    with pytest.raises(ValueError, match="batch_dims must be an integer >= 0, got -1"):
+        thalweg.Muon([matrix], batch_dims=-1)
+    optimizer = thalweg.Muon([matrix])
+    with pytest.raises(ValueError, match=r"params\[0\] of param group 1 has shape \(4,\)"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))]})
+    assert len(optimizer.param_groups) == 1  # the refused group is not kept
     with pytest.raises(ValueError, match="adjust_lr_fn must be one of None, 'original', 'match_rms_adamw', got 'x'"):
         thalweg.Muon([matrix], adjust_lr_fn="x")
     with pytest.raises(ValueError, match=r"ns_steps must be an integer in \[0, 100\), got 100"):

@@ -70,6 +70,9 @@ DELIBERATE: dict[str, str] = {
     "error:Muon-error-does_not_support_complex_parameters":
         "README, 'Where thalweg knowingly differs': complex parameters are refused at construction (TypeError, "
         "naming the parameter); torch's Muon refuses them at the first step (RuntimeError)",
+    "error:Muon-error-only_support_2d_parameters":
+        "README, 'Where thalweg knowingly differs': parameters of more than two dims are stepped as matrices (a "
+        "convolution's weight flattened after its first dim, or a stack with batch_dims); torch's Muon refuses them",
     "steps:Muon-tensor_lr-float64":
         "README, 'Where thalweg knowingly differs': with a tensor lr, torch's Muon computes its scalars (the "
         "shape-adjusted lr, 1 - lr*weight_decay) in the tensor's dtype, float32; thalweg in float64 (2e-8 apart)",
@@ -84,7 +87,7 @@ DELIBERATE: dict[str, str] = {
 # state_dict (README: skipped_steps survives torch.save, DCP and a load into torch.optim), and thalweg's
 # own options (cautious; torch ignores a key it does not read, and a torch checkpoint lacks it: the
 # constructor's value fills it in).
-THALWEG_ONLY_GROUP_KEYS = frozenset(thalweg.Optimizer._OWN_STATE) | {"cautious"}
+THALWEG_ONLY_GROUP_KEYS = frozenset(thalweg.Optimizer._OWN_STATE) | {"cautious", "batch_dims"}
 # torch's implementation switches: thalweg's groups keep those its torch namesake keeps (README, Backends); a
 # group may lack them (torch's own load_state_dict fills them in), but where both have one it must agree.
 TORCH_IMPLEMENTATION_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})

@@ -19,8 +19,13 @@ AdamW's, so AdamW's learning rate and weight decay carry over). The quintic's co
 :math:`(a, b, c) = (3.4445, -4.7750, 2.0315)` push small singular values up fast; the result's singular
 values land in roughly [0.7, 1.2], which trains as well as the exact polar factor.
 
-Muon takes 2-D parameters only; embeddings, biases, norms and the output layer belong to another
-optimizer (AdamW), as in every reference setup. Its update is not elementwise: the momentum and the
+Matrices of more than two dims are read as torch's own layers lay them out: a convolution's weight
+``(out, in, *kernel)`` is the matrix ``out x (in * kernel)`` (its trailing dims flattened, as Keller Jordan's
+reference code and the Moonlight code do), and with ``batch_dims=k`` the first ``k`` dims index separate
+matrices, each orthogonalised on its own (a mixture of experts' ``(experts, m, n)`` stack with ``batch_dims=1``);
+the shape :math:`A \times B` that scales the lr is the matrix's. torch's ``Muon`` takes 2-D parameters only:
+this is thalweg's extension (a ``batch_dims`` param-group key torch ignores). Parameters of fewer than two
+dims, embeddings and the output layer belong to another optimizer (AdamW), as in every reference setup. Its update is not elementwise: the momentum and the
 Newton–Schulz iterations run as torch ops on whole matrices (:meth:`Muon._transform_grads`), and the
 final elementwise update is this file's rule, run by the engine like every other.
 
@@ -54,23 +59,39 @@ def muon(param, grad, *, lr, weight_decay, adjusted_lr: PerTensor):
 
 def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
                   eps: float) -> torch.Tensor:
-    """About the nearest semi-orthogonal matrix to ``update`` (2-D): ``steps`` quintic Newton–Schulz
-    iterations in bfloat16, on the wide orientation (so that X Xᵀ is the smaller Gram matrix)."""
+    """About the nearest semi-orthogonal matrix to ``update`` (2-D, or a ``[batch, m, n]`` stack orthogonalised
+    matrix by matrix): ``steps`` quintic Newton–Schulz iterations in bfloat16, on the wide orientation (so that
+    X Xᵀ is the smaller Gram matrix)."""
     a, b, c = coefficients
-    tall = update.size(0) > update.size(1)
+    tall = update.size(-2) > update.size(-1)
     x = update.bfloat16()
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G²
-        x = torch.addmm(x, polynomial, x, beta=a)  # a·X + (b·G + c·G²)·X
-    return x.T if tall else x
+        x = x.mT
+    if x.ndim == 2:  # torch's own sequence of operations, so that the result is bit for bit torch's
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.T
+            polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G²
+            x = torch.addmm(x, polynomial, x, beta=a)  # a·X + (b·G + c·G²)·X
+    else:  # the same per matrix of the stack
+        x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.mT
+            polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, polynomial, x, beta=a)
+    return x.mT if tall else x
 
 
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    rows, columns = shape[:2]
+def matrix_shape(shape: torch.Size, batch_dims: int = 0) -> tuple[int, int, int]:
+    """(matrices, rows, columns) that a parameter of ``shape`` is orthogonalised as: the first ``batch_dims`` dims
+    count matrices, the next is the rows, the rest (a convolution's input channels and kernel) the columns."""
+    matrices = math.prod(shape[:batch_dims])
+    rows = shape[batch_dims]
+    return matrices, rows, math.prod(shape[batch_dims + 1:])
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size, batch_dims: int = 0) -> float:
+    _, rows, columns = matrix_shape(shape, batch_dims)
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, columns))
     return lr * math.sqrt(max(1, rows / columns))
@@ -80,7 +101,7 @@ class Muon(Optimizer):
     """Muon, a drop-in for ``torch.optim.Muon``: orthogonalised momentum for 2-D weight matrices.
 
     Args:
-        params: 2-D parameters (hidden matrices), ``named_parameters()`` or param-group dicts.
+        params: hidden matrices (2-D, or more dims: see ``batch_dims``), ``named_parameters()`` or param-group dicts.
         lr: learning rate :math:`\\gamma` (default 1e-3), scaled per matrix by ``adjust_lr_fn``.
         weight_decay: decoupled weight decay :math:`\\lambda` (default 0.1).
         momentum: :math:`\\mu` (default 0.95).
@@ -90,6 +111,8 @@ class Muon(Optimizer):
         ns_steps: Newton–Schulz iterations, below 100 (default 5).
         adjust_lr_fn: ``None``/``"original"`` (:math:`\\sqrt{\\max(1, A/B)}`) or ``"match_rms_adamw"``
             (:math:`0.2\\sqrt{\\max(A, B)}`).
+        batch_dims: leading dims that index separate matrices (default 0: a parameter is one matrix, its dims after
+            the first flattened, as a convolution's); thalweg's extension, keyword-only.
         max_grad_norm, skip_nonfinite: as for every thalweg optimizer; backend, foreach, fused: for the final
             elementwise update.
 
@@ -106,6 +129,7 @@ class Muon(Optimizer):
     counts_steps = False  # torch's Muon keeps no step counter
     own_state_keys = frozenset({"momentum_buffer"})
     transforms_grads = True
+    optional_group_keys = Optimizer.optional_group_keys | {"batch_dims"}  # torch's checkpoints lack it
 
     def __init__(
         self,
@@ -119,6 +143,7 @@ class Muon(Optimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
         *,
+        batch_dims: int = 0,
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -126,17 +151,30 @@ class Muon(Optimizer):
         skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                        batch_dims=batch_dims)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, differentiable=None)
-        for g, group in enumerate(self.param_groups):
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, refusing (with the group left out) a parameter Muon cannot step."""
+        super().add_param_group(param_group)
+        g, group = len(self.param_groups) - 1, self.param_groups[-1]
+        try:
+            batch_dims = group["batch_dims"]
+            if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
+                raise ValueError(f"batch_dims must be an integer >= 0, got {batch_dims!r}")
             for k, param in enumerate(group["params"]):
                 if type(param).__name__ == "DTensor":
                     raise ValueError(f"Muon on sharded (DTensor, FSDP2) parameters is not supported yet: params[{k}] of "
                                      f"param group {g}; its orthogonalisation needs the whole matrix")
-                if param.ndim != 2:
-                    raise ValueError(f"Muon steps 2-D parameters only: params[{k}] of param group {g} has shape "
-                                     f"{tuple(param.shape)} (give biases, norms and embeddings to AdamW)")
+                if param.ndim < 2 + batch_dims:
+                    raise ValueError(f"Muon steps matrices: params[{k}] of param group {g} has shape {tuple(param.shape)}, "
+                                     f"which with batch_dims={batch_dims} holds no matrix (give biases, norms and "
+                                     "embeddings to AdamW)")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -161,10 +199,11 @@ class Muon(Optimizer):
 
     def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[str, Any]:
         lr = _checks.as_number("lr", group["lr"])
-        return dict(adjusted_lr=np.array([adjusted_lr(lr, group["adjust_lr_fn"], p.shape) for p in params]))
+        batch_dims = group.get("batch_dims", 0)
+        return dict(adjusted_lr=np.array([adjusted_lr(lr, group["adjust_lr_fn"], p.shape, batch_dims) for p in params]))
 
     def _transform_grads(self, group, params, grads, states) -> list[torch.Tensor]:
-        momentum, nesterov = float(group["momentum"]), group["nesterov"]
+        momentum, nesterov, batch_dims = float(group["momentum"]), group["nesterov"], group.get("batch_dims", 0)
         coefficients = tuple(float(c) for c in group["ns_coefficients"])
         out = []
         for param, grad, state in zip(params, grads, states):
@@ -173,5 +212,10 @@ class Muon(Optimizer):
                 buffer = state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             buffer.lerp_(grad, 1 - momentum)
             update = grad.lerp(buffer, momentum) if nesterov else buffer
-            out.append(orthogonalize(update, coefficients, int(group["ns_steps"]), float(group["eps"])).to(param.dtype))
+            matrices, rows, columns = matrix_shape(update.shape, batch_dims)
+            # one matrix takes torch's 2-D path (a convolution's weight then steps exactly as torch's Muon would step
+            # its flattened matrix); a stack, the batched one
+            shaped = update.reshape(rows, columns) if matrices == 1 else update.reshape(matrices, rows, columns)
+            ortho = orthogonalize(shaped, coefficients, int(group["ns_steps"]), float(group["eps"]))
+            out.append(ortho.reshape(update.shape).to(param.dtype))
         return out
