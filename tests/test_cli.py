@@ -86,7 +86,7 @@ def test_tune_writes_heatmaps(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     [
         (["arena", "--tasks", "mnist"], "unknown task 'mnist'; valid tasks: rosenbrock, beale"),
         (["arena", "--optimizers", "adam", "adamz"], "unknown optimizer 'adamz'; valid optimizers: sgd, momentum, adam"),
-        (["arena", "--optimizers", "adam", "muon"], "'muon' is a thalweg optimizer the arena does not run yet (it steps"),
+        (["arena", "--optimizers", "adam", "sparseadam"], "'sparseadam' is a thalweg optimizer the arena does not run yet"),
         (["arena", "--budget", "0"], "argument --budget: must be > 0, got 0"),
         (["arena", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
         (["arena", "--jobs", "0"], "argument --jobs: must be >= 1, got 0"),

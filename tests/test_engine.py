@@ -454,7 +454,8 @@ def test_dependencies_point_one_way():
 
 def test_each_optimizer_is_named_in_at_most_three_files():
     """Outside the arena and the CLI, an optimizer's class name (or its thalweg.create name as a string)
-    appears in the code of its own module and the package exports only; docstrings and comments do not count."""
+    appears in the code of its own module and the package exports only; docstrings and comments do not count.
+    One pairing is by design: Muon's module builds MuonWithAdamW, which hands a model's non-matrices to AdamW."""
     names = {cls.__name__: cls.name for cls in map(thalweg.optim.__dict__.get, thalweg.optim.__all__)}
     hyperparameters = {"momentum"}  # Momentum's create name is also SGD's hyper-parameter, spelled in code
     counts = {name: set() for name in names}
@@ -474,8 +475,9 @@ def test_each_optimizer_is_named_in_at_most_three_files():
                         (isinstance(node, ast.Constant) and node.value in (cls_name, create_name)
                          and id(node) not in docstrings and node.value not in hyperparameters):
                     counts[cls_name].add(str(relative))
+    paired = {"AdamW": {str(Path("optim") / "muon.py")}}
     for name, files in counts.items():
-        assert len(files) <= 3, f"{name} is named in {sorted(files)}"
+        assert len(files - paired.get(name, set())) <= 3, f"{name} is named in {sorted(files)}"
         assert files, f"{name} is named nowhere?"
 
 

@@ -197,3 +197,145 @@ def test_sharded_matrices_are_refused_until_the_whole_matrix_is_gathered():
         matrix = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
         with pytest.raises(ValueError, match=r"Muon on sharded \(DTensor, FSDP2\) parameters is not supported yet"):
             thalweg.Muon([matrix])
+
+
+# -- MuonWithAdamW: thalweg.create("muon", model) -------------------------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    """Every kind of parameter the router must place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.conv = torch.nn.Conv1d(8, 8, 3, padding=1)
+        self.depthwise = torch.nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.hidden = torch.nn.Linear(8, 12)
+        self.head = torch.nn.Linear(12, 5)
+
+    def forward(self, tokens):
+        x = self.embed(tokens).transpose(1, 2)
+        x = self.depthwise(torch.relu(self.conv(x))).transpose(1, 2)
+        return self.head(torch.tanh(self.hidden(self.norm(x)))).mean(1)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return _Net().double()
+
+
+def _batches(n, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 20, (4, 6), generator=generator), torch.randint(0, 5, (4,), generator=generator))
+            for _ in range(n)]
+
+
+def _train(model, optimizer, batches):
+    for tokens, labels in batches:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(tokens), labels).backward()
+        optimizer.step()
+
+
+def test_the_router_sends_hidden_matrices_to_muon_and_the_rest_to_adamw():
+    from thalweg.optim.muon import route
+
+    where = {name: (to_muon, reason) for name, _, to_muon, reason in route(_net())}
+    assert {name for name, (to_muon, _) in where.items() if to_muon} == {"conv.weight", "hidden.weight"}
+    assert where["embed.weight"][1] == "embedding" and where["depthwise.weight"][1] == "depthwise convolution"
+    assert where["head.weight"][1].startswith("output layer") and where["norm.weight"][1] == "1-D: a bias or a gain"
+    where = {name: to_muon for name, _, to_muon, _ in route(_net(), {"head.w*": "muon", "conv.weight": "adamw"})}
+    assert where["head.weight"] and not where["conv.weight"]
+    with pytest.raises(ValueError, match=r"overrides\['head.bias'\] sends head.bias to Muon, but its shape \(5,\)"):
+        route(_net(), {"head.bias": "muon"})
+    with pytest.raises(ValueError, match="overrides name no parameter of the model: 'nothing.*'"):
+        route(_net(), {"nothing.*": "adamw"})
+    with pytest.raises(ValueError, match=r"overrides\['head.weight'\] must be 'muon' or 'adamw', got 'sgd'"):
+        route(_net(), {"head.weight": "sgd"})
+    optimizer = thalweg.create("muon", _net(), lr=0.02, adamw_lr=1e-3)
+    assert type(optimizer).__name__ == "MuonWithAdamW"
+    shown = repr(optimizer)
+    assert "hidden.weight" in shown and "-> Muon   (hidden matrix)" in shown and "-> AdamW  (embedding)" in shown
+    assert isinstance(thalweg.create("muon", [torch.nn.Parameter(torch.zeros(3, 2))]), thalweg.Muon)  # parameters
+    with pytest.raises(TypeError, match="has no hyper-parameter 'adamw_betaz'"):
+        thalweg.create("muon", _net(), adamw_betaz=(0.9, 0.99))
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_one_optimizer_steps_as_muon_and_adamw_side_by_side(clip):
+    """The router's steps equal a Muon and an AdamW run side by side on the same split (params and state), with
+    max_grad_norm clipping by the norm of *all* gradients, as clip_grad_norm_ over the whole model does."""
+    routed_model, separate_model = _net(), _net()
+    routed = thalweg.create("muon", routed_model, lr=0.02, adamw_lr=3e-3, max_grad_norm=clip)
+    matrices = [routed_model.get_parameter(n) for n, _, m, _ in routed._routes if m]
+    names = [n for n, _, m, _ in routed._routes if m]
+    muon = thalweg.Muon([separate_model.get_parameter(n) for n in names], lr=0.02)
+    others = [(n, separate_model.get_parameter(n)) for n, _, m, _ in routed._routes if not m]
+    adamw = thalweg.AdamW([{"params": [p for n, p in others if p.ndim > 1 and n != "embed.weight"]},
+                           {"params": [p for n, p in others if p.ndim < 2 or n == "embed.weight"], "weight_decay": 0.0}],
+                          lr=3e-3)
+
+    class Both:
+        def zero_grad(self):
+            muon.zero_grad()
+            adamw.zero_grad()
+
+        def step(self):
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(separate_model.parameters(), clip)
+            muon.step()
+            adamw.step()
+
+    batches = _batches(6)
+    _train(routed_model, routed, batches)
+    _train(separate_model, Both(), batches)
+    for (name, a), b in zip(routed_model.named_parameters(), separate_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    for a, b in zip(matrices, muon.param_groups[0]["params"]):
+        torch.testing.assert_close(routed.state[a]["momentum_buffer"], muon.state[b]["momentum_buffer"], rtol=1e-10, atol=1e-12)
+    head = routed_model.head.weight
+    assert set(routed.state[head]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_the_router_resumes_from_its_state_dict_as_if_never_stopped_and_refuses_a_mismatch():
+    batches = _batches(8)
+    model, never = _net(), _net()
+    uninterrupted = thalweg.create("muon", never, lr=0.02, adamw_lr=3e-3)
+    _train(never, uninterrupted, batches)
+    first = thalweg.create("muon", model, lr=0.02, adamw_lr=3e-3)
+    _train(model, first, batches[:4])
+    saved = copy.deepcopy(first.state_dict())
+    assert [g["use_muon"] for g in saved["param_groups"]] == [True, False, False]
+    assert set(saved["state"][0]) == {"momentum_buffer"}  # torch's per-parameter layout, numbered over all groups
+    second = thalweg.create("muon", model, lr=0.5, adamw_lr=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(second, 1, gamma=1.0)  # sees one optimizer, every group
+    second.load_state_dict(saved)
+    assert [g["lr"] for g in second.param_groups] == [0.02, 3e-3, 3e-3]
+    _train(model, second, batches[4:])
+    scheduler.step()
+    for a, b in zip(model.parameters(), never.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0]["use_muon"] = False
+    before = copy.deepcopy(second.state_dict())
+    with pytest.raises(ValueError, match="param group 0 of the checkpoint is for AdamW, this optimizer's for Muon"):
+        second.load_state_dict(bad)
+    after = second.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][k][key], v) for k, s in before["state"].items() for key, v in s.items())
+
+
+def test_groups_say_which_optimizer_they_are_for():
+    matrix, vector = torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))
+    optimizer = thalweg.MuonWithAdamW([{"params": [matrix], "use_muon": True}, {"params": [vector], "use_muon": False}],
+                                      muon=dict(lr=0.02), adamw=dict(lr=1e-3))
+    assert [g["use_muon"] for g in optimizer.param_groups] == [True, False]
+    assert optimizer.param_groups[0]["lr"] == 0.02 and optimizer.param_groups[1]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="param group 2 needs 'use_muon': True \\(Muon\\) or False \\(AdamW\\), got None"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 2))]})
+    with pytest.raises(ValueError, match=r"params\[0\] of param group 1 has shape \(5,\)"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(5))], "use_muon": True})
+    assert len(optimizer.param_groups) == 2
+    with pytest.raises(TypeError, match="MuonWithAdamW takes param groups"):
+        thalweg.MuonWithAdamW([matrix])

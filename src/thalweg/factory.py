@@ -56,12 +56,17 @@ def create(name: str, model_or_params: nn.Module | Iterable[Any], **hyperparams:
         optimizer = thalweg.create("lamb", model, lr=2e-3, weight_decay=0.01)
     """
     cls = optimizer_class(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    # an optimizer that needs the model itself to place its parameters (Muon: hidden matrices only, the rest to
+    # AdamW) builds from the module
+    builder = getattr(cls, "for_module", None) if isinstance(model_or_params, nn.Module) else None
+    accepted = [p for p in inspect.signature(builder or cls.__init__).parameters if p not in ("self", "params", "model")]
     unknown = sorted(set(hyperparams) - set(accepted))
     if unknown:
         raise TypeError(f"{cls.__name__} has no hyper-parameter {', '.join(map(repr, unknown))}; it accepts: {', '.join(accepted)}")
     if not isinstance(model_or_params, nn.Module):
         return cls(model_or_params, **hyperparams)
+    if builder is not None:
+        return builder(model_or_params, **hyperparams)
 
     trainable = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
     if "weight_decay" not in accepted:  # nothing to exempt (Rprop): one group, names kept

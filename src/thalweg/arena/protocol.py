@@ -25,7 +25,12 @@ LR_FREE: dict[str, float] = {"prodigy": 1.0, "dadaptadam": 1.0}
 # Registry optimizers the arena cannot yet run on every task, and why (the CLI names the reason).
 NOT_IN_ARENA: dict[str, str] = {
     "sparseadam": "it takes only sparse gradients, which most tasks do not produce",
-    "muon": "it steps only matrices; it joins with the parameter router that hands the rest to AdamW",
+}
+# What an optimizer needs besides its lr to run in the arena, as a function of the lr being tried. Muon runs as
+# thalweg.create("muon", model) builds it (hidden matrices to Muon, the rest to AdamW), with adjust_lr_fn
+# "match_rms_adamw": its update then has AdamW's RMS, so one lr serves both halves and the grid tunes them together.
+ARENA_SETTINGS: dict[str, Callable[[float], dict[str, Any]]] = {
+    "muon": lambda lr: {"adamw_lr": lr, "adjust_lr_fn": "match_rms_adamw"},
 }
 
 
@@ -186,7 +191,7 @@ def run_one(task: Task, optimizer: str, lr: float, seed: int, steps: int,
     """
     import thalweg
 
-    hyperparams = dict(hyperparams or {})
+    hyperparams = {**ARENA_SETTINGS.get(optimizer, lambda _: {})(lr), **(hyperparams or {})}
     sparse = task.has_sparse_variant and optimizer in SPARSE_OPTIMIZERS
     torch.manual_seed(seed)
     problem = task.setup(seed, sparse, torch.device(device))
@@ -316,12 +321,14 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
     centre came from and the coarse searches). ``on_run`` is called after each run (progress bars; with a
     ``pool`` of :func:`make_pool`, which runs the optimizers in parallel, as each optimizer's runs end).
     """
+    skipped = not_applicable(task, optimizers)
+    optimizers = [name for name in optimizers if name not in skipped]
     entry: dict[str, Any] = {
         "name": task.name, "description": task.description, "kind": task.kind, "metric": task.metric,
         "higher_is_better": task.higher_is_better, "target": task.target, "steps": steps,
         "log_metric": task.log_metric, "grid_multipliers": list(multipliers), "families": families(optimizers),
         "centres": {},
-        "centre_source": {}, "coarse": {}, "extended": {}, "runs": [], "best_lr": {},
+        "centre_source": {}, "coarse": {}, "extended": {}, "runs": [], "best_lr": {}, "not_applicable": skipped,
     }
     blocks = (_in_workers(pool, task, optimizers, seeds, steps, multipliers, centres, backend, on_run, device) if pool
               else (run_optimizer(task, name, seeds, steps, multipliers, centres, backend, on_run, device=device)
@@ -336,6 +343,23 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
         if block["extended"]:
             entry["extended"][name] = block["extended"]
     return entry
+
+
+def not_applicable(task: Task, optimizers: list[str]) -> dict[str, str]:
+    """The optimizers that have nothing to step on ``task``, and why: a matrix optimizer (Muon) where the router
+    finds no hidden matrix (a 2-D function's point, a logistic regression's one output layer). They are left out
+    of the task and listed in its record, not ranked as if they had lost."""
+    from thalweg.factory import optimizer_class
+    from thalweg.optim.muon import route
+
+    matrix = [name for name in optimizers if optimizer_class(name).family == "matrix"]
+    if not matrix:
+        return {}
+    params = task.setup(0, False, torch.device("cpu")).params
+    hidden = (any(to_muon for _, _, to_muon, _ in route(params)) if isinstance(params, torch.nn.Module)
+              else any(p.ndim >= 2 for p in params))
+    return {} if hidden else {name: "no hidden matrix in this task (embeddings, output layers, biases and 1-D "
+                                    "parameters go to AdamW)" for name in matrix}
 
 
 def families(optimizers: list[str]) -> dict[str, str]:

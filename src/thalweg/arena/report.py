@@ -161,7 +161,10 @@ def _protocol_html(results: dict[str, Any]) -> str:
         "Centres are listed per task.</li>"
         "<li>Prodigy and D-Adapt Adam estimate their own step size: they run at their documented lr 1.0, without a grid "
         "(so their seed-0 sweep is one run). Schedule-Free optimizers are evaluated in eval mode (at x, as their "
-        "authors evaluate), trained in train mode.</li>"
+        "authors evaluate), trained in train mode. Muon runs as <code>thalweg.create(\"muon\", model)</code> builds "
+        "it: the hidden matrices to Muon, embeddings, the output layer and 1-D parameters to AdamW, with "
+        "<code>adjust_lr_fn=\"match_rms_adamw\"</code> so that one lr serves both (the grid tunes them together); "
+        "on a task without a hidden matrix it is not run.</li>"
         "<li>All other hyper-parameters are the optimizer's defaults (e.g. AdamW and LAMB decay 0.01, LARS momentum 0.9); "
         "biases and embeddings get no weight decay and no trust ratio (<code>thalweg.create</code>). "
         f"Backend: <code>{html.escape(str(cfg.get('backend', 'auto')))}</code>.</li>"
@@ -309,6 +312,9 @@ def build(results: dict[str, Any]) -> str:
         parts.append(f'<h2 id="{html.escape(name)}">{html.escape(name)}</h2><p>{html.escape(task["description"])}</p>'
                      f"<p>Metric: {html.escape(task['metric'])} ({'higher' if task['higher_is_better'] else 'lower'} is better); "
                      f"target {target}; {task['steps']} steps.</p>")
+        if task.get("not_applicable"):
+            parts.append("<p>Not run on this task: " + "; ".join(
+                f"{html.escape(name)} ({html.escape(why)})" for name, why in task["not_applicable"].items()) + ".</p>")
         if rec:
             parts.append(f'<p class="rec"><b>Recommendation: {html.escape(rec["optimizer"])} at lr {rec["lr"]:.3g}</b> &mdash; '
                          f"{html.escape(rec['evidence'])}</p>")

@@ -35,15 +35,19 @@ State (torch's name): ``momentum_buffer``. No ``step`` (as torch's). Checkpoints
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections import defaultdict
 from typing import Any, Iterable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import _checks
-from .._base import Optimizer
+from .._base import Optimizer, clip_grads_, global_grad_norm
 from ..engine import PerTensor, rule
+from .adam import AdamW
 
 _ADJUSTMENTS = (None, "original", "match_rms_adamw")
 
@@ -129,6 +133,8 @@ class Muon(Optimizer):
     counts_steps = False  # torch's Muon keeps no step counter
     own_state_keys = frozenset({"momentum_buffer"})
     transforms_grads = True
+    # what thalweg.create("muon", model, ...) builds from a whole model: MuonWithAdamW.for_model (set below it)
+    for_module: Any
     optional_group_keys = Optimizer.optional_group_keys | {"batch_dims"}  # torch's checkpoints lack it
 
     def __init__(
@@ -219,3 +225,238 @@ class Muon(Optimizer):
             ortho = orthogonalize(shaped, coefficients, int(group["ns_steps"]), float(group["eps"]))
             out.append(ortho.reshape(update.shape).to(param.dtype))
         return out
+
+
+# -- Muon for a whole model: the hidden matrices to Muon, everything else to AdamW ----------------------------------
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def route(model: nn.Module, overrides: dict[str, str] | None = None) -> list[tuple[str, torch.Tensor, bool, str]]:
+    """Which of ``model``'s trainable parameters Muon steps and which AdamW does, and why: a list of (name,
+    parameter, to Muon, reason), in ``named_parameters()`` order.
+
+    Muon takes the hidden matrices: the weights of linear layers and convolutions inside the network. AdamW takes
+    the rest, as every reference setup does: parameters of fewer than two dims (biases, norm gains), embeddings
+    (a lookup table's rows are not a linear map of the input), the output layer (the model's last linear layer:
+    its rows are per-class scores, which Muon's equal-singular-value step would flatten), depthwise convolutions
+    (one filter per channel: no matrix to orthogonalise) and normalisation layers. ``overrides`` maps a
+    parameter's name, or a glob pattern of names, to "muon" or "adamw"; a pattern that matches nothing is an error.
+    """
+    overrides = dict(overrides or {})
+    for pattern, where in overrides.items():
+        if where not in ("muon", "adamw"):
+            raise ValueError(f"overrides[{pattern!r}] must be 'muon' or 'adamw', got {where!r}")
+    owner: dict[int, nn.Module] = {}
+    last_linear = None
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owner.setdefault(id(param), module)
+        if isinstance(module, nn.Linear):
+            last_linear = module
+    routes, used = [], set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        module = owner[id(param)]
+        matched = [pattern for pattern in overrides if fnmatch.fnmatchcase(name, pattern)]
+        used.update(matched)
+        if matched:
+            to_muon, reason = overrides[matched[0]] == "muon", f"override {matched[0]!r}"
+            if to_muon and param.ndim < 2:
+                raise ValueError(f"overrides[{matched[0]!r}] sends {name} to Muon, but its shape {tuple(param.shape)} "
+                                 "holds no matrix")
+        elif param.ndim < 2:
+            to_muon, reason = False, f"{param.ndim}-D: a bias or a gain"
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            to_muon, reason = False, "embedding"
+        elif isinstance(module, _NORMS):
+            to_muon, reason = False, "normalisation layer"
+        elif module is last_linear and param is module.weight:
+            to_muon, reason = False, "output layer (the model's last linear layer)"
+        elif isinstance(module, _CONVOLUTIONS) and module.groups > 1 and module.groups == module.in_channels:
+            to_muon, reason = False, "depthwise convolution"
+        elif isinstance(module, _CONVOLUTIONS):
+            to_muon, reason = True, "convolution (stepped as out x in*kernel)"
+        else:
+            to_muon, reason = True, "hidden matrix"
+        routes.append((name, param, to_muon, reason))
+    unused = sorted(set(overrides) - used)
+    if unused:
+        raise ValueError(f"overrides name no parameter of the model: {', '.join(map(repr, unused))}")
+    return routes
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """One optimizer for a whole model: :class:`Muon` steps the hidden matrices, :class:`AdamW` everything else.
+
+    Built by ``thalweg.create("muon", model, ...)``, which routes the parameters (:func:`route`; ``print(optimizer)``
+    and :meth:`routing` show where each went and why), or from param groups that each say ``use_muon`` (True or
+    False), as Keller Jordan's ``MuonWithAuxAdam`` takes them. It is one ``torch.optim.Optimizer``: schedulers,
+    ``GradScaler``, step hooks, ``state_dict`` (torch's per-parameter layout, each group keeping its ``use_muon``)
+    and ``zero_grad`` see one object, whose ``param_groups`` are the two optimizers' own groups, in the given order.
+
+    Args:
+        params: param groups (dicts), each with ``use_muon``; other keys are Muon's or AdamW's hyper-parameters.
+        muon: Muon's defaults (lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
+            batch_dims).
+        adamw: AdamW's defaults (lr, betas, eps, weight_decay, amsgrad).
+        backend: as for every thalweg optimizer, for both.
+        max_grad_norm, skip_nonfinite: the norm of *all* gradients together, Muon's and AdamW's (each optimizer
+            alone would see half of them).
+        routes: what :func:`route` decided (for :meth:`routing`); None when given groups.
+    """
+
+    def __init__(self, params: Iterable[dict[str, Any]], muon: dict[str, Any] | None = None,
+                 adamw: dict[str, Any] | None = None, *, backend: str = "auto", max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, routes: list[tuple[str, torch.Tensor, bool, str]] | None = None) -> None:
+        _checks.optional_positive("max_grad_norm", max_grad_norm)
+        _checks.flag("skip_nonfinite", skip_nonfinite)
+        for what, given in (("muon", muon), ("adamw", adamw)):
+            if given is not None and not isinstance(given, dict):
+                raise TypeError(f"{what} must be a dict of hyper-parameters, got {type(given).__name__}")
+        self._settings = {True: dict(muon or {}), False: dict(adamw or {})}
+        self._backend = backend
+        self._parts: dict[bool, Optimizer] = {}  # the Muon and the AdamW, made with their first group
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self._routes = routes
+        groups = list(params)
+        if not all(isinstance(group, dict) for group in groups):
+            raise TypeError("MuonWithAdamW takes param groups (dicts with 'params' and 'use_muon'); "
+                            "thalweg.create('muon', model) routes a model's parameters for you")
+        super().__init__(groups, {})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group for Muon (``use_muon=True``) or for AdamW (``use_muon=False``), checked by that optimizer."""
+        group = dict(param_group)
+        use_muon = group.pop("use_muon", None)
+        if not isinstance(use_muon, bool):
+            raise ValueError(f"param group {len(self.param_groups)} needs 'use_muon': True (Muon) or False (AdamW), got "
+                             f"{use_muon!r}")
+        part = self._parts.get(use_muon)
+        if part is None:
+            part = self._parts[use_muon] = (Muon if use_muon else AdamW)([group], backend=self._backend,
+                                                                          **self._settings[use_muon])
+        else:
+            part.add_param_group(group)
+        ours = {id(p) for other in self.param_groups for p in other["params"]}
+        added = part.param_groups[-1]
+        if any(id(p) in ours for p in added["params"]):
+            part.param_groups.pop()
+            raise ValueError(f"param group {len(self.param_groups)} repeats a parameter of another group")
+        added["use_muon"] = use_muon
+        part.state = self.state  # one state for the whole model, each parameter's entry kept by its optimizer
+        self.param_groups.append(added)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step of both: every group checked first (a bad hyper-parameter changes nothing), then the norm of all
+        gradients (``max_grad_norm``, ``skip_nonfinite``), then Muon's step and AdamW's."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self._parts.values():
+            for group in part.param_groups:
+                part._check_hyperparameters(group)
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norm = global_grad_norm(grads)
+            if self.skip_nonfinite and not bool(torch.isfinite(norm)):
+                self.skipped_steps += 1
+                return loss
+            if self.max_grad_norm is not None:
+                clip_grads_(grads, norm, self.max_grad_norm)
+        for part in self._parts.values():
+            part.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``: each group's part goes to the optimizer of its ``use_muon``, checked by it
+        first; a checkpoint that does not fit changes nothing."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"the checkpoint has {len(saved)} param groups, this optimizer {len(self.param_groups)}")
+        for index, (theirs, ours) in enumerate(zip(saved, self.param_groups)):
+            if theirs.get("use_muon") != ours["use_muon"]:
+                raise ValueError(f"param group {index} of the checkpoint is for "
+                                 f"{'Muon' if theirs.get('use_muon') else 'AdamW'}, this optimizer's for "
+                                 f"{'Muon' if ours['use_muon'] else 'AdamW'}")
+        parts = {}
+        for use_muon, part in self._parts.items():
+            groups, state, numbering = [], {}, 0
+            for theirs in saved:
+                if theirs["use_muon"] != use_muon:
+                    continue
+                indices = list(range(numbering, numbering + len(theirs["params"])))
+                for new, old in zip(indices, theirs["params"]):
+                    if old in state_dict["state"]:
+                        state[new] = state_dict["state"][old]
+                groups.append({**{k: v for k, v in theirs.items() if k != "use_muon"}, "params": indices})
+                numbering += len(indices)
+            parts[use_muon] = {"state": state, "param_groups": groups}
+            part._check_checkpoint(parts[use_muon])
+        for use_muon, part in self._parts.items():
+            part.load_state_dict(parts[use_muon])
+        self.state = defaultdict(dict)
+        taken = {use_muon: iter(part.param_groups) for use_muon, part in self._parts.items()}
+        self.param_groups = []
+        for theirs in saved:
+            group = next(taken[theirs["use_muon"]])
+            group["use_muon"] = theirs["use_muon"]
+            self.param_groups.append(group)
+        for part in self._parts.values():
+            self.state.update(part.state)
+            part.state = self.state
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def routing(self) -> str:
+        """Where each parameter went and why, one line each (given groups: by group)."""
+        if self._routes is None:
+            return "\n".join(f"group {i}: {len(g['params'])} parameters -> {'Muon' if g['use_muon'] else 'AdamW'}"
+                             for i, g in enumerate(self.param_groups))
+        width = max(len(name) for name, *_ in self._routes)
+        return "\n".join(f"{name:<{width}}  {str(tuple(p.shape)):<16} -> {'Muon ' if to_muon else 'AdamW'}  ({reason})"
+                         for name, p, to_muon, reason in self._routes)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()}\nRouting:\n{self.routing()}"
+
+    @classmethod
+    def for_model(cls, model: nn.Module, overrides: dict[str, str] | None = None, *, lr: float = 1e-3,
+                  weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True,
+                  ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315), eps: float = 1e-7,
+                  ns_steps: int = 5, adjust_lr_fn: str | None = None, adamw_lr: float = 3e-4,
+                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
+                  adamw_weight_decay: float = 0.01, backend: str = "auto", max_grad_norm: float | None = None,
+                  skip_nonfinite: bool = False) -> MuonWithAdamW:
+        """The optimizer of :func:`route`'s split of ``model``: Muon's hyper-parameters by their own names, AdamW's
+        prefixed ``adamw_``. AdamW's biases, gains and embeddings get no weight decay (as ``thalweg.create`` does for
+        every optimizer); its other weights (the output layer) ``adamw_weight_decay``."""
+        routes = route(model, overrides)
+        matrices = [p for _, p, to_muon, _ in routes if to_muon]
+        others = [(name, p) for name, p, to_muon, _ in routes if not to_muon]
+        quiet = [p for name, p in others if p.ndim < 2 or name in _embedding_names(model)]
+        decayed = [p for _, p in others if all(p is not q for q in quiet)]
+        groups = [group for group in ({"params": matrices, "use_muon": True},
+                                      {"params": decayed, "use_muon": False},
+                                      {"params": quiet, "use_muon": False, "weight_decay": 0.0}) if group["params"]]
+        muon = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                    ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        adamw = dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay)
+        return cls(groups, muon, adamw, backend=backend, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                   routes=routes)
+
+
+def _embedding_names(model: nn.Module) -> set[str]:
+    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) for name, _ in module.named_parameters(recurse=False)}
+
+
+Muon.for_module = staticmethod(MuonWithAdamW.for_model)
