@@ -280,12 +280,18 @@ def _windows(codes: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, t
     return codes[starts[:, None] + offsets], codes[starts + _CONTEXT]
 
 
-def _char_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
+def _char_start(model_class: Callable[[int], nn.Module], seed: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, nn.Module, torch.Generator]:
+    """What both character LMs start from: the text on ``device``, a model seeded by ``seed``, and the generator of
+    the training windows (fixed by the seed)."""
     train, val, vocab = _char_data()
-    train, val = train.to(device), val.to(device)
     torch.manual_seed(seed)
-    model = CharMLP(vocab).to(device)
-    gen = torch.Generator().manual_seed(10_000 + seed)
+    model = model_class(vocab).to(device)
+    return train.to(device), val.to(device), model, torch.Generator().manual_seed(10_000 + seed)
+
+
+def _char_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
+    train, val, model, gen = _char_start(CharMLP, seed, device)
     # A fixed validation sample keeps evaluation cheap and identical for every run.
     val_x, val_y = _windows(val, torch.arange(0, len(val) - _CONTEXT - 1, 5))
 
@@ -369,11 +375,7 @@ class CharTransformer(nn.Module):
 
 
 def _char_transformer_setup(seed: int, sparse: bool, device: torch.device) -> Problem:
-    train, val, vocab = _char_data()
-    train, val = train.to(device), val.to(device)
-    torch.manual_seed(seed)
-    model = CharTransformer(vocab).to(device)
-    gen = torch.Generator().manual_seed(10_000 + seed)
+    train, val, model, gen = _char_start(CharTransformer, seed, device)
     offsets = torch.arange(_TF_CONTEXT + 1, device=device)
     # a fixed validation sample: 128 windows spread over the held-out text
     val_windows = val[torch.linspace(0, len(val) - _TF_CONTEXT - 2, 128, device=device).long()[:, None] + offsets]
