@@ -381,7 +381,8 @@ def summary_text(results: dict[str, Any]) -> str:
     for name, task in results["tasks"].items():
         rec = recommendation(task)
         if rec is None:
-            lines.append(f"{name:<22}{'(all diverged)':<{width}}")
+            why = "(all diverged)" if task["best_lr"] else "(none applies)"
+            lines.append(f"{name:<22}{why:<{width}}")
             continue
         row = ranking(task)[0]
         notes = ([f"tie with {', '.join(rec['ties'][:3])}{' ...' if len(rec['ties']) > 3 else ''}"] if rec["ties"] else []) \

@@ -319,7 +319,8 @@ def build(results: dict[str, Any]) -> str:
             parts.append(f'<p class="rec"><b>Recommendation: {html.escape(rec["optimizer"])} at lr {rec["lr"]:.3g}</b> &mdash; '
                          f"{html.escape(rec['evidence'])}</p>")
         else:
-            parts.append('<p class="rec"><b>No recommendation:</b> every run diverged.</p>')
+            why = "every run diverged" if task["best_lr"] else "none of the optimizers applies to this task"
+            parts.append(f'<p class="rec"><b>No recommendation:</b> {why}.</p>')
         parts.append(_table(analysis.ranking(task), _RANK_COLUMNS, sortable=True))
         titles = _titles(task)
         for filename, _, _ in figure_plan({"tasks": {name: task}}):
