@@ -205,6 +205,14 @@ def test_muon_runs_routed_where_there_is_a_hidden_matrix_and_is_left_out_elsewhe
     assert list(entry["best_lr"]) == ["sgd"] and "no hidden matrix" in entry["not_applicable"]["muon"]
 
 
+def test_a_task_no_chosen_optimizer_applies_to_says_so(tmp_path: Path) -> None:
+    results = run_arena(tasks=["logreg"], optimizers=["muon"], out=tmp_path / "r", progress=False, backend=REF, jobs=1)
+    assert results["tasks"]["logreg"]["runs"] == [] and "muon" in results["tasks"]["logreg"]["not_applicable"]
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "none of the optimizers applies to this task" in page and "Not run on this task: muon (no hidden matrix" in page
+    assert "(none applies)" in analysis.summary_text(results)
+
+
 def test_a_best_lr_at_the_grid_edge_extends_the_grid_then_is_flagged() -> None:
     """Adam centred 100x too low on Rosenbrock: its best lr is the grid's highest, so the grid grows by its own
     spacing (x10^0.5) twice; the best is then still the highest, and the recommendation says so. Centred at 0.1 (200

@@ -202,7 +202,8 @@ def curves_figure(task: dict[str, Any]) -> Figure:
         if task["target"] is not None:
             ax_metric.axhline(task["target"], color="k", ls="--", lw=1)
         ax_loss.set_ylabel(title, fontsize=9)
-        ax_loss.legend(loc="best", fontsize=7, ncol=2)
+        if ax_loss.get_legend_handles_labels()[0]:
+            ax_loss.legend(loc="best", fontsize=7, ncol=2)
         for ax in (ax_loss, ax_metric):
             ax.grid(alpha=0.3)
     axes[0, 0].set_title(f"{task['name']}: training loss (smoothed; raw faint)")

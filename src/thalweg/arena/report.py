@@ -26,6 +26,8 @@ def figure_plan(results: dict[str, Any]) -> list[tuple[str, str, Callable[[], An
 
     plan: list[tuple[str, str, Callable[[], Any]]] = []
     for name, task in results["tasks"].items():
+        if not task["centres"]:  # no optimizer ran on it: nothing to draw
+            continue
         plan.append((f"{name}-curves.svg", "training loss and validation metric at each optimizer's best lr: each "
                      "family's leader, then one row per family (median over the evaluation seeds; band: their range)",
                      lambda t=task: figures.curves_figure(t)))
@@ -33,7 +35,7 @@ def figure_plan(results: dict[str, Any]) -> list[tuple[str, str, Callable[[], An
                      lambda t=task: figures.lr_figure(t)))
         if task["kind"] == "2d":
             plan.append((f"{name}-trajectories.svg", "one path per optimizer", lambda t=task: figures.trajectory_figure(t)))
-    if results["tasks"]:
+    if any(task["centres"] for task in results["tasks"].values()):
         plan.append(("profile.svg", "performance profiles", lambda: figures.profile_figure(results)))
     return plan
 
@@ -337,7 +339,8 @@ def build(results: dict[str, Any]) -> str:
                      "Profile area: the mean of that curve over &tau; in [1, 4] (1 = fastest everywhere); made of timings "
                      "on a shared machine, it only breaks ties.</p>")
         parts.append(_table(analysis.summary_table(results), _SUMMARY_COLUMNS, sortable=True))
-        parts.append(img("profile.svg", overall))
+        if "profile.svg" in svgs:
+            parts.append(img("profile.svg", overall))
         parts.append(_checks_html(results))
     parts.append(_protocol_html(results))
     parts.append(f"<script>{_SCRIPT}</script></body></html>\n")
