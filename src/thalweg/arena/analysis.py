@@ -199,14 +199,15 @@ def recommendation(task: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def lighter_and_faster(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The runners-up of a ranking (best first) for memory and for wall time: the best-ranked optimizer that keeps
-    less state per parameter than the top one, and the best-ranked that is quicker — to the target when the top
-    one reaches it (and so does the other), else per step. Only optimizers that trained (a median metric) count;
-    None where no one beats the top."""
+    """The runners-up of a ranking (best first) for memory and for wall time, among the optimizers that do about as
+    well as the top one (its seeds cannot separate them, or both reach the task's target): the best-ranked that
+    keeps less state per parameter, and the best-ranked that is quicker — to the target when the top one reaches it,
+    else per step. None where no such optimizer beats the top."""
     top = rows[0]
     lighter = faster = None
     for row in rows[1:]:
-        if row["metric_median"] is None:
+        as_good = seed_ranges_overlap(row, top) or (top["reached_target"] and row["reached_target"])
+        if row["metric_median"] is None or not as_good:
             continue
         if lighter is None and top["memory"] is not None and row["memory"] is not None and row["memory"] < top["memory"]:
             lighter = row

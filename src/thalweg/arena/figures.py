@@ -51,6 +51,13 @@ def by_family(optimizers: list[str], families: dict[str, str]) -> list[tuple[str
     return sorted(groups.items(), key=lambda kv: FAMILY_ORDER.index(kv[0]) if kv[0] in FAMILY_ORDER else len(FAMILY_ORDER))
 
 
+def _light(ax: Any) -> None:
+    """A faint grid at the major ticks only: on log axes the minor ticks and their grid lines were most of an inline
+    figure's bytes, and a reader takes values from the hover titles and the tables."""
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+
+
 def _tag(artists: Any, optimizer: str) -> None:
     """Mark ``artists`` (one or a list) as ``optimizer``'s, for the report's toggles."""
     for artist in artists if isinstance(artists, list) else [artists]:
@@ -78,7 +85,8 @@ def to_svg(fig: Figure) -> str:
     buf = io.StringIO()
     # text stays text, in the page's sans-serif (the layout was measured with matplotlib's own font, of like width)
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "thalweg", "font.sans-serif": ["DejaVu Sans"]}):
-        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+        # dpi: of the rasterized parts only (the trajectories' contour bands), light background that 60 dpi draws
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, dpi=60)
     svg = buf.getvalue()
     # the same picture in fewer bytes (a report inlines many): coordinates to 0.1 of a point (1/720 inch) instead of
     # six decimals, path data on one line, and no ids on groups but those of our optimizer tags (nothing refers to
@@ -132,7 +140,7 @@ def smooth(values: np.ndarray, fraction: float = 0.05) -> np.ndarray:
 
 
 # points per drawn loss curve: a figure's width holds no more, and the inline figures stay small
-PLOT_POINTS = 120
+PLOT_POINTS = 60
 
 
 def _thin(values: np.ndarray, n: int) -> np.ndarray:
@@ -186,9 +194,10 @@ def curves_figure(task: dict[str, Any]) -> Figure:
                 if len(x) == 0:
                     continue
                 if key == "curve":  # mini-batch losses are noisy: the trend on top, the raw median faint
-                    x, med = _thin(x, PLOT_POINTS), _thin(med, PLOT_POINTS)
+                    trend = smooth(med)  # at the recorded resolution, then thinned with the raw curve
+                    x, med, trend = _thin(x, PLOT_POINTS), _thin(med, PLOT_POINTS), _thin(trend, PLOT_POINTS)
                     artists = ax.plot(x, med, color=c, lw=0.8, alpha=0.3)
-                    artists += ax.plot(x, smooth(med), color=c, ls=ls, lw=1.6, label=label)
+                    artists += ax.plot(x, trend, color=c, ls=ls, lw=1.6, label=label)
                 else:  # the evaluations: the median, and the range over seeds as a band
                     x, med, lo, hi = (_thin(v, PLOT_POINTS // 2) for v in (x, med, lo, hi))
                     artists = [ax.fill_between(x, lo, hi, color=c, alpha=0.12, lw=0)]
@@ -205,7 +214,7 @@ def curves_figure(task: dict[str, Any]) -> Figure:
         if ax_loss.get_legend_handles_labels()[0]:
             ax_loss.legend(loc="best", fontsize=7, ncol=2)
         for ax in (ax_loss, ax_metric):
-            ax.grid(alpha=0.3)
+            _light(ax)
     axes[0, 0].set_title(f"{task['name']}: training loss (smoothed; raw faint)")
     target = "" if task["target"] is None else f" (dashed: target {task['target']:g})"
     axes[0, 1].set_title(f"{task['name']}: {task['metric']}{target}")
@@ -266,7 +275,7 @@ def lr_figure(task: dict[str, Any]) -> Figure:
             ax.axhline(task["target"], color="k", ls="--", lw=1)
         ax.set_xscale("log")
         ax.set_title(family, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
+        _light(ax)
         ax.legend(loc="best", fontsize=7)
     for ax in axes[len(groups):]:
         ax.set_visible(False)

@@ -412,7 +412,7 @@ TASKS: dict[str, Task] = {
              "validation). Batch 64.", "validation accuracy", True, 0.95, steps=1200, quick_steps=300,
              eval_every=25, setup=_classifier(_mlp, "digits", 64)),
         Task("digits-cnn", "Small CNN (two 3x3 conv + pool layers) on the 8x8 digits. Batch 64.",
-             "validation accuracy", True, 0.95, steps=800, quick_steps=300, eval_every=25,
+             "validation accuracy", True, 0.95, steps=600, quick_steps=300, eval_every=25,
              setup=_classifier(_cnn, "digits", 64, _DIGITS_IMG)),
         Task("digits-mlp-fullbatch", "The digits MLP at full batch (1437 samples per step, 22x the "
              "small batch): the large-batch regime LARS and LAMB were designed for.",
@@ -425,7 +425,7 @@ TASKS: dict[str, Task] = {
              quick_steps=450, eval_every=25, setup=_bag_setup, has_sparse_variant=True),
         Task("char-lm", "Character-level LM (8-char context MLP) on CPython's pydoc_data help topics "
              "(first 200k characters, 90/10 split). Batch 128.", "validation cross-entropy (nats)",
-             False, 2.1, steps=1500, quick_steps=500, eval_every=50, setup=_char_setup),
+             False, 2.1, steps=1000, quick_steps=500, eval_every=50, setup=_char_setup),
         Task("char-transformer", "Decoder-only transformer (2 pre-norm blocks, width 32, 4 heads, 32-character "
              "context, learned positions) predicting every next character of the same pydoc_data text. Batch 16 "
              "windows. Where Adam-like and matrix optimizers are meant to earn their place.",
