@@ -107,11 +107,12 @@ TORCH_NAMESAKES = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adadelta
 @pytest.mark.parametrize("name", TORCH_NAMESAKES)
 def test_param_groups_carry_torchs_backend_keys(name):
     """torch keeps foreach/fused/capturable in every param group (each optimizer its own subset): thalweg's groups
-    hold the same keys with the same values, so state_dicts match key for key (thalweg adds only `cautious`)."""
+    hold the same keys with the same values, so state_dicts match key for key (thalweg adds only its own options:
+    `cautious`, and Muon's `batch_dims`)."""
     ours = getattr(thalweg, name)([torch.nn.Parameter(torch.zeros(2, 2))])
     theirs = getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(2, 2))])
     group, expected = ours.param_groups[0], theirs.param_groups[0]
-    assert set(group) - {"cautious"} == set(expected)
+    assert set(group) - {"cautious", "batch_dims"} == set(expected)
     for key in ("foreach", "fused", "capturable"):
         assert group.get(key, "absent") == expected.get(key, "absent"), key
 
