@@ -609,6 +609,19 @@ def test_lr_range_width_memory_and_the_runners_up_for_memory_and_time() -> None:
     assert "for less memory: sgd (rank 2, 4 bytes" in rec["evidence"] and "for less wall time: lion (rank 3" in rec["evidence"]
 
 
+def test_an_optimizer_left_out_of_some_tasks_ranks_after_those_that_ran_on_all() -> None:
+    """"m" ran on one task only (Muon where the others have no hidden matrix) and won it: its 1/1 target and mean rank
+    1 count one task, so it ranks after the optimizers that ran everywhere, and the verdict is not it."""
+    both = _fake_task({"a": [0.95] * 3, "b": [0.92] * 3, "m": [0.97] * 3}, {o: [10] * 3 for o in "abm"})
+    without = _fake_task({"a": [0.95] * 3, "b": [0.92] * 3}, {o: [10] * 3 for o in "ab"})
+    results = {"tasks": {"one": both, "two": without, "three": without}}
+    rows = analysis.summary_table(results)
+    assert [r["optimizer"] for r in rows] == ["a", "b", "m"] and rows[2]["tasks_run"] == "1/3"
+    assert rows[2]["mean_rank"] < rows[0]["mean_rank"]  # a better mean rank, over fewer tasks
+    assert analysis.verdict(results)["optimizer"] == "a"
+    assert "ran on 1 of the tasks: not comparable" in analysis.summary_text(results)
+
+
 def test_the_verdict_names_the_summary_pick_and_each_task_pick() -> None:
     one = _fake_task({"adam": [0.95] * 3, "sgd": [0.92] * 3}, {"adam": [10] * 3, "sgd": [20] * 3})
     two = _fake_task({"adam": [0.90] * 3, "sgd": [0.93] * 3}, {"adam": [10] * 3, "sgd": [20] * 3})

@@ -255,7 +255,8 @@ def summary_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     parameter, the width of its good lr range (mean over tasks, decades), diverged lrs, and the area under the time
     profile (1 = fastest everywhere). Ranked by what it claims to rank: most targets reached, then the lowest mean
     rank over tasks, then most wins; the profile area (timings, which share a noisy machine) only breaks what is
-    still tied."""
+    still tied. An optimizer left out of some tasks (Muon, where there is no hidden matrix) ranks after those that
+    ran on every task: its targets and mean rank count fewer tasks, so they do not compare."""
     optimizers = all_optimizers(results)
     prof = profile(results)
     stats = {o: {"optimizer": o, "wins": 0, "ranks": [], "targets": 0, "with_target": 0, "div": 0, "grid": 0,
@@ -282,15 +283,17 @@ def summary_table(results: dict[str, Any]) -> list[dict[str, Any]]:
             s["div"] += d
             s["grid"] += g
     rows = []
+    n_tasks = len(results["tasks"])
     for o, s in stats.items():
         area = sum(prof[o]) / len(PROFILE_TAUS) if prof[o] else 0.0
-        rows.append({"optimizer": o, "family": s["family"], "wins": s["wins"],
+        rows.append({"optimizer": o, "family": s["family"], "wins": s["wins"], "tasks_run": f"{len(s['ranks'])}/{n_tasks}",
+                     "everywhere": len(s["ranks"]) == n_tasks,
                      "mean_rank": statistics.mean(s["ranks"]) if s["ranks"] else None,
                      "targets": f"{s['targets']}/{s['with_target']}", "diverged_lrs": f"{s['div']}/{s['grid']}",
                      "steps_ratio": _median(s["steps"]), "time_ratio": _median(s["time"]),
                      "memory": _median(s["memory"]), "lr_width": statistics.mean(s["width"]) if s["width"] else None,
                      "profile_score": area})
-    rows.sort(key=lambda r: (-int(r["targets"].split("/")[0]),
+    rows.sort(key=lambda r: (not r["everywhere"], -int(r["targets"].split("/")[0]),
                              r["mean_rank"] if r["mean_rank"] is not None else math.inf, -r["wins"], -r["profile_score"]))
     return rows
 
@@ -404,5 +407,7 @@ def summary_text(results: dict[str, Any]) -> str:
                  "   (ranked by targets reached, then mean rank, then wins)")
     for row in rows:
         mean_rank = "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}"
-        lines.append(f"{row['optimizer']:<{width}}{row['targets']:>9}{mean_rank:>11}{row['wins']:>6}{row['profile_score']:>9.2f}")
+        partial = "" if row["everywhere"] else f"   (ran on {row['tasks_run'].split('/')[0]} of the tasks: not comparable)"
+        lines.append(f"{row['optimizer']:<{width}}{row['targets']:>9}{mean_rank:>11}{row['wins']:>6}{row['profile_score']:>9.2f}"
+                     + partial)
     return "\n".join(lines)

@@ -103,7 +103,7 @@ _RANK_COLUMNS = [("rank", "#"), ("optimizer", "optimizer"), ("family", "family")
                  ("time_to_target", "time to target (s)"), ("step_time_ms", "ms/step"),
                  ("memory", "state bytes/param"), ("lr_width", "good lr range (decades)"), ("good_lrs", "good lrs"),
                  ("diverged_lrs", "diverged lrs")]
-_SUMMARY_COLUMNS = [("optimizer", "optimizer"), ("family", "family"), ("targets", "targets reached"),
+_SUMMARY_COLUMNS = [("optimizer", "optimizer"), ("family", "family"), ("tasks_run", "tasks run"), ("targets", "targets reached"),
                     ("mean_rank", "mean rank"), ("wins", "tasks won"), ("steps_ratio", "steps to target / fastest"),
                     ("time_ratio", "time to target / fastest"), ("memory", "state bytes/param"),
                     ("lr_width", "good lr range (decades)"), ("profile_score", "profile area (time)"),
@@ -331,7 +331,8 @@ def build(results: dict[str, Any]) -> str:
         parts.append(f"<details><summary>lr centres</summary><p>{html.escape(centres)}.</p></details>")
     if tasks:
         parts.append('<h2 id="summary">Across tasks</h2><p>The table ranks by targets reached, then mean rank over tasks, '
-                     "then tasks won; click a heading to sort by another column. Steps and time to target are relative "
+                     "then tasks won (an optimizer left out of some tasks after those that ran on all of them); click a "
+                     "heading to sort by another column. Steps and time to target are relative "
                      "to the task's fastest optimizer (median over the tasks it reached); state bytes per parameter are "
                      "measured after training; the good lr range is how many decades of lr end within tolerance of the "
                      "task's best. Performance profile (AlgoPerf, Dahl et al. 2023): for each optimizer, the fraction of "
