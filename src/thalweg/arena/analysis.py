@@ -311,8 +311,10 @@ def verdict(results: dict[str, Any]) -> dict[str, Any] | None:
     rows = summary_table(results)
     top = rows[0]
     n_tasks = len(results["tasks"])
-    why = (f"it reached {top['targets']} targets with the best mean rank, {top['mean_rank']:.1f} among "
-           f"{len(rows)} optimizers over {n_tasks} task{'s' if n_tasks > 1 else ''}")
+    everywhere = sum(r["everywhere"] for r in rows)
+    among = f"{len(rows)} optimizers" if everywhere == len(rows) else f"the {everywhere} optimizers that ran on every task"
+    why = (f"it reached {top['targets']} targets with the best mean rank, {top['mean_rank']:.1f} among {among} over "
+           f"{n_tasks} task{'s' if n_tasks > 1 else ''}")
     close = [r["optimizer"] for r in rows[1:] if r["targets"] == top["targets"] and r["mean_rank"] is not None
              and r["mean_rank"] - top["mean_rank"] <= 1.0]
     if close:
