@@ -406,7 +406,7 @@ def summary_text(results: dict[str, Any]) -> str:
             for row in loto))
     lines.append("")
     lines.append(f"{'optimizer':<{width}}{'targets':>9}{'mean rank':>11}{'wins':>6}{'profile':>9}"
-                 "   (ranked by targets reached, then mean rank, then wins)")
+                 "   (ranked by targets reached, then mean rank, then wins; those left out of a task after)")
     for row in rows:
         mean_rank = "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}"
         partial = "" if row["everywhere"] else f"   (ran on {row['tasks_run'].split('/')[0]} of the tasks: not comparable)"
