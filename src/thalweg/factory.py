@@ -9,14 +9,10 @@ from torch import nn
 
 from . import optim
 from ._base import Optimizer
+from ._params import no_decay_parameter_names
 
 # every optimizer of thalweg.optim under its own ``name``, in the package's (the README's) order
 _OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in map(optim.__dict__.get, optim.__all__)}
-
-# Biases and the gains/shifts of normalisation layers (all the 1-d and 0-d parameters) and embedding
-# tables are not weights to shrink: decaying them towards zero, or rescaling their step by ‖w‖/‖g‖,
-# hurts (You et al. 2017 and 2019 exclude them; so do BERT and timm).
-_NO_DECAY_LAYERS = (nn.Embedding, nn.EmbeddingBag)
 
 
 def names() -> list[str]:
@@ -29,18 +25,6 @@ def optimizer_class(name: str) -> type[Optimizer]:
     if not isinstance(name, str) or name.lower() not in _OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(_OPTIMIZERS)}")
     return _OPTIMIZERS[name.lower()]
-
-
-def no_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that should get no weight decay and no trust ratio: biases (and any other
-    1-d or 0-d parameter), normalisation layers and embeddings."""
-    skipped = set()
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            full_name = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module, _NO_DECAY_LAYERS) or param.ndim <= 1:
-                skipped.add(full_name)
-    return skipped
 
 
 def create(name: str, model_or_params: nn.Module | Iterable[Any], **hyperparams: Any) -> Optimizer:

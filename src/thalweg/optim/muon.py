@@ -46,6 +46,7 @@ from torch import nn
 
 from .. import _checks
 from .._base import Optimizer, clip_grads_, global_grad_norm
+from .._params import no_decay_parameter_names
 from ..engine import PerTensor, rule
 from .adam import AdamW
 
@@ -441,9 +442,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         every optimizer); its other weights (the output layer) ``adamw_weight_decay``."""
         routes = route(model, overrides)
         matrices = [p for _, p, to_muon, _ in routes if to_muon]
-        others = [(name, p) for name, p, to_muon, _ in routes if not to_muon]
-        quiet = [p for name, p in others if p.ndim < 2 or name in _embedding_names(model)]
-        decayed = [p for _, p in others if all(p is not q for q in quiet)]
+        skipped = no_decay_parameter_names(model)
+        decayed = [p for name, p, to_muon, _ in routes if not to_muon and name not in skipped]
+        quiet = [p for name, p, to_muon, _ in routes if not to_muon and name in skipped]
         groups = [group for group in ({"params": matrices, "use_muon": True},
                                       {"params": decayed, "use_muon": False},
                                       {"params": quiet, "use_muon": False, "weight_decay": 0.0}) if group["params"]]
@@ -452,11 +453,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         adamw = dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay)
         return cls(groups, muon, adamw, backend=backend, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                    routes=routes)
-
-
-def _embedding_names(model: nn.Module) -> set[str]:
-    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) for name, _ in module.named_parameters(recurse=False)}
 
 
 Muon.for_module = staticmethod(MuonWithAdamW.for_model)
