@@ -676,6 +676,23 @@ def test_report_contains_every_task_optimizer_and_figure(tiny_report: tuple[Path
     assert not list(out.parent.glob(".*"))  # no temp dirs or partial results left behind
 
 
+def test_an_optimizer_keeps_its_colour_in_every_figure_when_a_task_leaves_another_out(tiny_report: tuple[Path, dict]) -> None:
+    """logreg without sgd (as a task without a hidden matrix leaves Muon out): adam's lines keep the colour they have
+    on rosenbrock, which ran both (styles follow the report's optimizers, not each task's)."""
+    import copy
+
+    _, results = tiny_report
+    results = copy.deepcopy(results)
+    logreg = results["tasks"]["logreg"]
+    logreg["runs"] = [r for r in logreg["runs"] if r["optimizer"] != "sgd"]
+    for key in ("centres", "best_lr", "centre_source", "coarse", "extended", "families"):
+        logreg.get(key, {}).pop("sgd", None)
+    page = report.build(results)
+    groups = re.findall(r'<g data-optimizer="adam">(.*?)</g>', page, flags=re.S)
+    colours = {c for body in groups for c in re.findall(r"stroke: (#[0-9a-f]{6})", body)} - {"#000000"}  # start, minimum
+    assert len(groups) >= 5 and len(colours) == 1, colours
+
+
 def test_report_redraws_identically(tiny_report: tuple[Path, dict], tmp_path: Path) -> None:
     out, _ = tiny_report
     redraw(out, tmp_path / "again")

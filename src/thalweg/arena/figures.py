@@ -34,7 +34,8 @@ GID_PREFIX = "thalweg-opt-"
 
 
 def colour(optimizer: str, optimizers: list[str]) -> str:
-    """A fixed colour per optimizer: the same in every figure of a report."""
+    """A fixed colour per optimizer: the same in every figure of a report, given the report's optimizers (a task's
+    own list would shift every colour after an optimizer the task left out)."""
     return _PALETTE[optimizers.index(optimizer) % len(_PALETTE)]
 
 
@@ -167,11 +168,12 @@ def _leaders(task: dict[str, Any], groups: list[tuple[str, list[str]]]) -> list[
     return out
 
 
-def curves_figure(task: dict[str, Any]) -> Figure:
+def curves_figure(task: dict[str, Any], order: list[str] | None = None) -> Figure:
     """Training loss and validation metric against steps, at each optimizer's best lr: the first row holds each
     family's leader, then one row per family (small multiples, so no panel carries more than a family). In each
     panel the median over seeds, smoothed, with the raw median faint and the min-max over seeds as a band."""
     opts = analysis.optimizers_of(task)
+    styles = order or opts  # one style per optimizer across the report's figures (see colour)
     groups = by_family(opts, _families_of(task))
     rows = [("leaders of each family", _leaders(task, groups))] + [(f"{family}", members) for family, members in groups]
     fig = _figure(11, 2.6 * len(rows) + 0.4)
@@ -187,7 +189,7 @@ def curves_figure(task: dict[str, Any]) -> Figure:
         for o in members:
             if o not in data:
                 continue
-            c, ls = colour(o, opts), dash(o, opts)
+            c, ls = colour(o, styles), dash(o, styles)
             label = f"{o} (lr {task['best_lr'][o]:.3g})"
             for ax, key in ((ax_loss, "curve"), (ax_metric, "evals")):
                 x, med, lo, hi = data[o][key]
@@ -233,11 +235,12 @@ def _clip_limits(values: list[float], higher_is_better: bool) -> tuple[float, fl
     return lo - pad, hi + pad
 
 
-def lr_figure(task: dict[str, Any]) -> Figure:
+def lr_figure(task: dict[str, Any], order: list[str] | None = None) -> Figure:
     """Final validation metric against lr (seed-0 sweep), one panel per family on shared axes. A point beyond the
     clipped axis sits on its bad edge as an open triangle; diverged lrs are crosses on that edge; a circle marks
     each optimizer's best lr."""
     opts = analysis.optimizers_of(task)
+    styles = order or opts  # one style per optimizer across the report's figures (see colour)
     groups = by_family(opts, _families_of(task))
     ncols = min(3, len(groups))
     nrows = math.ceil(len(groups) / ncols)
@@ -254,7 +257,7 @@ def lr_figure(task: dict[str, Any]) -> Figure:
     for ax, (family, members) in zip(axes, groups):
         for o in members:
             runs = analysis.sweep_runs(task, o)
-            c, ls = colour(o, opts), dash(o, opts)
+            c, ls = colour(o, styles), dash(o, styles)
             ok = [(r["lr"], r["final_metric"]) for r in runs if not r["diverged"] and r["final_metric"] is not None]
             bad = [r["lr"] for r in runs if r["diverged"] or r["final_metric"] is None]
             artists = []
@@ -288,11 +291,12 @@ def lr_figure(task: dict[str, Any]) -> Figure:
     return fig
 
 
-def trajectory_figure(task: dict[str, Any]) -> Figure:
+def trajectory_figure(task: dict[str, Any], order: list[str] | None = None) -> Figure:
     """One panel per optimizer (small multiples): its path at its best lr (seed 0) over the function's log-spaced
     contours, from the start (square) towards the minimum (star)."""
     surface = SURFACES[task["name"]]
     opts = analysis.optimizers_of(task)
+    styles = order or opts  # one style per optimizer across the report's figures (see colour)
     ordered = [o for _, members in by_family(opts, _families_of(task)) for o in members]
     ncols = min(6, len(ordered))
     nrows = math.ceil(len(ordered) / ncols)
@@ -313,8 +317,8 @@ def trajectory_figure(task: dict[str, Any]) -> Figure:
         title = f"{o}: all diverged"
         if runs:
             path = np.array([[np.nan if v is None else v for v in p] for p in runs[0]["trajectory"]])
-            artists += ax.plot(path[:, 0], path[:, 1], "-", color=colour(o, opts), lw=1.2)
-            artists += ax.plot(path[-1, 0], path[-1, 1], "o", color=colour(o, opts), ms=3)
+            artists += ax.plot(path[:, 0], path[:, 1], "-", color=colour(o, styles), lw=1.2)
+            artists += ax.plot(path[-1, 0], path[-1, 1], "o", color=colour(o, styles), ms=3)
             title = f"{o} (lr {runs[0]['lr']:.3g})"
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)

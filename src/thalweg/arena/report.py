@@ -25,16 +25,17 @@ def figure_plan(results: dict[str, Any]) -> list[tuple[str, str, Callable[[], An
     from . import figures
 
     plan: list[tuple[str, str, Callable[[], Any]]] = []
+    order = analysis.all_optimizers(results)
     for name, task in results["tasks"].items():
         if not task["centres"]:  # no optimizer ran on it: nothing to draw
             continue
         plan.append((f"{name}-curves.svg", "training loss and validation metric at each optimizer's best lr: each "
                      "family's leader, then one row per family (median over the evaluation seeds; band: their range)",
-                     lambda t=task: figures.curves_figure(t)))
+                     lambda t=task: figures.curves_figure(t, order)))
         plan.append((f"{name}-lr.svg", "lr sensitivity, one panel per family (seed-0 sweep)",
-                     lambda t=task: figures.lr_figure(t)))
+                     lambda t=task: figures.lr_figure(t, order)))
         if task["kind"] == "2d":
-            plan.append((f"{name}-trajectories.svg", "one path per optimizer", lambda t=task: figures.trajectory_figure(t)))
+            plan.append((f"{name}-trajectories.svg", "one path per optimizer", lambda t=task: figures.trajectory_figure(t, order)))
     if any(task["centres"] for task in results["tasks"].values()):
         plan.append(("profile.svg", "performance profiles", lambda: figures.profile_figure(results)))
     return plan
