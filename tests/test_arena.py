@@ -709,7 +709,7 @@ def test_report_write_is_atomic(tiny_report: tuple[Path, dict], tmp_path: Path, 
 
     from thalweg.arena import figures
 
-    def boom(task: dict) -> None:
+    def boom(task: dict, order: list | None = None) -> None:
         raise RuntimeError("drawing failed")
 
     monkeypatch.setattr(figures, "lr_figure", boom)
