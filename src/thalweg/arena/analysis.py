@@ -216,7 +216,8 @@ def lighter_and_faster(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | Non
                 quicker = row["time_to_target"] is not None and row["time_to_target"] < top["time_to_target"]
             else:
                 quicker = math.isfinite(row["step_time_ms"]) and row["step_time_ms"] < top["step_time_ms"]
-            faster = row if quicker else None
+            if quicker:
+                faster = row
     return lighter, faster
 
 

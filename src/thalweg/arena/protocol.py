@@ -2,8 +2,8 @@
 
 DeepOBS-style (Schneider et al. 2019): every optimizer gets the same log-spaced grid of multipliers
 around its own lr centre (found by :func:`coarse_search`, the same procedure for all) and the same step
-budget; the lr with the best final validation metric (seed 0) is rerun with more seeds. Divergence is a result: a run whose loss turns
-non-finite or explodes stops early and is recorded as diverged.
+budget; the lr with the best final validation metric (seed 0) is rerun with more seeds. Divergence is a
+result: a run whose loss turns non-finite or explodes stops early and is recorded as diverged.
 """
 
 from __future__ import annotations

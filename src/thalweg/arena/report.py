@@ -194,7 +194,7 @@ def _centre_text(optimizer: str, centre: float | None, source: str) -> str:
 
 _SCRIPT = """
 // Sortable tables: a click on a heading sorts the rows by that column, again reverses; missing values stay last.
-document.querySelectorAll("table.sortable th").forEach(function (th, _, all) {
+document.querySelectorAll("table.sortable th").forEach(function (th) {
   th.addEventListener("click", function () {
     var table = th.closest("table"), body = table.tBodies[0], column = th.cellIndex;
     var ascending = th.getAttribute("aria-sort") !== "ascending";

@@ -125,10 +125,10 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     bar = _progress(sum(runs[n] * cost[n] for n in cost), progress)
     pool = protocol.make_pool(task_objs, min(int(jobs), len(optimizers)))
     try:
-        for task in todo:
+        for index, task in enumerate(todo):
             if bar is not None:
                 bar.set_description(task.name)
-                bar.total = bar.n + sum(runs[t.name] * cost[t.name] for t in todo[todo.index(task):])  # estimates redone
+                bar.total = bar.n + sum(runs[t.name] * cost[t.name] for t in todo[index:])  # estimates redone
                 bar.refresh()
             steps = task.budget(quick, budget)
             results["tasks"][task.name] = protocol.run_task(

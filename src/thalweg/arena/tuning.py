@@ -1,6 +1,7 @@
 """``tune``: a grid over the tuning knobs of one optimizer on one task, drawn as heat-maps.
 
-The lr axis is the arena's grid around the centre its coarse search finds on the task. Two grids share it: lr x the momentum knob (``betas[0]`` for Adam-family, ``momentum`` for
+The lr axis is the arena's grid around the centre its coarse search finds on the task. Two grids share
+it: lr x the momentum knob (``betas[0]`` for Adam-family, ``momentum`` for
 SGD-family and RMSprop; Adagrad has none, so its grid is lr x ``lr_decay``) at the default weight
 decay, then lr x weight decay at the best momentum value. Cells hold the final validation metric
 (seed 0); diverged cells are marked.
