@@ -158,7 +158,7 @@ def test_a_torch_checkpoint_with_bfloat16_state_is_widened_on_load():
     ours.step()  # and steps on it
 
 
-@pytest.mark.parametrize("value", [torch.float16, torch.bfloat16, torch.float64, "float32", True])
-def test_state_dtype_must_be_none_or_float32(value):
-    with pytest.raises(ValueError, match=r"^state_dtype must be None or torch\.float32, got "):
+@pytest.mark.parametrize("value", [torch.float16, torch.bfloat16, torch.float64, "float32", True, torch.int8, "uint8"])
+def test_state_dtype_must_be_none_float32_or_int8(value):
+    with pytest.raises(ValueError, match=r"^state_dtype must be None, torch\.float32 or 'int8', got "):
         thalweg.Adam(make_params([(3,)], torch.bfloat16, 0), state_dtype=value)

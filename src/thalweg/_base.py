@@ -21,11 +21,15 @@ from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_H
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
 
 from . import _checks, distributed, engine
+from .engine import codec
 
 BACKENDS = ("auto", *engine.BACKENDS)
 _IS_SPARSE = operator.attrgetter("is_sparse")
 _IS_CPU = operator.attrgetter("is_cpu")
 _CPU = torch.device("cpu")
+
+# The state entry that holds an 8-bit role's absmax values (``exp_avg`` -> ``exp_avg_absmax``).
+_ABSMAX = "_absmax"
 
 # Parameter dtypes whose state ``state_dtype=torch.float32`` widens.
 _NARROW = (torch.bfloat16, torch.float16)
@@ -95,6 +99,11 @@ class Optimizer(torch.optim.Optimizer):
     # state entries whose shape is not the parameter's (Adafactor's row and column factors): checked by
     # :meth:`_check_state`, not against the parameter's shape
     unshaped_state_keys: ClassVar[frozenset[str]] = frozenset()
+    # How each state role is kept with state_dtype="int8" (see thalweg.engine.codec): "signed" or "unsigned"
+    # 8-bit blocks (first moments; second moments, which are >= 0), or "float" (kept as float state: an
+    # iterate or an average of iterates, which 8 bits would blur). An optimizer that declares nothing, or not
+    # every role of its rule, has no 8-bit state, and refuses state_dtype="int8".
+    state_codecs: ClassVar[dict[str, str]] = {}
     # Layer-wise optimizers scale each tensor's step by a trust ratio that a param group can turn off
     # with ``trust_ratio=False`` (thalweg.create puts biases and norms in such a group).
     layerwise: ClassVar[bool] = False
@@ -133,8 +142,14 @@ class Optimizer(torch.optim.Optimizer):
         defaults = {**defaults, **{key: passed[key] for key in self._backend_group_keys()}}
         _checks.optional_positive("max_grad_norm", max_grad_norm)
         _checks.flag("skip_nonfinite", skip_nonfinite)
-        if not (state_dtype is None or state_dtype is torch.float32):
-            raise ValueError(f"state_dtype must be None or torch.float32, got {state_dtype!r}")
+        if state_dtype == "int8":
+            undeclared = [role for role in self.rule.state_roles if role not in self.state_codecs]
+            if undeclared or not self.state_codecs:
+                raise ValueError(f"state_dtype='int8' is not available for {type(self).__name__}: "
+                                 + (f"its state {', '.join(map(repr, undeclared))} has no 8-bit form" if undeclared
+                                    else "its state is not elementwise"))
+        elif not (state_dtype is None or state_dtype is torch.float32):
+            raise ValueError(f"state_dtype must be None, torch.float32 or 'int8', got {state_dtype!r}")
         self.state_dtype = state_dtype
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = skip_nonfinite
@@ -280,9 +295,10 @@ class Optimizer(torch.optim.Optimizer):
             scalars = {**scalars, **self._per_tensor_values(group, states, params, self._sizes(program, params))}
         if program.state_roles:  # a dense state (a momentum buffer) changes every row anyway: so does the step
             grads = [grad.to_dense() for grad in grads]
-        roles = [[state[role] for state in states] for role in program.state_roles]
+        roles, quantised = self._role_lists(program, params, states)
         steps = [state["step"] for state in states] if self.counts_steps else None
-        engine.run(program, "reference", params, grads, roles, steps, first, scalars, out_of_place=True)
+        engine.run(program, "reference", params, grads, roles, steps, first, scalars, out_of_place=True,
+                   quantised=quantised)
 
     def _auto_fused(self, device: torch.device, params: list[torch.Tensor], group: dict[str, Any]) -> bool:
         """Whether ``backend="auto"`` takes the fused path for these tensors (where fused is available): yes,
@@ -291,15 +307,50 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------------------
 
+    @property
+    def _float_state(self) -> torch.dtype | None:
+        """The dtype float state of bfloat16/float16 parameters is kept in: float32 with ``state_dtype``
+        float32, and with "int8" too (small tensors, and the roles declared "float"); None: the param's own."""
+        return None if self.state_dtype is None else torch.float32
+
     def _widens(self, param: torch.Tensor) -> bool:
-        """Whether ``param``'s state is kept in ``state_dtype`` rather than the param's own dtype."""
+        """Whether ``param``'s float state is kept in float32 rather than the param's own dtype."""
         return self.state_dtype is not None and param.dtype in _NARROW
 
     def _new_state(self, param: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """A state tensor for ``param`` filled with ``fill``, in ``state_dtype`` where :meth:`_widens` says
-        so, else in the param's dtype (torch's memory format rule either way)."""
-        dtype = self.state_dtype if self._widens(param) else param.dtype
+        """A state tensor for ``param`` filled with ``fill``, in float32 where :meth:`_widens` says so, else
+        in the param's dtype (torch's memory format rule either way)."""
+        dtype = self._float_state if self._widens(param) else param.dtype
         return torch.full_like(param, fill, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _codec(self, role: str, param: torch.Tensor) -> str | None:
+        """``"signed"`` or ``"unsigned"`` when ``role``'s state of ``param`` is kept in 8 bits, else None."""
+        if self.state_dtype != "int8":
+            return None
+        kind = self.state_codecs.get(role)
+        return kind if kind in ("signed", "unsigned") and codec.quantises(param.numel()) else None
+
+    def _role_lists(self, program: engine.Program, params: list[torch.Tensor], states: list[dict[str, Any]],
+                    where=None) -> tuple[list[list[Any]], bool]:
+        """Each state role's entries of ``states`` (the rule's role lists) and whether any is 8-bit: those are
+        :class:`~thalweg.engine.codec.Blockwise` views of the codes and absmax, checked here."""
+        roles = [[state[role] for state in states] for role in program.state_roles]
+        if self.state_dtype != "int8":
+            return roles, False
+        quantised = False
+        for role, entries in zip(program.state_roles, roles):
+            kind = self.state_codecs[role]
+            if kind == "float":
+                continue
+            for k, value in enumerate(entries):
+                if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+                    absmax = states[k].get(role + _ABSMAX)
+                    problem = codec.check(value, absmax, params[k].shape)
+                    if problem is not None:
+                        raise RuntimeError(f"{_name(where, k)}: its 8-bit state[{role!r}] is damaged: {problem}")
+                    entries[k] = codec.Blockwise(value, absmax, kind == "signed")
+                    quantised = True
+        return roles, quantised
 
     def _states(self, params: list[torch.Tensor], group: dict[str, Any], program: engine.Program,
                 created_log: list | None = None, where=None) -> tuple[list[dict[str, Any]], np.ndarray | None]:
@@ -352,6 +403,11 @@ class Optimizer(torch.optim.Optimizer):
                     state[role] = self._initial_state(param, role, group)
                     if created_log is not None:
                         created_log.append((state, role))
+                    kind = self._codec(role, param)
+                    if kind is not None:  # encoded from the float start (Adagrad's may be nonzero)
+                        state[role], state[role + _ABSMAX] = codec.encode(state[role], kind == "signed")
+                        if created_log is not None:
+                            created_log.append((state, role + _ABSMAX))
                     if created is None:
                         created = np.zeros(len(params), dtype=np.bool_)
                     created[i] = True
@@ -458,18 +514,44 @@ class Optimizer(torch.optim.Optimizer):
             values = [group.pop(key) for group in self.param_groups if key in group]
             if values:
                 setattr(self, key, values[0])
-        if self.state_dtype is not None:
-            # torch.optim casts every floating state tensor to its parameter's dtype on load; the state of
-            # bfloat16/float16 parameters is taken again from the checkpoint itself, in state_dtype, so a
-            # float32 state saved by thalweg comes back without a round trip through bfloat16.
-            saved = state_dict["state"]
-            indices = [index for group in state_dict["param_groups"] for index in group["params"]]
-            params = [param for group in self.param_groups for param in group["params"]]
-            for index, param in zip(indices, params):
-                if self._widens(param) and index in saved:
-                    for key, value in saved[index].items():
-                        if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
-                            self.state[param][key] = value.to(device=param.device, dtype=self.state_dtype)
+        if self.state_dtype is not None or self.state_codecs:
+            self._retake_state(state_dict)
+
+    def _retake_state(self, state_dict: dict[str, Any]) -> None:
+        """After torch.optim's load: the state entries its cast to the parameter's dtype would change, taken again
+        from the checkpoint itself.
+
+        torch.optim casts every state tensor but ``step`` to a floating parameter's dtype. With ``state_dtype``,
+        the float state of bfloat16/float16 parameters is taken in float32 instead (no round trip through
+        bfloat16); 8-bit state (uint8 codes and float32 absmax) is taken as it was saved, or encoded from a
+        float checkpoint, and an 8-bit checkpoint loaded without ``state_dtype="int8"`` is decoded to float.
+        """
+        saved = state_dict["state"]
+        indices = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, param in zip(indices, params):
+            if index not in saved or param not in self.state:
+                continue
+            entry, state = saved[index], self.state[param]
+            widens = self._widens(param)
+            for key, value in entry.items():
+                if key == "step" or key.endswith(_ABSMAX) or not isinstance(value, torch.Tensor):
+                    continue
+                kind = self._codec(key, param)
+                if value.dtype == torch.uint8:  # 8-bit in the checkpoint
+                    absmax = entry[key + _ABSMAX]
+                    if kind is not None:
+                        state[key] = value.to(param.device, copy=True)
+                        state[key + _ABSMAX] = absmax.to(param.device, torch.float32, copy=True)
+                    else:
+                        signed = self.state_codecs[key] == "signed"
+                        decoded = codec.decode(value, absmax, signed)
+                        state[key] = decoded.to(param.device, self._float_state if widens else param.dtype)
+                        state.pop(key + _ABSMAX, None)
+                elif kind is not None and value.is_floating_point():  # a float checkpoint: encoded on load
+                    state[key], state[key + _ABSMAX] = codec.encode(value.to(param.device), kind == "signed")
+                elif widens and value.is_floating_point():
+                    state[key] = value.to(device=param.device, dtype=self._float_state)
 
     def _check_checkpoint(self, state_dict: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -489,6 +571,7 @@ class Optimizer(torch.optim.Optimizer):
             params.update(zip(saved["params"], group["params"]))
         scalar_keys = set(self._scalar_state(self.defaults)) if self.counts_steps else set()
         allowed = set(self.rule.state_roles) | ({"step"} | scalar_keys if self.counts_steps else set()) | self.own_state_keys
+        allowed |= {role + _ABSMAX for role, kind in self.state_codecs.items() if kind != "float"}
         for index, state in state_dict["state"].items():
             where = f"state of param {index} in the checkpoint"
             foreign = sorted(set(state) - allowed)
@@ -510,6 +593,18 @@ class Optimizer(torch.optim.Optimizer):
                         raise ValueError(f"{where}: {key!r} must be a number or a one-element tensor, got {value!r}")
                 elif not isinstance(value, torch.Tensor):
                     raise ValueError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
+                elif key.endswith(_ABSMAX) and key.removesuffix(_ABSMAX) in self.state_codecs:
+                    if not isinstance(state.get(key.removesuffix(_ABSMAX)), torch.Tensor) or \
+                            state[key.removesuffix(_ABSMAX)].dtype != torch.uint8:
+                        raise ValueError(f"{where} holds {key!r} without the 8-bit {key.removesuffix(_ABSMAX)!r} it "
+                                         "scales")
+                elif value.dtype == torch.uint8:  # an 8-bit state: its codes and absmax checked together
+                    if self.state_codecs.get(key, "float") == "float":
+                        raise ValueError(f"{where}: {key!r} is 8-bit (uint8), which a {name} does not keep for {key!r}")
+                    problem = codec.check(value, state.get(key + _ABSMAX),
+                                          param.shape if param is not None else value.shape)
+                    if problem is not None:
+                        raise ValueError(f"{where}: the 8-bit {key!r} is damaged: {problem}")
                 elif param is not None and key not in self.unshaped_state_keys and value.shape != param.shape:
                     raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)} but the parameter has "
                                      f"{tuple(param.shape)}")
@@ -684,6 +779,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _ready(self, group, params, grads, sharding, scalars, program, backend, where, created):
         """A group's tensors on one device made ready for :func:`thalweg.engine.run`, every one of them checked."""
+        if sharding is not None and self.state_dtype == "int8":
+            raise NotImplementedError("state_dtype='int8' does not yet support sharded (DTensor, FSDP2) parameters: "
+                                      "its blocks must follow the whole tensor, not each process's shard")
         states, first = self._states(params, group, program, created, where)
         sparse = None
         if any(map(_IS_SPARSE, grads)):
@@ -696,7 +794,7 @@ class Optimizer(torch.optim.Optimizer):
             states = [states[i] for i in kept] if states else []
             if first is not None:
                 first = first[kept]
-        roles = [[state[role] for state in states] for role in program.state_roles]
+        roles, quantised = self._role_lists(program, params, states, where)
         steps = [state["step"] for state in states] if self.counts_steps and states else None
         sizes = self._sizes(program, params)
         if sharding is not None:  # (the sizes above are the whole tensors': a DTensor's numel is global)
@@ -704,7 +802,7 @@ class Optimizer(torch.optim.Optimizer):
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             roles = [[local(t) if isinstance(t, torch.Tensor) else t for t in role] for role in roles]
         try:  # the fused path checks what its kernels touch; only what it leaves to foreach is checked here
-            partitioned = engine.partition(backend, params, grads, roles, steps)
+            partitioned = engine.partition(backend, params, grads, roles, steps, quantised=quantised, program=program)
             unchecked = partitioned[1]
         except (AttributeError, TypeError, RuntimeError):  # a state entry that is not a tensor at all
             partitioned, unchecked = None, range(len(params))
@@ -715,8 +813,8 @@ class Optimizer(torch.optim.Optimizer):
             supplied = self._per_tensor_values(group, states, params, sizes, where)
             scalars = {**scalars, **supplied}
         arguments = (program, backend, params, grads, roles, steps, first, scalars)
-        keywords = dict(sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self.state_dtype,
-                        partitioned=partitioned, out_of_place=bool(group.get("differentiable")))
+        keywords = dict(sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self._float_state,
+                        partitioned=partitioned, out_of_place=bool(group.get("differentiable")), quantised=quantised)
         return arguments, keywords, sparse, (group, states, supplied)
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
@@ -729,6 +827,12 @@ class Optimizer(torch.optim.Optimizer):
                 f"parameter {_position(group, param)} of param group {group_index}: {type(self).__name__} does not "
                 "support sparse gradients; use thalweg.SGD or thalweg.Adagrad, or a dense layer "
                 "(e.g. nn.Embedding(sparse=False))"
+            )
+        if grad.is_sparse and self.state_dtype == "int8" and type(self)._sparse_update is not Optimizer._sparse_update:
+            raise RuntimeError(
+                f"state_dtype='int8' cannot be used with sparse gradients (param group {group_index}): "
+                f"{type(self).__name__} updates only a sparse gradient's rows, and an 8-bit block spans rows; use "
+                "state_dtype=None for a model with sparse embeddings"
             )
         if grad.is_sparse and group.get("cautious"):
             raise RuntimeError(
@@ -803,6 +907,8 @@ def _check_tensors(where: _Where, params, grads, roles, steps, role_names, posit
                                f"{_describe(param)} (was p.grad.data or p.data assigned?)")
         for role, tensors in zip(role_names, roles):
             value = tensors[k]
+            if isinstance(value, codec.Blockwise):  # (checked when it was made)
+                continue
             if not isinstance(value, torch.Tensor):
                 raise RuntimeError(f"{where(k)}: state[{role!r}] is {type(value).__name__}, not a tensor")
             if value.shape != param.shape or value.device != param.device or not value.is_floating_point():

@@ -74,26 +74,39 @@ def table_roles(program: Program) -> list[str]:
     return [program.rule.roles[0], program.rule.roles[1], *program.state_roles]
 
 
-def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype) -> str:
-    """The generated module for ``program`` on ``dtype`` parameters with ``state_dtype`` state."""
-    lines = [header(program, f"numba, {dtype} parameters, {state_dtype} state"),
+def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = ()) -> str:
+    """The generated module for ``program`` on ``dtype`` parameters with ``state_dtype`` state; ``codecs``: per
+    state role, None or the map ("signed", "unsigned") of its 8-bit blocks (see :mod:`.codec`)."""
+    eight_bit = [kind for kind in codecs if kind is not None]
+    lines = [header(program, f"numba, {dtype} parameters, {state_dtype} state"
+                             + (f", 8-bit {', '.join(r for r, k in zip(program.state_roles, codecs) if k)}" if eight_bit else "")),
              "import numpy as np",
              "from numba import carray",
-             "from thalweg.engine.numba_runtime import (BLOCK, F64, I64, accumulate, address, fetch_add, lerp, load,",
-             "                                          maximum, minimum, pointer, round_to, sign, sqrt, square, store)",
+             "from thalweg.engine.numba_runtime import (BLOCK, F32, F64, I64, Q, QBLOCK, SIGNED, SIGNED_EDGES, SIGNED_LOOKUP,",
+             "                                          UNSIGNED, UNSIGNED_EDGES, UNSIGNED_LOOKUP, accumulate, address,",
+             "                                          decode, encode, fetch_add, largest, lerp, load, maximum, maximum_abs,",
+             "                                          minimum, pointer, round_to, sign, sqrt, square, store)",
              "",
              f"P = np.empty(1, dtype=np.{STORAGE[dtype]})  # parameter and gradient storage",
              f"S = np.empty(1, dtype=np.{STORAGE[state_dtype]})  # state storage",
              f"C = np.empty(1, dtype=np.{COMPUTE[dtype]})  # compute dtype: the scalar tables", ""]
     # float32 state for bfloat16/float16 parameters: the parameter is a float32 copy until the step ends
     widened = state_dtype != dtype
+    if eight_bit and len(program.passes) > 1:  # pragma: no cover - driver.partition sends those to foreach
+        raise ValueError("8-bit state is fused for one-pass programs only")
     for index, kernel_pass in enumerate(program.passes):
-        lines += _body(program, kernel_pass, index, widened)
+        lines += _body(program, kernel_pass, index, widened, codecs)
     return "\n".join(lines) + "\n"
 
 
-def _body(program: Program, kernel_pass, index: int, widened: bool) -> list[str]:
+def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tuple = ()) -> list[str]:
+    """Pass ``index`` as a parallel body. With 8-bit roles (``codecs``) each chunk is walked block by block
+    (a chunk starts on a block): a block's codes are decoded with its absmax as they are loaded, the new
+    values wait in the chunk's row of scratch (the ``_partial`` table, unused by a one-pass program), and at
+    the block's end its new absmax is taken and its codes encoded — one pass over memory."""
     rows = {role: row for row, role in enumerate(table_roles(program))}
+    maps = {role: kind for role, kind in zip(program.state_roles, codecs) if kind is not None}
+    absmax_rows = {role: len(rows) + k for k, role in enumerate(maps)}
     state_roles = set(program.state_roles)
     columns = program.columns + program.late_columns
     slots = {k: j for j, k in enumerate(program.slots)}
@@ -120,28 +133,60 @@ def _body(program: Program, kernel_pass, index: int, widened: bool) -> list[str]
             "            _t = _chunks[_c, 0]",
             "            _lo = _chunks[_c, 1]",
             "            _hi = _chunks[_c, 2]"]
-    out += [f"            _ptr_{role} = pointer(_ptrs[{rows[role]}, _t], {'S' if role in state_roles else 'P'})"
+    out += [f"            _ptr_{role} = pointer(_ptrs[{rows[role]}, _t], {'Q' if role in maps else 'S' if role in state_roles else 'P'})"
             for role in touched]
+    read = [role for role in maps if role in touched and role in kernel_pass.roles_read]
+    written = [role for role in maps if role in touched and role in kernel_pass.roles_written]
+    out += [f"            _absmax_{role} = pointer(_ptrs[{absmax_rows[role]}, _t], F32)" for role in maps if role in touched]
     out += per_tensor
     out += [f"            _acc{slots[k]} = 0.0" for k in kernel_pass.reductions.values()]
-    out.append("            for _i in range(_lo, _hi):")
-    inner = "                "
+    if maps:
+        scratch = {role: k * _QBLOCK for k, role in enumerate(written)}
+        out += ["            for _b in range(_lo, _hi, QBLOCK):",
+                "                _e = min(_b + QBLOCK, _hi)",
+                "                _k = _b // QBLOCK"]
+        out += [f"                _scale_{role} = _absmax_{role}[_k]" for role in read]
+        out += [f"                _top_{role} = np.float32(0.0)" for role in written]
+        out.append("                for _i in range(_b, _e):")
+        inner = "                    "
+    else:
+        scratch = {}
+        out.append("            for _i in range(_lo, _hi):")
+        inner = "                "
     for var, role in kernel_pass.loads:
-        out.append(f"{inner}{var} = load(_ptr_{role}, _i)")
+        if role in maps:
+            out.append(f"{inner}{var} = decode(C, {maps[role].upper()}, _ptr_{role}, _i, _scale_{role})")
+        else:
+            out.append(f"{inner}{var} = load(_ptr_{role}, _i)")
     for var, _ in kernel_pass.loads:
-        out += _after(var, kernel_pass, inner, slots, program, widened)
+        out += _after(var, kernel_pass, inner, slots, program, widened, scratch)
     for statement in kernel_pass.body:
         out.append(f"{inner}{statement.target} = {render(program, statement.expr, _DIALECT)}  # line {statement.line}")
-        out += _after(statement.target, kernel_pass, inner, slots, program, widened)
+        out += _after(statement.target, kernel_pass, inner, slots, program, widened, scratch)
+    for role in written:  # the block's new absmax (never below 1e-12), then its codes
+        out += [f"                _top_{role} = largest(_top_{role})",
+                f"                _absmax_{role}[_k] = _top_{role}",
+                "                for _j in range(_e - _b):",
+                f"                    _ptr_{role}[_b + _j] = encode({maps[role].upper()}_EDGES, {maps[role].upper()}_LOOKUP, "
+                f"np.float32(_partial[_c, {scratch[role]} + _j]) / _top_{role})"]
     out += [f"            _partial[_c, {slots[k]}] = _acc{slots[k]}" for k in kernel_pass.reductions.values()]
     out += ["        _next = fetch_add(_counter, _grab)", "", ""]
     return out
 
 
-def _after(var: str, kernel_pass, inner: str, slots: dict[int, int], program: Program, widened: bool) -> list[str]:
-    """Stores and sums that follow the definition (or load) of ``var``."""
+_QBLOCK = 256  # (codec.BLOCK; numba_runtime.QBLOCK in the generated code)
+
+
+def _after(var: str, kernel_pass, inner: str, slots: dict[int, int], program: Program, widened: bool,
+           scratch: dict[str, int] | None = None) -> list[str]:
+    """Stores and sums that follow the definition (or load) of ``var``; an 8-bit role's new value goes to
+    its scratch (``scratch``: role -> offset in the chunk's row) and into its block's running absmax."""
     out = []
     for role in kernel_pass.stores.get(var, ()):
+        if scratch and role in scratch:
+            out.append(f"{inner}_partial[_c, {scratch[role]} + _i - _b] = {var}")
+            out.append(f"{inner}_top_{role} = maximum_abs(_top_{role}, {var})")
+            continue
         out.append(f"{inner}store(_ptr_{role}, _i, {var})")
     if var in kernel_pass.kept and not (widened and program.rule.roles[0] in kernel_pass.stores[var]):
         role = kernel_pass.stores[var][0]
@@ -201,12 +246,13 @@ def _compile(module_source: str, stem: str, name: str) -> Kernel:
     return Kernel(function.address, keep=function)
 
 
-def body(program: Program, index: int, dtype: torch.dtype, state_dtype: torch.dtype) -> Kernel:
+def body(program: Program, index: int, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = ()) -> Kernel:
     """The compiled parallel body of pass ``index`` (generated, compiled or loaded once)."""
-    key = (program.digest, index, dtype, state_dtype)
+    key = (program.digest, index, dtype, state_dtype, codecs)
     kernel = _BODIES.get(key)
     if kernel is None:
-        kernel = _BODIES[key] = compiled(source(program, dtype, state_dtype), f"cpu_{program.rule.name}", f"pass{index}")
+        kernel = _BODIES[key] = compiled(source(program, dtype, state_dtype, codecs), f"cpu_{program.rule.name}",
+                                         f"pass{index}")
     return kernel
 
 
@@ -327,7 +373,8 @@ class Plan:
     def __init__(self, program: Program, bucket) -> None:
         compute = np.float64 if bucket.dtype == torch.float64 else np.float32
         self.bucket = bucket
-        self.kernels = [body(program, k, bucket.dtype, bucket.state_dtype) for k in range(len(program.passes))]
+        self.kernels = [body(program, k, bucket.dtype, bucket.state_dtype, bucket.codecs)
+                        for k in range(len(program.passes))]
         self.hp = np.zeros(max(len(program.hp), 1), dtype=compute)
         self.n_early = len(program.columns)
         self.coef = np.zeros((len(bucket.indices), max(self.n_early + len(program.late_columns), 1)), dtype=compute)
@@ -336,6 +383,8 @@ class Plan:
         self.blocks = []
         for index in range(len(program.passes)):
             out = partial if index == 0 and len(program.passes) > 1 else _NO_PARTIAL
+            if bucket.codecs:  # a row of scratch per chunk: the new values of a block of each written 8-bit role
+                out = self.partial = np.zeros((bucket.chunks.shape[0], _QBLOCK * sum(map(bool, bucket.codecs))))
             self.blocks.append(np.array([0, 1, _address(ptrs), ptrs.shape[0], ptrs.shape[1], _address(chunks),
                                          chunks.shape[0], _address(coef), coef.shape[0], coef.shape[1], _address(hp),
                                          hp.shape[0], _address(out), out.shape[0], out.shape[1]], dtype=np.int64))

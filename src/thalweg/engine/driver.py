@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import host, lists, reference
+from . import codec, host, lists, reference
 from .program import Program
 from .vocabulary import TensorList
 
@@ -27,18 +27,25 @@ _NARROW = (torch.bfloat16, torch.float16)
 
 
 def partition(backend: str, params: list[torch.Tensor], grads: list[torch.Tensor], roles: list[list[torch.Tensor]],
-              steps: list[torch.Tensor] | None) -> tuple[list, list[int], np.ndarray | None]:
+              steps: list[torch.Tensor] | None, *, quantised: bool = False,
+              program: Program | None = None) -> tuple[list, list[int], np.ndarray | None]:
     """Which positions the fused kernels take (in buckets) and which the foreach path does, before anything
-    is written: ``(buckets, rest, step addresses)``. Nothing is written; hand the result to :func:`run`."""
+    is written: ``(buckets, rest, step addresses)``. Nothing is written; hand the result to :func:`run`.
+    With 8-bit state (``quantised``) the kernels take one-pass ``program`` s on CPU; the rest runs foreach
+    on decoded copies."""
     if backend == "fused" and params:
-        return host.partition(params, grads, roles, steps)
+        if not quantised:
+            return host.partition(params, grads, roles, steps)
+        if params[0].device.type == "cpu" and program is not None and len(program.passes) == 1:
+            return host.codec_partition(params, grads, roles, steps)
     return [], list(range(len(params))), None
 
 
 def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[torch.Tensor],
         roles: list[list[torch.Tensor]], steps: list[torch.Tensor] | None, first: np.ndarray | None,
         scalars: dict[str, Any], *, sum_across: Callable[[torch.Tensor], None] | None = None,
-        widen_to: torch.dtype | None = None, partitioned: tuple | None = None, out_of_place: bool = False) -> None:
+        widen_to: torch.dtype | None = None, partitioned: tuple | None = None, out_of_place: bool = False,
+        quantised: bool = False) -> None:
     """Step ``params`` (one device) with ``program``.
 
     ``roles``: the state tensors of ``program.state_roles``, one list per role; ``steps``: the step
@@ -50,9 +57,18 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
     compute in float32 and round once anyway, the other paths step a copy and round it back once;
     ``partitioned``: what :func:`partition` returned for these tensors (it is taken again when absent);
     ``out_of_place``: run the rule function itself, out of place (reference backend only): autograd can
-    record the step (``differentiable=True``), and sparse gradients go through torch's sparse arithmetic.
+    record the step (``differentiable=True``), and sparse gradients go through torch's sparse arithmetic;
+    ``quantised``: some entries of ``roles`` are 8-bit state (:class:`.codec.Blockwise`): they are decoded to
+    float (float32, float64 for float64 parameters), stepped, and encoded again (:func:`.codec.run_through_floats`).
     """
     if not params:
+        return
+    if quantised and (backend != "fused" or out_of_place):
+        def step_floats(floats: list[list[torch.Tensor]]) -> None:
+            run(program, backend, params, grads, floats, steps, first, scalars, sum_across=sum_across,
+                widen_to=widen_to, out_of_place=out_of_place)
+
+        codec.run_through_floats(step_floats, roles, [p.dtype for p in params])
         return
     if out_of_place:
         if backend != "reference":
@@ -69,7 +85,8 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
         reference.run(program, params, grads, roles, steps, None if first is None else first.tolist(), scalars,
                       compute_dtypes=compute, sum_across=sum_across)
         return
-    buckets, rest, step_addresses = partitioned or partition(backend, params, grads, roles, steps)
+    buckets, rest, step_addresses = partitioned or partition(backend, params, grads, roles, steps, quantised=quantised,
+                                                                         program=program)
     n = len(params)
     counts = _advance(steps, step_addresses) if steps is not None else None
     if program.uses_step and counts is None:
@@ -120,6 +137,8 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
                     sums[torch.as_tensor(indices, device=device)] = out
     for indices, tensors in lists_:
         _round_back(params, indices, tensors[0], compute)
+    if quantised and rest:
+        _encode_back(roles, rest, lists_)
 
 
 def _advance(steps: list[torch.Tensor], addresses: np.ndarray | None) -> np.ndarray:
@@ -137,10 +156,11 @@ def _advance(steps: list[torch.Tensor], addresses: np.ndarray | None) -> np.ndar
 
 
 def _lists(program: Program, params, grads, roles, indices: list[int], compute) -> list[tuple[np.ndarray, list]]:
-    """The foreach work: per (dtype, state dtype, device) sub-bucket, its positions and TensorLists."""
+    """The foreach work: per (dtype, state dtype, device) sub-bucket, its positions and TensorLists. 8-bit
+    state (:class:`.codec.Blockwise`) is decoded into float copies here, and encoded back by :func:`_encode_back`."""
     groups: dict[tuple, list[int]] = {}
     for i in indices:
-        key = (params[i].dtype, roles[0][i].dtype if roles else None, params[i].device)
+        key = (params[i].dtype, _state_dtype(roles[0][i]) if roles else None, params[i].device)
         groups.setdefault(key, []).append(i)
     out = []
     for positions in groups.values():
@@ -150,9 +170,32 @@ def _lists(program: Program, params, grads, roles, indices: list[int], compute) 
         if dtype is not None:  # stepped as float32 copies, rounded back once at the end
             ps = [p.to(dtype) for p in ps]
             gs = [g.to(dtype) for g in gs]
-        tensors = [TensorList(ps), TensorList(gs)] + [TensorList([role[i] for i in positions]) for role in roles]
+        tensors = [TensorList(ps), TensorList(gs)] + [TensorList([_decoded(role[i], params[i]) for i in positions])
+                                                        for role in roles]
         out.append((np.array(positions, dtype=np.int64), tensors))
     return out
+
+
+def _state_dtype(entry) -> torch.dtype | str:
+    return "int8" if isinstance(entry, codec.Blockwise) else entry.dtype
+
+
+def _decoded(entry, param: torch.Tensor) -> torch.Tensor:
+    """A state tensor for the foreach path: itself, or an 8-bit state decoded (float64 for float64 params)."""
+    if not isinstance(entry, codec.Blockwise):
+        return entry
+    value = entry.decode()
+    return value.double() if param.dtype == torch.float64 else value
+
+
+def _encode_back(roles, rest: list[int], lists_) -> None:
+    """Encode the new values of the 8-bit state the foreach path stepped as float copies."""
+    for indices, tensors in lists_:
+        for role, stepped in zip(roles, tensors[2:]):
+            for i, value in zip(indices.tolist(), stepped.tensors):
+                entry = role[i]
+                if isinstance(entry, codec.Blockwise):
+                    entry.store(value)
 
 
 def _round_back(params, indices: np.ndarray, stepped: TensorList, compute) -> None:

@@ -55,6 +55,9 @@ class Bucket:
     step_pointers: np.ndarray | None
     chunks: np.ndarray
     memo: dict = field(default_factory=dict)
+    # per state role: None (float state) or the map of its 8-bit blocks ("signed", "unsigned"); the address
+    # table then has one more row per 8-bit role, its absmax (see codec_partition)
+    codecs: tuple = ()
 
     @property
     def n_elements(self) -> int:
@@ -259,3 +262,55 @@ def mark_written(params: list[torch.Tensor]) -> None:
     inplace operation"). Only the parameters: state tensors are not part of a model's graph.
     """
     torch.autograd.graph.increment_version(params)
+
+
+def codec_partition(params: list[torch.Tensor], grads: list[torch.Tensor], roles: list[list],
+                    steps: list[torch.Tensor] | None) -> tuple[list[Bucket], list[int], np.ndarray | None]:
+    """:func:`partition` for a step whose state is partly 8-bit (``roles`` hold :class:`.codec.Blockwise`
+    entries), on CPU: buckets by (dtype, float state dtype, which roles are 8-bit), each with the absmax
+    rows after the role rows of its address table. Everything is checked every step (no layout is kept:
+    an 8-bit step reads and writes half the bytes, and pays a little more host time)."""
+    from .codec import BLOCK, Blockwise
+
+    if CHUNK % BLOCK:  # pragma: no cover - a chunk must start on a block
+        raise AssertionError("the chunk size must be a multiple of the codec's block")
+    allowed = KERNEL_DTYPES["cpu"]
+    device = params[0].device
+    by_kind: dict[tuple, list[int]] = {}
+    fallback = []
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        entries = [role[i] for role in roles]
+        floats = [e for e in entries if not isinstance(e, Blockwise)]
+        state_dtype = floats[0].dtype if floats else (torch.float32 if param.dtype == torch.bfloat16 else param.dtype)
+        ok = (param.layout is torch.strided and param.is_contiguous() and (param.dtype, state_dtype) in allowed
+              and grad.layout is torch.strided and grad.dtype is param.dtype and grad.shape == param.shape
+              and grad.is_contiguous()
+              and all(e.layout is torch.strided and e.dtype is state_dtype and e.device == device
+                      and e.shape == param.shape and e.is_contiguous() for e in floats)
+              and all(e.codes.is_contiguous() and e.absmax.is_contiguous() for e in entries if isinstance(e, Blockwise)))
+        if ok and steps is not None:
+            ok = steps[i].dtype in STEP_DTYPES and steps[i].device.type == "cpu" and steps[i].numel() == 1
+        if not ok:
+            fallback.append(i)
+            continue
+        codecs = tuple(("signed" if e.signed else "unsigned") if isinstance(e, Blockwise) else None for e in entries)
+        by_kind.setdefault((param.dtype, state_dtype, codecs), []).append(i)
+    buckets = []
+    for (dtype, state_dtype, codecs), indices in by_kind.items():
+        quantised = [k for k, kind in enumerate(codecs) if kind is not None]
+        table = np.zeros((2 + len(roles) + len(quantised), len(indices)), dtype=np.int64)
+        for column, i in enumerate(indices):
+            table[0, column], table[1, column] = params[i].data_ptr(), grads[i].data_ptr()
+            for k, role in enumerate(roles):
+                entry = role[i]
+                table[2 + k, column] = entry.codes.data_ptr() if isinstance(entry, Blockwise) else entry.data_ptr()
+            for row, k in enumerate(quantised):
+                table[2 + len(roles) + row, column] = roles[k][i].absmax.data_ptr()
+        numels = [params[i].numel() for i in indices]
+        buckets.append(Bucket(np.array(indices, dtype=np.int64), dtype, state_dtype, numels, table, None,
+                              chunk_table(numels), codecs=codecs if quantised else ()))
+    addresses = None
+    if steps is not None and len({s.dtype for s in steps}) == 1 and all(
+            s.dtype in STEP_DTYPES and s.device.type == "cpu" and s.numel() == 1 for s in steps):
+        addresses = np.fromiter(map(_DATA_PTR, steps), dtype=np.int64, count=len(steps))
+    return buckets, fallback, addresses

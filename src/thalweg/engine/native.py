@@ -6,8 +6,9 @@ the first fused step. A kernel here is compiled by numba once per machine; its m
 next to its generated source, and later processes load it with llvmlite's MCJIT in milliseconds.
 
 The key of a kernel holds its generated source, the host CPU's name and features (the code is compiled
-for this CPU), and the llvmlite and numba versions, so another machine sharing the cache directory, or
-a new numba, compiles anew. The object's only outside references are the Python C API (in the process)
+for this CPU), the llvmlite and numba versions and a digest of :mod:`.numba_runtime` (whose helpers every
+kernel inlines), so another machine sharing the cache directory, a new numba, or a changed runtime
+compiles anew. The object's only outside references are the Python C API (in the process)
 and three helpers of numba's runtime used on its error path, which a generated kernel never takes (it
 raises nothing: no bounds checks, IEEE division, no allocation): where numba is not loaded, they are
 bound to a function that aborts with a message rather than to nothing.
@@ -49,7 +50,10 @@ def _llvm():
         cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
         _STATE["machine"] = target.create_target_machine(cpu=cpu, features=features, opt=3)
         _STATE["host"] = f"{llvm.get_process_triple()} {cpu} {features}"
-        _STATE["versions"] = f"llvmlite {importlib.metadata.version('llvmlite')} numba {importlib.metadata.version('numba')}"
+        # (and the runtime the kernels are compiled with: its helpers are inlined into every kernel)
+        runtime = hashlib.sha256((Path(__file__).parent / "numba_runtime.py").read_bytes()).hexdigest()[:16]
+        _STATE["versions"] = (f"llvmlite {importlib.metadata.version('llvmlite')} numba "
+                              f"{importlib.metadata.version('numba')} runtime {runtime}")
         _STATE["llvm"] = llvm
     llvm = _STATE["llvm"]
     for name in _RUNTIME_SYMBOLS:  # numba, when loaded, has bound the real ones

@@ -223,3 +223,58 @@ def accumulate(total, x):
     instructions carry the flag, the elementwise math around them stays IEEE."""
     wide = np.float64(x)
     return total + wide * wide
+
+
+# -- 8-bit state (see thalweg.engine.codec) -------------------------------------------------------------
+
+F32 = np.empty(1, dtype=np.float32)  # typing dummies: absmax and codes
+Q = np.empty(1, dtype=np.uint8)
+QBLOCK = 256  # elements per absmax (codec.BLOCK)
+_TINY = np.float32(1e-12)
+_HALF = np.float32(0.5)
+
+
+def _maps():
+    from .codec import LOOKUP_SHIFT, boundaries, dynamic_map, lookup  # (torch is loaded wherever kernels are made)
+
+    return (dynamic_map(True).numpy(), dynamic_map(False).numpy(), boundaries(True), boundaries(False), lookup(True),
+            lookup(False), np.uint32(LOOKUP_SHIFT))
+
+
+# global arrays: numba compiles them in as constants
+SIGNED, UNSIGNED, SIGNED_EDGES, UNSIGNED_EDGES, SIGNED_LOOKUP, UNSIGNED_LOOKUP, _LOOKUP_SHIFT = _maps()
+
+
+def decode(like, table, codes, i, scale):  # pragma: no cover - replaced by its overload inside kernels
+    """Element ``i`` of an 8-bit state: its code's map value times its block's absmax, in float32, then in
+    ``like``'s dtype (the compute dtype: float64 for float64 parameters, exactly)."""
+    raise NotImplementedError
+
+
+@overload(decode)
+def _decode_impl(like, table, codes, i, scale):
+    if like.dtype == types.float64:
+        return lambda like, table, codes, i, scale: np.float64(table[codes[i]] * scale)
+    return lambda like, table, codes, i, scale: table[codes[i]] * scale
+
+
+@_jit
+def maximum_abs(top, x):
+    """The running absmax of a block: max(top, |x|) in float32, NaN once any NaN is seen (as torch's amax)."""
+    magnitude = abs(np.float32(x))
+    return magnitude if (magnitude > top or magnitude != magnitude) else top
+
+
+@_jit
+def largest(top):
+    """A block's absmax as stored: at least 1e-12 (an all-zero block), NaN kept (torch's clamp_min)."""
+    return top if (top >= _TINY or top != top) else _TINY
+
+
+@_jit
+def encode(edges, lookup, x):
+    """The code of ``x`` (float32 in [-1, 1]): the number of the map's boundaries at or below it (see
+    codec.boundaries), that is its interval's count plus one past the interval's boundary. Equals
+    codec._nearest (the nearest map value, a tie to the larger), without a search or a branch."""
+    code = np.int64(lookup[_f32_to_bits(x) >> _LOOKUP_SHIFT])
+    return np.uint8(code + np.int64(x >= edges[code]))

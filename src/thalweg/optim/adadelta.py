@@ -59,6 +59,7 @@ class Adadelta(Optimizer):
     name = "adadelta"  # thalweg.create's name
     family = "RMSprop-like"  # the arena's family (report panels, toggles)
     rule = adadelta
+    state_codecs = {"square_avg": "unsigned", "acc_delta": "unsigned"}
 
     def __init__(
         self,

@@ -60,6 +60,7 @@ class Adagrad(Optimizer):
     family = "RMSprop-like"  # the arena's family (report panels, toggles)
 
     rule = adagrad
+    state_codecs = {"sum": "unsigned"}
     accepts_sparse_grads = True
 
     def __init__(

@@ -79,7 +79,9 @@ class Adam(Optimizer):
         max_grad_norm: clip the global gradient norm to this before the update (default None: off).
         skip_nonfinite: skip, and count in ``skipped_steps``, a step whose gradients hold NaN/Inf.
         state_dtype: ``torch.float32`` keeps the state of bfloat16/float16 parameters in float32, each step
-            computed in float32 and the parameter rounded once (default None: the parameter's dtype, as torch).
+            computed in float32 and the parameter rounded once (default None: the parameter's dtype, as torch);
+            ``"int8"`` keeps ``exp_avg`` and ``exp_avg_sq`` of tensors of 4096 elements or more in 8-bit blocks
+            (about 2 bytes per parameter instead of 8; see the README, "8-bit optimizer state").
 
     Example::
 
@@ -93,6 +95,7 @@ class Adam(Optimizer):
     family = "Adam-like"  # the arena's family (report panels, toggles)
 
     rule = adam
+    state_codecs = {"exp_avg": "signed", "exp_avg_sq": "unsigned", "max_exp_avg_sq": "unsigned"}
     optional_group_keys = Optimizer.optional_group_keys | {"amsgrad", "decoupled_weight_decay", "cautious"}
 
     def __init__(

@@ -60,6 +60,7 @@ class Adamax(Optimizer):
     name = "adamax"  # thalweg.create's name
     family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = adamax
+    state_codecs = {"exp_avg": "signed", "exp_inf": "unsigned"}
 
     def __init__(
         self,

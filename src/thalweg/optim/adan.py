@@ -88,6 +88,7 @@ class Adan(Optimizer):
     name = "adan"  # thalweg.create's name
     family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = adan
+    state_codecs = {"exp_avg": "signed", "exp_avg_diff": "signed", "exp_avg_sq": "unsigned", "pre_grad": "signed"}
 
     def __init__(
         self,

@@ -87,6 +87,7 @@ class AdEMAMix(Optimizer):
     name = "ademamix"  # thalweg.create's name
     family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = ademamix
+    state_codecs = {"exp_avg_fast": "signed", "exp_avg_slow": "signed", "exp_avg_sq": "unsigned"}
 
     def __init__(
         self,

@@ -72,6 +72,7 @@ class ADOPT(Optimizer):
     name = "adopt"  # thalweg.create's name
     family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = adopt
+    state_codecs = {"exp_avg": "signed", "exp_avg_sq": "unsigned"}
 
     def __init__(
         self,

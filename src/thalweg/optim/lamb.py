@@ -71,6 +71,7 @@ class LAMB(Optimizer):
     family = "layer-wise"  # the arena's family (report panels, toggles)
 
     rule = lamb
+    state_codecs = {"exp_avg": "signed", "exp_avg_sq": "unsigned"}
     optional_group_keys = Optimizer.optional_group_keys | {"trust_ratio"}
     layerwise = True
 

@@ -75,6 +75,7 @@ class LARS(Optimizer):
     family = "layer-wise"  # the arena's family (report panels, toggles)
 
     rule = lars
+    state_codecs = {"momentum_buffer": "signed"}
     optional_group_keys = Optimizer.optional_group_keys | {"trust_ratio"}
     layerwise = True
     counts_steps = False

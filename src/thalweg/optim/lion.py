@@ -74,6 +74,7 @@ class Lion(Optimizer):
     name = "lion"  # thalweg.create's name
     family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = lion
+    state_codecs = {"exp_avg": "signed"}
     counts_steps = False  # the update needs no step count (no bias correction)
 
     def __init__(

@@ -88,6 +88,7 @@ class NAdam(Optimizer):
     name = "nadam"  # thalweg.create's name
     family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = nadam
+    state_codecs = {"exp_avg": "signed", "exp_avg_sq": "unsigned"}
     optional_group_keys = Optimizer.optional_group_keys | {"decoupled_weight_decay", "cautious"}
 
     def __init__(

@@ -73,6 +73,7 @@ class RMSprop(Optimizer):
     family = "RMSprop-like"  # the arena's family (report panels, toggles)
 
     rule = rmsprop
+    state_codecs = {"square_avg": "unsigned", "grad_avg": "signed", "momentum_buffer": "signed"}
     optional_group_keys = Optimizer.optional_group_keys | {"momentum", "centered"}
 
     def __init__(

@@ -63,6 +63,7 @@ class Rprop(Optimizer):
     name = "rprop"  # thalweg.create's name
     family = "RMSprop-like"  # the arena's family (report panels, toggles)
     rule = rprop
+    state_codecs = {"prev": "signed", "step_size": "float"}  # step sizes span decades within a block
 
     def __init__(
         self,

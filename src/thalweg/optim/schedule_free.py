@@ -257,6 +257,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
     name = "schedulefree_adamw"  # thalweg.create's name
     family = "schedule-free"  # the arena's family (report panels, toggles)
     rule = schedule_free_adamw
+    state_codecs = {"z": "float", "exp_avg_sq": "unsigned"}  # z is an iterate
 
     def __init__(
         self,

@@ -77,6 +77,7 @@ class SGD(Optimizer):
     family = "SGD-like"  # the arena's family (report panels, toggles)
 
     rule = sgd
+    state_codecs = {"momentum_buffer": "signed"}
     optional_group_keys = Optimizer.optional_group_keys | {"nesterov", "cautious"}
     counts_steps = False  # torch's SGD keeps no step counter
     accepts_sparse_grads = True  # as torch's (nn.Embedding(sparse=True)); the momentum buffer is kept dense

@@ -76,6 +76,7 @@ class StableAdamW(Optimizer):
     name = "stableadamw"  # thalweg.create's name
     family = "Adam-like"  # the arena's family (report panels, toggles)
     rule = stable_adamw
+    state_codecs = {"exp_avg": "signed", "exp_avg_sq": "unsigned"}
 
     def __init__(
         self,
