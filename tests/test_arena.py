@@ -577,6 +577,51 @@ def _swept_task(sweeps: dict[str, dict[float, float | None]], reruns: dict[str, 
             "best_lr": best_lr, "runs": runs, "families": {}}
 
 
+def _with_int8(task: dict, optimizer: str, metrics: list[float], losses: list[float], memory: float) -> dict:
+    """``task`` with ``optimizer`` rerun with 8-bit state on seeds 1, 2, ... (``metrics``, ``losses``: per seed)."""
+    for seed, (metric, loss) in enumerate(zip(metrics, losses), 1):
+        task["runs"].append({"optimizer": optimizer, "lr": task["best_lr"][optimizer], "seed": seed, "phase": "int8",
+                             "diverged": False, "final_metric": metric, "final_loss": loss,
+                             "curve": {"step": [1, 2], "loss": [9.0, loss]}, "steps_to_target": None,
+                             "time_to_target": None, "step_time": 1e-3, "state_bytes_per_param": memory})
+    return task
+
+
+def test_8bit_state_is_compared_with_float32_on_the_same_seeds() -> None:
+    """Each 8-bit rerun against the float32 runs of the same seeds: within both tolerances, outside one (named), or
+    not used at all (as many bytes per parameter: no tensor was large enough). No ranking reads the 8-bit runs."""
+    def task(reruns, name):
+        out = _swept_task({"adam": {0.01: 0.5, 0.1: 0.9}}, {"adam": reruns}, memory={"adam": 8.0})
+        for run in out["runs"]:
+            run["curve"] = {"step": [1, 2], "loss": [9.0, 1.0]}  # float32 training losses: 1.0 at the end
+        return {**out, "name": name}
+
+    results = {"tasks": {"close": _with_int8(task([0.90, 0.92], "close"), "adam", [0.902, 0.918], [1.005, 1.0], 2.0),
+                         "apart": _with_int8(task([0.90, 0.92], "apart"), "adam", [0.89, 0.90], [1.05, 1.03], 2.0),
+                         "small": _with_int8(task([0.90, 0.92], "small"), "adam", [0.90, 0.92], [1.0, 1.0], 8.0)}}
+    rows = {row["task"]: row for row in analysis.int8_comparison(results)}
+    assert rows["close"]["verdict"] == "within"
+    assert rows["close"]["loss_change"] == pytest.approx(0.0025) and rows["close"]["metric_change"] == pytest.approx(0.0)
+    assert rows["apart"]["verdict"] == "outside: loss +4.0%, acc -1.50 points"
+    assert rows["small"]["verdict"] == "not used (no tensor of 4096 elements)"
+    assert analysis.ranking(results["tasks"]["apart"])[0]["metric_median"] == pytest.approx(0.91)  # float32's alone
+
+
+def test_the_arena_reruns_adamw_with_8bit_state_and_reports_it(tmp_path: Path) -> None:
+    results = run_arena(tasks=["digits-mlp"], optimizers=["adamw"], seeds=2, budget=0.05, quick=True, progress=False,
+                        backend=REF, out=tmp_path / "report")
+    task = results["tasks"]["digits-mlp"]
+    eight = [r for r in task["runs"] if r["phase"] == "int8"]
+    full = analysis.best_runs(task, "adamw")
+    assert results["config"]["int8_checked"] == ["adamw"]
+    assert [r["seed"] for r in eight] == [r["seed"] for r in full] == [1]
+    assert eight[0]["hyperparams"] == {"state_dtype": "int8"} and eight[0]["lr"] == task["best_lr"]["adamw"]
+    assert eight[0]["state_bytes_per_param"] < 0.5 * full[0]["state_bytes_per_param"]
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert 'id="int8"' in page and '<a href="#int8">' in page
+    assert len(re.findall(r'<tr data-optimizer="adamw"><td[^>]*>digits-mlp</td>', page)) == 1
+
+
 def test_the_seed_that_chose_the_lr_is_kept_out_of_the_reported_results() -> None:
     """Seed 0 picked adam's lr 0.1 with a lucky 0.99; the reruns at 0.1 give 0.90 and 0.92. The reported median and
     range are the reruns' alone (with seed 0 the median would be 0.92 and the range would reach 0.99)."""

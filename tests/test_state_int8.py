@@ -122,6 +122,14 @@ def _adversarial(signed: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_the_lookup_encoder_equals_the_search_of_the_map(signed):
+    """encode() finds codes with a lookup table and one comparison (codec._code, as the kernels do); the definition
+    is the nearest map value (codec._nearest, a search). They agree on every hard input."""
+    points = torch.from_numpy(_adversarial(signed))
+    assert torch.equal(codec._code(points, signed), codec._nearest(points, codec.dynamic_map(signed)))
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_the_kernels_encoder_equals_the_codec(signed):
     """The fused kernels encode with a lookup table and one comparison (numba_runtime.encode); the codec's
     encoder searches the map. They agree on every map value, every rounding boundary and the floats next to

@@ -414,3 +414,68 @@ def summary_text(results: dict[str, Any]) -> str:
         lines.append(f"{row['optimizer']:<{width}}{row['targets']:>9}{mean_rank:>11}{row['wins']:>6}{row['profile_score']:>9.2f}"
                      + partial)
     return "\n".join(lines)
+
+
+# What 8-bit state may cost and still be "within": 1 % of the final training loss, and half a point of a metric
+# that is a share (accuracy) or 1 % of one that is not (a validation loss).
+INT8_LOSS_TOLERANCE = 0.01
+INT8_SHARE_TOLERANCE = 0.005
+
+
+def _tail_loss(run: dict[str, Any]) -> float | None:
+    """The training loss at the end of a run: the mean over its last 5 % of steps (the last minibatch's loss alone
+    moves by more than the differences looked for)."""
+    losses = [v for v in run["curve"]["loss"] if v is not None] if run.get("curve") else []
+    if not losses:
+        return run.get("final_loss")
+    tail = losses[-max(1, len(losses) // 20):]
+    return sum(tail) / len(tail)
+
+
+def int8_comparison(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task and optimizer rerun with 8-bit state (runs of phase "int8", at its best lr, on the seeds of its reported
+    median): the medians over those seeds of the final training loss (:func:`_tail_loss`) and of the task's metric with
+    float32 state and
+    with 8-bit state, their differences, the state bytes per parameter of each, and a verdict — "within" both
+    tolerances, "outside" (saying which), or "not used" where no tensor was large enough to be kept in 8 bits (the
+    8-bit runs kept as many bytes per parameter as the float ones)."""
+    rows = []
+    for name, task in results["tasks"].items():
+        for optimizer in dict.fromkeys(r["optimizer"] for r in task["runs"] if r["phase"] == "int8"):
+            eight = [r for r in task["runs"] if r["optimizer"] == optimizer and r["phase"] == "int8"]
+            seeds = {r["seed"] for r in eight}
+            full = [r for r in best_runs(task, optimizer) if r["seed"] in seeds]
+            if not full:
+                continue
+            medians = {}
+            for label, runs in (("float32", full), ("int8", eight)):
+                trained = [r for r in runs if not r["diverged"]]
+                medians[f"final_loss_{label}"] = _median([v for v in map(_tail_loss, trained) if v is not None])
+                for key in ("final_metric", "state_bytes_per_param"):
+                    medians[f"{key}_{label}"] = _median([r[key] for r in trained if r.get(key) is not None])
+            row = {"task": name, "optimizer": optimizer, **medians, "loss_change": None, "metric_change": None,
+                   "share": False}
+            loss, loss8 = medians["final_loss_float32"], medians["final_loss_int8"]
+            metric, metric8 = medians["final_metric_float32"], medians["final_metric_int8"]
+            if loss is not None and loss8 is not None and loss != 0:
+                row["loss_change"] = (loss8 - loss) / abs(loss)
+            share = row["share"] = bool(task["higher_is_better"] and metric is not None and 0 <= metric <= 1)
+            if metric is not None and metric8 is not None:
+                row["metric_change"] = metric8 - metric if share else ((metric8 - metric) / abs(metric) if metric else None)
+            used = medians["state_bytes_per_param_int8"], medians["state_bytes_per_param_float32"]
+            if None not in used and used[0] >= 0.99 * used[1]:
+                row["verdict"] = "not used (no tensor of 4096 elements)"
+            elif row["loss_change"] is None or row["metric_change"] is None:
+                row["verdict"] = "diverged" if any(r["diverged"] for r in eight) else "no result"
+            else:
+                misses = []
+                if abs(row["loss_change"]) > INT8_LOSS_TOLERANCE:
+                    misses.append(f"loss {row['loss_change']:+.1%}")
+                limit = INT8_SHARE_TOLERANCE if share else INT8_LOSS_TOLERANCE
+                if abs(row["metric_change"]) > limit:
+                    misses.append(f"{task['metric']} {row['metric_change'] * (100 if share else 1):+.2f}"
+                                  + (" points" if share else f" ({row['metric_change']:+.1%})"))
+                row["verdict"] = "within" if not misses else "outside: " + ", ".join(misses)
+            rows.append(row)
+    return rows
+

@@ -44,6 +44,13 @@ def _arena_optimizers() -> tuple[str, ...]:
 # (:func:`coarse_search`), the lr-free ones run at their documented lr.
 ARENA_OPTIMIZERS = _arena_optimizers()
 
+# Optimizers run again with 8-bit state (state_dtype="int8") at their best lr, on the seeds the reported medians
+# use, so the report can show what 8 bits cost in quality: one of each kind of elementwise state in the full
+# arena (Adam's two moments, a momentum buffer, RMSprop's square average, Lion's sign momentum), AdamW alone in
+# --quick (its budget).
+INT8_CHECKED = ("adamw", "momentum", "rmsprop", "lion")
+QUICK_INT8_CHECKED = ("adamw",)
+
 # Half-decade steps over two decades: wide enough to bracket the best lr when the centre is off by
 # 10x, small enough to run eight optimizers in the quick budget.
 GRID_MULTIPLIERS = (0.1, 10**-0.5, 1.0, 10**0.5, 10.0)
@@ -312,8 +319,9 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
              multipliers: tuple[float, ...] = GRID_MULTIPLIERS,
              centres: dict[str, dict[str, float]] | None = None,
              on_run: Callable[[], None] | None = None, backend: str = DEFAULT_BACKEND,
-             pool: Any = None, *, device: str = "cpu") -> dict[str, Any]:
-    """Sweep each optimizer's lr grid with seed 0, rerun the best lr with seeds 1..seeds-1.
+             pool: Any = None, *, device: str = "cpu", int8: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Sweep each optimizer's lr grid with seed 0, rerun the best lr with seeds 1..seeds-1 (and, for the optimizers
+    in ``int8``, again with 8-bit state: runs of phase "int8", which no ranking reads).
 
     The grid is centred on the caller's centre (``centres``, by task then optimizer); without one, on the best lr
     of a :func:`coarse_search` run here; lr-free optimizers (:data:`LR_FREE`) run at their documented lr alone.
@@ -330,9 +338,10 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
         "centres": {},
         "centre_source": {}, "coarse": {}, "extended": {}, "runs": [], "best_lr": {}, "not_applicable": skipped,
     }
-    blocks = (_in_workers(pool, task, optimizers, seeds, steps, multipliers, centres, backend, on_run, device) if pool
-              else (run_optimizer(task, name, seeds, steps, multipliers, centres, backend, on_run, device=device)
-                    for name in optimizers))
+    blocks = (_in_workers(pool, task, optimizers, seeds, steps, multipliers, centres, backend, on_run, device, int8)
+              if pool else (run_optimizer(task, name, seeds, steps, multipliers, centres, backend, on_run, device=device,
+                                          int8=name in int8)
+                            for name in optimizers))
     for name, block in zip(optimizers, blocks):
         entry["centres"][name] = block["centre"]
         entry["centre_source"][name] = block["source"]
@@ -372,9 +381,9 @@ def families(optimizers: list[str]) -> dict[str, str]:
 
 def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tuple[float, ...],
                   centres: dict[str, dict[str, float]] | None, backend: str,
-                  on_run: Callable[[], None] | None = None, *, device: str = "cpu") -> dict[str, Any]:
+                  on_run: Callable[[], None] | None = None, *, device: str = "cpu", int8: bool = False) -> dict[str, Any]:
     """One optimizer's part of :func:`run_task`: its centre (and where it came from), the seed-0 sweep of its
-    grid, then the best lr with the other seeds."""
+    grid, then the best lr with the other seeds; with ``int8``, those seeds again with 8-bit state."""
     coarse = None
     with threads(1):
         if name in LR_FREE:
@@ -407,8 +416,20 @@ def run_optimizer(task: Task, name: str, seeds: int, steps: int, multipliers: tu
                 runs.append(run_one(task, name, best["lr"], seed, steps, phase="seed", backend=backend, device=device))
             if on_run:
                 on_run()
+        for seed in (_int8_seeds(seeds) if int8 else ()):
+            if best:  # (on the reference backend, 8-bit state decodes and encodes with torch ops, several times
+                # slower: these runs are not timed against the others, so they take the kernels every backend equals)
+                runs.append(run_one(task, name, best["lr"], seed, steps, {"state_dtype": "int8"}, phase="int8",
+                                    backend="auto" if backend == "reference" else backend, device=device))
+            if on_run:
+                on_run()
     return {"centre": centre, "source": source, "coarse": coarse, "runs": runs, "extended": extended,
             "best_lr": best["lr"] if best else None}
+
+
+def _int8_seeds(seeds: int) -> range:
+    """The seeds an 8-bit rerun uses: those of the reported medians (1, 2, ...; seed 0 alone in a one-seed arena)."""
+    return range(1, seeds) if seeds > 1 else range(1)
 
 
 def beyond_the_edge(sweep: list[dict[str, Any]], grid: list[float], higher_is_better: bool) -> float | None:
@@ -448,19 +469,20 @@ def make_pool(tasks: list[Task], jobs: int) -> Any:
                                initializer=torch.set_num_threads, initargs=(1,))
 
 
-def _worker_block(task_name: str, *args: Any, device: str) -> tuple[dict[str, Any], int]:
+def _worker_block(task_name: str, *args: Any, device: str, int8: bool) -> tuple[dict[str, Any], int]:
     done = []
-    block = run_optimizer(_WORKER_TASKS[task_name], *args, on_run=lambda: done.append(1), device=device)
+    block = run_optimizer(_WORKER_TASKS[task_name], *args, on_run=lambda: done.append(1), device=device, int8=int8)
     return block, len(done)
 
 
 def _in_workers(pool: Any, task: Task, optimizers: list[str], seeds: int, steps: int, multipliers: tuple[float, ...],
                 centres: dict[str, dict[str, float]] | None, backend: str,
-                on_run: Callable[[], None] | None, device: str) -> Iterator[dict[str, Any]]:
+                on_run: Callable[[], None] | None, device: str, int8: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """The optimizers' blocks from ``pool``, in ``optimizers``' order; progress counted as each block ends."""
     from concurrent.futures import as_completed
 
-    futures = [pool.submit(_worker_block, task.name, name, seeds, steps, multipliers, centres, backend, device=device)
+    futures = [pool.submit(_worker_block, task.name, name, seeds, steps, multipliers, centres, backend, device=device,
+                           int8=name in int8)
                for name in optimizers]
     for future in as_completed(futures):
         if on_run:
@@ -471,11 +493,11 @@ def _in_workers(pool: Any, task: Task, optimizers: list[str], seeds: int, steps:
 
 
 def runs_per_task(optimizers: list[str], seeds: int, multipliers: tuple[float, ...],
-                  centres: dict[str, dict[str, float]] | None = None, task: str = "") -> int:
+                  centres: dict[str, dict[str, float]] | None = None, task: str = "", int8: tuple[str, ...] = ()) -> int:
     """About how many runs :func:`run_task` makes on ``task``, for progress bars: a coarse search's walk counts as
     :data:`COARSE_RUNS_EXPECTED` (its length is known only when it ends), and a grid extended past its edge
     (:data:`EDGE_EXTENSIONS`) makes more."""
-    total = 0
+    total = sum(len(_int8_seeds(seeds)) for name in optimizers if name in int8)
     for name in optimizers:
         if name in LR_FREE:
             total += seeds

@@ -112,6 +112,11 @@ _SUMMARY_COLUMNS = [("optimizer", "optimizer"), ("family", "family"), ("tasks_ru
 
 _ADAMW_COLUMNS = [("task", "task"), ("optimizer", "recommended"), ("pick_range", "its seed range"),
                   ("adamw_range", "AdamW's seed range"), ("adamw_lr", "AdamW's best lr"), ("verdict", "verdict")]
+_INT8_COLUMNS = [("task", "task"), ("optimizer", "optimizer"), ("final_loss_float32", "final loss, float32 state"),
+                 ("final_loss_int8", "8-bit state"), ("loss_change", "change"),
+                 ("final_metric_float32", "metric, float32 state"), ("final_metric_int8", "8-bit state"),
+                 ("metric_change", "change"), ("state_bytes_per_param_float32", "state bytes/param, float32"),
+                 ("state_bytes_per_param_int8", "8-bit"), ("verdict", "verdict")]
 _LOTO_COLUMNS = [("task", "held-out task"), ("pick", "pick of the other tasks"), ("place", "its rank there"),
                  ("metric", "its median metric"), ("best", "best median"), ("best_optimizer", "best optimizer"),
                  ("regret", "regret")]
@@ -138,6 +143,25 @@ def _checks_html(results: dict[str, Any]) -> str:
                      "that task's metric; a large regret means the across-task pick does not transfer to it.</p>")
         parts.append(_table(loto, _LOTO_COLUMNS))
     return "\n".join(parts) if len(parts) > 1 else ""
+
+
+def _int8_html(results: dict[str, Any]) -> str:
+    """Float32 against 8-bit state (``state_dtype="int8"``) for the optimizers the arena reran with it."""
+    rows = analysis.int8_comparison(results)
+    if not rows:
+        return ""
+    for row in rows:
+        row["loss_change"] = None if row["loss_change"] is None else f"{row['loss_change']:+.2%}"
+        change = row["metric_change"]
+        row["metric_change"] = (None if change is None else f"{change * 100:+.2f} points" if row["share"]
+                                else f"{change:+.2%}")
+    return ('<h2 id="int8">8-bit optimizer state</h2><p>The optimizers below were run again at their best lr, on the '
+            "seeds of their reported medians, with <code>state_dtype=\"int8\"</code> (state tensors of 4096 elements or "
+            "more kept in 8-bit blocks). Medians over those seeds; the final loss is the training loss averaged over "
+            "the last 5 % of steps; the metric's change is in points of a share "
+            f"(accuracy), else relative. <i>Within</i>: the final loss within {analysis.INT8_LOSS_TOLERANCE:.0%} and the "
+            f"metric within {analysis.INT8_SHARE_TOLERANCE * 100:g} points (or {analysis.INT8_LOSS_TOLERANCE:.0%}) of "
+            "the float32 state's.</p>" + _table(rows, _INT8_COLUMNS, sortable=True))
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -303,7 +327,9 @@ def build(results: dict[str, Any]) -> str:
              f"{len(overall)} optimizers on {len(tasks)} tasks: {html.escape(', '.join(tasks))}.</p>",
              _verdict_html(results),
              "<nav>" + "".join(f'<a href="#{html.escape(n)}">{html.escape(n)}</a>' for n in tasks)
-             + '<a href="#summary">summary</a><a href="#checks">checks</a><a href="#protocol">protocol</a></nav>',
+             + '<a href="#summary">summary</a><a href="#checks">checks</a>'
+             + ('<a href="#int8">8-bit state</a>' if analysis.int8_comparison(results) else "")
+             + '<a href="#protocol">protocol</a></nav>',
              _controls_html(results)]
     for name, task in tasks.items():
         rec = analysis.recommendation(task)
@@ -344,6 +370,7 @@ def build(results: dict[str, Any]) -> str:
         if "profile.svg" in svgs:
             parts.append(img("profile.svg", overall))
         parts.append(_checks_html(results))
+        parts.append(_int8_html(results))
     parts.append(_protocol_html(results))
     parts.append(f"<script>{_SCRIPT}</script></body></html>\n")
     return "\n".join(parts)

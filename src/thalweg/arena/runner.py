@@ -110,14 +110,17 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
     multipliers = protocol.QUICK_GRID_MULTIPLIERS if quick else protocol.GRID_MULTIPLIERS
     config = {"tasks": [t.name for t in task_objs], "optimizers": optimizers, "seeds": int(seeds),
               "budget": float(budget), "quick": bool(quick), "grid_multipliers": list(multipliers), "backend": backend,
-              "jobs": int(jobs), "device": device}
+              "jobs": int(jobs), "device": device,
+              "int8_checked": [name for name in (protocol.QUICK_INT8_CHECKED if quick else protocol.INT8_CHECKED)
+                               if name in optimizers]}
     created = created or _dt.datetime.now().isoformat(timespec="seconds")
     results = new_results(config, created)
     partial = partial_path(out)
     if resume:
         results = _resumed(partial, config)
     todo = [t for t in task_objs if t.name not in results["tasks"]]  # with resume, the tasks still to run
-    runs = {t.name: protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, t.name) for t in todo}
+    int8 = tuple(config["int8_checked"])  # rerun with 8-bit state (see protocol.INT8_CHECKED)
+    runs = {t.name: protocol.runs_per_task(optimizers, int(seeds), multipliers, centres, t.name, int8) for t in todo}
     # the bar counts estimated seconds, not runs: a run of the character LM costs a hundred of Rosenbrock's, and an
     # ETA from counting runs would be off by that much (each task's step is timed first, in a few steps)
     cost = ({t.name: protocol.seconds_per_step(t, backend, device=device) * t.budget(quick, budget) for t in todo}
@@ -134,7 +137,7 @@ def run_arena(tasks: list[str] | None = None, optimizers: list[str] | None = Non
             results["tasks"][task.name] = protocol.run_task(
                 task, optimizers, int(seeds), steps, multipliers, centres,
                 on_run=(lambda seconds=cost[task.name]: _advance(bar, seconds)) if bar is not None else None,
-                backend=backend, pool=pool, device=device)
+                backend=backend, pool=pool, device=device, int8=int8)
             save_json(results, partial)
     finally:
         if pool is not None:
