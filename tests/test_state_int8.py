@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import thalweg
-from specs import SPECS, make_params
+from specs import SPECS, make_params, run_seeded
 from thalweg.engine import codec
 
 INT8_SPECS = [spec for spec in SPECS if spec.cls.state_codecs]
@@ -155,15 +155,8 @@ def test_the_kernels_encoder_equals_the_codec(signed):
 # -- the optimizers ----------------------------------------------------------------------------------
 
 
-def _stepped(spec, combo, backend, dtype=torch.float32, *, shapes=SHAPES, steps=STEPS, seed=3, **extra):
-    params = make_params(shapes, dtype, seed)
-    optimizer = spec.cls(params, **combo, backend=backend, **extra)
-    generator = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        for param in params:
-            param.grad = torch.randn(param.shape, generator=generator, dtype=torch.float64).to(dtype)
-        optimizer.step()
-    return params, optimizer
+def _stepped(spec, combo, backend, dtype=torch.float32, **extra):
+    return run_seeded(spec.cls, SHAPES, dtype, combo, 3, steps=STEPS, backend=backend, **extra)
 
 
 def _decoded_state(optimizer, param, *, scalars: bool = False) -> dict[str, torch.Tensor]:
