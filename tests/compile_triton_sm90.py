@@ -35,13 +35,15 @@ from thalweg.engine import gpu  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
-SIGNATURE = {"ptrs": "*i64", "n": "i64", "chunks": "*i64", "sc": "*fp64", "late": "*fp64", "partial": "*fp64"}
+SIGNATURE = {"ptrs": "*i64", "n": "i64", "chunks": "*i64", "sc": "*fp64", "late": "*fp64", "partial": "*fp64",
+             "qmaps": "*fp32", "qlookup": "*i32"}  # (the last two: kernels with 8-bit state)
 
 
 def compile_sm90(kernel) -> dict:
     """Triton's stages for sm_90, driven one by one (as triton.compile does) without its on-disk cache."""
     start = time.perf_counter()
-    source = ASTSource(fn=kernel, signature={**SIGNATURE, "BLOCK": "constexpr"}, constexprs={"BLOCK": gpu.BLOCK})
+    signature = {name: SIGNATURE[name] for name in kernel.arg_names if name != "BLOCK"}
+    source = ASTSource(fn=kernel, signature={**signature, "BLOCK": "constexpr"}, constexprs={"BLOCK": gpu.BLOCK})
     backend = make_backend(TARGET)
     options = backend.parse_options({"num_warps": gpu.NUM_WARPS, "enable_fp_fusion": False})
     stages: dict = {}
@@ -74,15 +76,26 @@ def main() -> None:
             program = optimizer.rule.program(optimizer._scalars(group))
             programs[program.digest] = program
         fullest = program  # the grid's last combination: the most options on
-        for digest, program in programs.items():
-            for dtype, state_dtype in DTYPES if program is fullest else DTYPES[:1]:
-                kernels = gpu.kernels(program, dtype, state_dtype)
-                for index, kernel in enumerate(kernels):
-                    name = f"{spec.name}/{str(dtype)[6:]}-{str(state_dtype)[6:]}/{digest}/pass{index}"
-                    try:
-                        results[name] = compile_sm90(kernel)
-                    except Exception:  # noqa: BLE001 - recorded for the test, which names the kernel
-                        results[name] = {"error": traceback.format_exc()[-2000:]}
+        cases = [(program, dtype, state_dtype, ()) for program in programs.values()
+                 for dtype, state_dtype in (DTYPES if program is fullest else DTYPES[:1])]
+        # 8-bit state: the fullest one-pass program (norm programs run 8-bit state on the foreach path), every role
+        # that has an 8-bit form in 8 bits, float32 and bfloat16 parameters
+        one_pass = [program for program in programs.values() if len(program.passes) == 1]
+        if spec.cls.state_codecs and one_pass:
+            program = one_pass[-1]
+            codecs = tuple(kind if kind in ("signed", "unsigned") else None
+                           for kind in map(spec.cls.state_codecs.get, program.state_roles))
+            if any(codecs):
+                cases += [(program, dtype, torch.float32, codecs) for dtype in (torch.float32, torch.bfloat16)]
+        for program, dtype, state_dtype, codecs in cases:
+            kernels = gpu.kernels(program, dtype, state_dtype, codecs)
+            for index, kernel in enumerate(kernels):
+                name = (f"{spec.name}/{str(dtype)[6:]}-{str(state_dtype)[6:]}{'-int8' if codecs else ''}/"
+                        f"{program.digest}/pass{index}")
+                try:
+                    results[name] = compile_sm90(kernel)
+                except Exception:  # noqa: BLE001 - recorded for the test, which names the kernel
+                    results[name] = {"error": traceback.format_exc()[-2000:]}
     Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
 
 

@@ -217,6 +217,52 @@ def test_many_tensors_one_launch(triton_launcher):
         torch.testing.assert_close(p.detach(), e, rtol=tol, atol=tol)
 
 
+INT8_CASES = [
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5)),
+    ("Lion", dict(lr=1e-3)),
+    ("Adan", dict(lr=0.01, weight_decay=0.1)),
+    ("Rprop", dict(lr=0.01)),  # prev in 8 bits, step_size in float: both kinds of state in one kernel
+]
+
+
+@pytest.mark.parametrize("name,options", INT8_CASES, ids=[n for n, _ in INT8_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_8bit_state_matches_reference(name, options, dtype, triton_launcher, monkeypatch):
+    """state_dtype="int8": the kernels decode, step and encode in one launch per bucket (blocks of 256 in the
+    BLOCK elements a program holds); codes, absmax and parameters against the reference backend's 8-bit step.
+    Tensors of 4100 elements (a short last block) and 5120 (two chunks), and a small one with float state."""
+    from test_state_int8 import _decoded_state, _mostly_close
+
+    monkeypatch.setattr(gpu, "CHUNK", 512)
+    monkeypatch.setattr(gpu, "BLOCK", 256)
+
+    def run(backend):
+        generator = torch.Generator().manual_seed(1)
+        params = [torch.randn(shape, generator=generator).to(dtype).requires_grad_() for shape in [(4100,), (64, 80), (7,)]]
+        optimizer = getattr(thalweg, name)(params, backend=backend, state_dtype="int8", **options)
+        for _ in range(4):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator).to(dtype)
+            optimizer.step()
+        return params, optimizer
+
+    expected_params, expected = run("reference")
+    launched = len(triton_launcher)
+    params, optimizer = run("fused")
+    assert len(triton_launcher) - launched >= 4, "the 8-bit steps ran through the Triton kernels"
+    tight = 1e-5 if dtype == torch.float32 else 8e-3
+    for index, (param, reference) in enumerate(zip(params, expected_params)):
+        _mostly_close(param.detach(), reference.detach(), f"{name} param {index}", tight=tight)
+        ours, theirs = _decoded_state(optimizer, param), _decoded_state(expected, reference)
+        for key in theirs:
+            _mostly_close(ours[key], theirs[key], f"{name} param {index} {key}", tight=1e-5)
+        for key, value in expected.state[reference].items():
+            if value.dtype == torch.uint8:
+                assert float((optimizer.state[param][key] != value).float().mean()) < 1e-3, key
+
+
 def test_unavailable_reason_for_cuda_is_honest():
     """backend="fused" on CUDA is offered only where CUDA and triton both work."""
     reason = thalweg.engine.unavailable_reason(torch.device("cuda"))

@@ -31,12 +31,12 @@ def partition(backend: str, params: list[torch.Tensor], grads: list[torch.Tensor
               program: Program | None = None) -> tuple[list, list[int], np.ndarray | None]:
     """Which positions the fused kernels take (in buckets) and which the foreach path does, before anything
     is written: ``(buckets, rest, step addresses)``. Nothing is written; hand the result to :func:`run`.
-    With 8-bit state (``quantised``) the kernels take one-pass ``program`` s on CPU; the rest runs foreach
-    on decoded copies."""
+    With 8-bit state (``quantised``) the kernels take one-pass ``program`` s; the rest runs foreach on
+    decoded copies."""
     if backend == "fused" and params:
         if not quantised:
             return host.partition(params, grads, roles, steps)
-        if params[0].device.type == "cpu" and program is not None and len(program.passes) == 1:
+        if program is not None and len(program.passes) == 1:  # (the kernels encode one pass's blocks)
             return host.codec_partition(params, grads, roles, steps)
     return [], list(range(len(params))), None
 

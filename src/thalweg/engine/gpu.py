@@ -39,7 +39,7 @@ NUM_WARPS = 4
 SEGMENT_BLOCK = 256  # partial sums read per iteration by the per-tensor reduction
 
 _TL = {torch.float32: "tl.float32", torch.float64: "tl.float64", torch.bfloat16: "tl.bfloat16",
-       torch.float16: "tl.float16"}
+       torch.float16: "tl.float16", torch.uint8: "tl.uint8"}
 _LOCK = threading.Lock()
 _KERNELS: dict[tuple, list] = {}
 
@@ -74,31 +74,48 @@ class _Triton(Dialect):
         return super().unary(op, operand)
 
 
-def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype) -> str:
-    """The generated module for ``program`` on ``dtype`` parameters with ``state_dtype`` state."""
+def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = ()) -> str:
+    """The generated module for ``program`` on ``dtype`` parameters with ``state_dtype`` state; ``codecs``: per
+    state role, None or the map ("signed", "unsigned") of its 8-bit blocks (see :mod:`.codec`)."""
     compute = "tl.float64" if dtype == torch.float64 else "tl.float32"
-    lines = [header(program, f"Triton, {dtype} parameters, {state_dtype} state"),
+    eight_bit = [role for role, kind in zip(program.state_roles, codecs) if kind]
+    lines = [header(program, f"Triton, {dtype} parameters, {state_dtype} state"
+                             + (f", 8-bit {', '.join(eight_bit)}" if eight_bit else "")),
              "import triton",
              "import triton.language as tl",
-             "from thalweg.engine.triton_runtime import lerp, load_bf16, round_bf16, sign, store_bf16",
+             "from thalweg.engine.triton_runtime import decode, encode, lerp, load_bf16, round_bf16, sign, store_bf16",
              "", ""]
+    if eight_bit and len(program.passes) > 1:  # pragma: no cover - driver.partition sends those to foreach
+        raise ValueError("8-bit state is fused for one-pass programs only")
     for index, kernel_pass in enumerate(program.passes):
-        lines += _kernel(program, kernel_pass, index, dtype, state_dtype, compute)
+        lines += _kernel(program, kernel_pass, index, dtype, state_dtype, compute, codecs)
     return "\n".join(lines)
 
 
-def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compute: str) -> list[str]:
+# (the 8-bit tables' layout in the kernels' ``qmaps`` and ``qlookup`` arguments: see codec_tables)
+_MAP_OFFSET = {"signed": 0, "unsigned": 256}
+_EDGE_OFFSET = {"signed": 512, "unsigned": 768}
+_LOOKUP_OFFSET = {"signed": 0, "unsigned": 1 << 16}
+
+
+def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compute: str, codecs: tuple = ()) -> list[str]:
+    """Pass ``index`` as a Triton kernel. An 8-bit role (``codecs``) is decoded as it is loaded (code -> map
+    value, times its block's absmax) and encoded where it is stored: the BLOCK elements in hand are QBLOCK-sized
+    blocks (a chunk and a BLOCK start on a block), so each block's new absmax is a reduction over one axis."""
     from .cpu import table_roles
 
     dialect = _Triton(compute)
     roles = table_roles(program)
     rows = {role: row for row, role in enumerate(roles)}
+    maps = {role: kind for role, kind in zip(program.state_roles, codecs) if kind is not None}
+    absmax_rows = {role: len(rows) + k for k, role in enumerate(maps)}
     state_roles = set(program.state_roles)
-    storage = {role: state_dtype if role in state_roles else dtype for role in roles}
+    storage = {role: torch.uint8 if role in maps else state_dtype if role in state_roles else dtype for role in roles}
     slots = {k: j for j, k in enumerate(program.slots)}
     n_hp, n_columns, n_late = len(program.hp), len(program.columns), len(program.late_columns)
+    extra = ", qmaps, qlookup" if maps else ""
     out = ["@triton.jit",
-           f"def pass{index}(ptrs, n, chunks, sc, late, partial, BLOCK: tl.constexpr):",
+           f"def pass{index}(ptrs, n, chunks, sc, late, partial{extra}, BLOCK: tl.constexpr):",
            "    _c = tl.program_id(0).to(tl.int64)",
            "    _t = tl.load(chunks + 3 * _c)",
            "    _start = tl.load(chunks + 3 * _c + 1)",
@@ -106,6 +123,8 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
     touched = [r for r in roles if r in kernel_pass.roles_read or r in kernel_pass.roles_written]
     out += [f"    _ptr_{role} = tl.load(ptrs + {rows[role]} * n + _t).to(tl.pointer_type({_TL[storage[role]]}))"
             for role in touched]
+    out += [f"    _absmax_{role} = tl.load(ptrs + {absmax_rows[role]} * n + _t).to(tl.pointer_type(tl.float32))"
+            for role in maps if role in touched]
     for name in kernel_pass.scalars:
         if name in program.hp:
             where = f"sc + {program.hp.index(name)}"
@@ -120,12 +139,17 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
             "        _mask = _offs < _stop"]
     inner = "        "
     for var, role in kernel_pass.loads:
-        out.append(f"{inner}{var} = {_load(role, storage[role], compute)}")
+        if role in maps:
+            out.append(f"{inner}{var} = decode(_ptr_{role}, _absmax_{role}, qmaps + {_MAP_OFFSET[maps[role]]}, _offs, "
+                       f"_mask).to({compute})")
+        else:
+            out.append(f"{inner}{var} = {_load(role, storage[role], compute)}")
     for var, _ in kernel_pass.loads:
-        out += _after(var, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype)
+        out += _after(var, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype, maps)
     for statement in kernel_pass.body:
         out.append(f"{inner}{statement.target} = {render(program, statement.expr, dialect)}  # line {statement.line}")
-        out += _after(statement.target, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype)
+        out += _after(statement.target, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype,
+                      maps)
     out += [f"    tl.store(partial + _c * {len(slots)} + {slots[k]}, tl.sum(_acc{slots[k]}, axis=0))"
             for k in kernel_pass.reductions.values()]
     return out + ["", ""]
@@ -139,10 +163,14 @@ def _load(role: str, dtype: torch.dtype, compute: str) -> str:
 
 
 def _after(var: str, kernel_pass, storage: dict, inner: str, slots: dict[int, int], param_role: str,
-           widened: bool) -> list[str]:
+           widened: bool, maps: dict[str, str] | None = None) -> list[str]:
     out = []
     for role in kernel_pass.stores.get(var, ()):
-        if storage[role] == torch.bfloat16:
+        if maps and role in maps:
+            kind = maps[role]
+            out.append(f"{inner}encode(_ptr_{role}, _absmax_{role}, qmaps + {_EDGE_OFFSET[kind]}, "
+                       f"qlookup + {_LOOKUP_OFFSET[kind]}, {var}, _off, _offs, _stop, BLOCK)")
+        elif storage[role] == torch.bfloat16:
             out.append(f"{inner}store_bf16(_ptr_{role} + _offs, {var}, _mask)")
         else:
             out.append(f"{inner}tl.store(_ptr_{role} + _offs, {var}.to({_TL[storage[role]]}), mask=_mask)")
@@ -159,15 +187,32 @@ def _after(var: str, kernel_pass, storage: dict, inner: str, slots: dict[int, in
     return out
 
 
-def kernels(program: Program, dtype: torch.dtype, state_dtype: torch.dtype) -> list:
-    """The program's Triton kernels (``@triton.jit`` functions, one per pass) for these dtypes."""
-    key = (program.digest, dtype, state_dtype)
+def kernels(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = ()) -> list:
+    """The program's Triton kernels (``@triton.jit`` functions, one per pass) for these dtypes (and 8-bit roles)."""
+    key = (program.digest, dtype, state_dtype, codecs)
     found = _KERNELS.get(key)
     if found is None:
         with _LOCK:
-            module = generated.module(f"gpu_{program.rule.name}", source(program, dtype, state_dtype))
+            module = generated.module(f"gpu_{program.rule.name}", source(program, dtype, state_dtype, codecs))
             found = _KERNELS[key] = [getattr(module, f"pass{k}") for k in range(len(program.passes))]
     return found
+
+
+def codec_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit kernels' tables on ``device``: float32 ``[signed map, unsigned map, signed boundaries, unsigned
+    boundaries]`` (256 each) and int32 ``[signed lookup, unsigned lookup]`` (65536 each), see :mod:`.codec`."""
+    found = _CODEC_TABLES.get(device)
+    if found is None:
+        from . import codec
+
+        maps = np.concatenate([codec.dynamic_map(True).numpy(), codec.dynamic_map(False).numpy(),
+                               codec.boundaries(True), codec.boundaries(False)]).astype(np.float32)
+        lookups = np.concatenate([codec.lookup(True), codec.lookup(False)]).astype(np.int32)
+        found = _CODEC_TABLES[device] = (_to_device(maps, device), _to_device(lookups, device))
+    return found
+
+
+_CODEC_TABLES: dict = {}
 
 
 # -- host side: tables, scalars, launches ------------------------------------------------------------
@@ -208,14 +253,17 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 class Plan:
     """One bucket's launches of every pass of a program, with its device tables."""
 
-    __slots__ = ("bucket", "kernels", "device", "ptrs", "chunks", "segments", "n_chunks", "sc", "late")
+    __slots__ = ("bucket", "kernels", "device", "ptrs", "chunks", "segments", "n_chunks", "sc", "late", "tables")
 
     def __init__(self, program: Program, bucket, hp_values: list[float], columns: list[np.ndarray],
                  device: torch.device) -> None:
         from .host import chunk_table
 
         self.bucket = bucket
-        self.kernels = kernels(program, bucket.dtype, bucket.state_dtype)
+        self.kernels = kernels(program, bucket.dtype, bucket.state_dtype, bucket.codecs)
+        self.tables = codec_tables(device) if bucket.codecs else ()
+        if bucket.codecs and (CHUNK % BLOCK or BLOCK % 256):  # pragma: no cover - the constants below
+            raise AssertionError("8-bit state needs chunks and blocks that start on a 256-element block")
         self.device = device
         self.ptrs = _TABLES.get(bucket.pointers, device)
         sizes = np.array(bucket.numels, dtype=np.int64)
@@ -256,7 +304,7 @@ def run(plan: Plan, index: int, sums: torch.Tensor | None) -> None:
     slots = sums.shape[1] if sums is not None else 1
     partial = torch.empty((plan.n_chunks, slots), dtype=torch.float64, device=device) if sums is not None else plan.sc
     plan.kernels[index][(plan.n_chunks,)](plan.ptrs, len(plan.bucket.indices), plan.chunks, plan.sc, plan.late,
-                                          partial, BLOCK=BLOCK, num_warps=NUM_WARPS, **_options())
+                                          partial, *plan.tables, BLOCK=BLOCK, num_warps=NUM_WARPS, **_options())
     if sums is not None:
         from .triton_runtime import segment_sums
 

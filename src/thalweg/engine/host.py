@@ -267,21 +267,22 @@ def mark_written(params: list[torch.Tensor]) -> None:
 def codec_partition(params: list[torch.Tensor], grads: list[torch.Tensor], roles: list[list],
                     steps: list[torch.Tensor] | None) -> tuple[list[Bucket], list[int], np.ndarray | None]:
     """:func:`partition` for a step whose state is partly 8-bit (``roles`` hold :class:`.codec.Blockwise`
-    entries), on CPU: buckets by (dtype, float state dtype, which roles are 8-bit), each with the absmax
+    entries): buckets by (dtype, float state dtype, which roles are 8-bit), each with the absmax
     rows after the role rows of its address table. Everything is checked every step (no layout is kept:
     an 8-bit step reads and writes half the bytes, and pays a little more host time)."""
     from .codec import BLOCK, Blockwise
 
     if CHUNK % BLOCK:  # pragma: no cover - a chunk must start on a block
         raise AssertionError("the chunk size must be a multiple of the codec's block")
-    allowed = KERNEL_DTYPES["cpu"]
     device = params[0].device
+    allowed = KERNEL_DTYPES.get(device.type, set())
     by_kind: dict[tuple, list[int]] = {}
     fallback = []
     for i, (param, grad) in enumerate(zip(params, grads)):
         entries = [role[i] for role in roles]
         floats = [e for e in entries if not isinstance(e, Blockwise)]
-        state_dtype = floats[0].dtype if floats else (torch.float32 if param.dtype == torch.bfloat16 else param.dtype)
+        state_dtype = floats[0].dtype if floats else (torch.float32 if param.dtype in (torch.bfloat16, torch.float16)
+                                                      else param.dtype)
         ok = (param.layout is torch.strided and param.is_contiguous() and (param.dtype, state_dtype) in allowed
               and grad.layout is torch.strided and grad.dtype is param.dtype and grad.shape == param.shape
               and grad.is_contiguous()

@@ -62,3 +62,33 @@ def segment_sums(partial, segments, out, SLOTS: tl.constexpr, SEGMENT_BLOCK: tl.
             ks = k + tl.arange(0, SEGMENT_BLOCK)
             total += tl.load(partial + SLOTS * ks + s, mask=ks < first + count, other=0.0)
         tl.store(out + SLOTS * t + s, tl.sum(total, axis=0))
+
+
+# -- 8-bit state (see thalweg.engine.codec) -------------------------------------------------------------
+
+QBLOCK: tl.constexpr = tl.constexpr(256)  # elements per absmax (codec.BLOCK)
+
+
+@triton.jit
+def decode(codes, absmax, table, offs, mask):
+    """8-bit state elements at ``offs``: the code's map value times its block's absmax (float32)."""
+    code = tl.load(codes + offs, mask=mask, other=0).to(tl.int32)
+    return tl.load(table + code) * tl.load(absmax + offs // QBLOCK, mask=mask, other=0.0)
+
+
+@triton.jit
+def encode(codes, absmax, edges, lookup, x, off, offs, stop, BLOCK: tl.constexpr):
+    """Store ``x`` (the BLOCK elements from ``off``, a block boundary) as 8-bit state: each block's absmax (at
+    least 1e-12), then each element's code: the lookup's count for its float32 bits, plus one past the
+    interval's boundary (codec.lookup and codec.boundaries; equal to the nearest map value)."""
+    mask = offs < stop
+    value = x.to(tl.float32)
+    blocks = tl.reshape(tl.where(mask, value, 0.0), (BLOCK // QBLOCK, QBLOCK))
+    top = tl.maximum(tl.max(tl.abs(blocks), axis=1), 1e-12)
+    index = off // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
+    tl.store(absmax + index, top, mask=index * QBLOCK < stop)
+    normalised = tl.reshape(tl.div_rn(blocks, top[:, None]), (BLOCK,))
+    entry = tl.load(lookup + ((normalised.to(tl.int32, bitcast=True) >> 16) & 0xFFFF))
+    code = entry + (normalised >= tl.load(edges + entry)).to(tl.int32)
+    tl.store(codes + offs, code.to(tl.uint8), mask=mask)
+
