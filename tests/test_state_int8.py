@@ -18,6 +18,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import thalweg
 from specs import SPECS, make_params, run_seeded
@@ -86,6 +88,36 @@ def test_absmax_equals_bitsandbytes_and_codes_are_never_farther():
     ours_distance = (table[codes.long()] - normalised).abs()
     their_distance = (table[theirs.long()] - normalised).abs()
     assert bool((ours_distance <= their_distance).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.one_of(st.just(()), st.tuples(st.integers(0, 1100)), st.tuples(st.integers(0, 40), st.integers(0, 40)),
+                       st.tuples(st.integers(0, 12), st.integers(0, 12), st.integers(0, 12))), signed=st.booleans(),
+       scale=st.floats(1e-30, 1e30), seed=st.integers(0, 2**16))
+def test_encoding_any_tensor_keeps_each_value_within_its_map_step(shape, signed, scale, seed):
+    """Any shape (0-d, empty, odd, several blocks with a short last one) and magnitude: the codes have the tensor's
+    shape, one absmax per block equals the block's largest magnitude, and each decoded value is the nearest map
+    value times it (within half a step of the map around the value, relative to the absmax)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=generator) * scale
+    if not signed:
+        values = values.abs()
+    codes, absmax = codec.encode(values, signed)
+    n = values.numel()
+    assert codes.shape == values.shape and codes.dtype == torch.uint8 and absmax.shape == (codec.n_blocks(n),)
+    flat = values.reshape(-1)
+    for block in range(codec.n_blocks(n)):
+        expected = flat[block * 256:(block + 1) * 256].abs().max().clamp_min(1e-12)
+        assert float(absmax[block]) == float(expected)
+    table = codec.dynamic_map(signed).double()
+    scales = absmax.double().repeat_interleave(256)[:n]
+    normalised = flat.double() / scales
+    chosen = table[codes.reshape(-1).long()]
+    distance = (chosen - normalised).abs()
+    best = (table[None, :] - normalised[:, None]).abs().min(dim=1).values if n else distance
+    assert bool((distance <= best + 1e-6).all())  # (1e-6: x / absmax is rounded to float32 before the search)
+    decoded = codec.decode(codes, absmax, signed).reshape(-1).double()
+    assert torch.allclose(decoded, chosen * scales, rtol=1e-6, atol=0)
 
 
 def test_blocks_follow_the_flattened_tensor_with_a_short_last_block():
