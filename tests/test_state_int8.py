@@ -498,19 +498,60 @@ def test_errors():
     assert all(torch.equal(adagrad.state[embedding.weight][k], v) for k, v in before.items())
 
 
-def test_sharded_parameters_are_refused_for_now_with_nothing_changed():
+def test_a_dtensor_parameter_keeps_the_same_8bit_state_and_other_shardings_are_refused():
+    """A DTensor parameter (one process: the path FSDP2 takes, collectives included) steps and stores exactly what the
+    plain tensor does; a parameter sharded on another dim than 0 is refused, with nothing changed."""
     from specs import one_process_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    start, grads = torch.randn(80, 70), [torch.randn(80, 70) for _ in range(3)]
+    plain = torch.nn.Parameter(start.clone())
+    # (the same backend on both: a shard's 8-bit state steps through float copies, the kernels round alike but not
+    # bit for bit)
+    expected = thalweg.AdamW([plain], lr=1e-2, state_dtype="int8", backend="foreach")
+    for grad in grads:
+        plain.grad = grad.clone()
+        expected.step()
     with one_process_mesh() as mesh:
-        param = torch.nn.Parameter(distribute_tensor(torch.randn(80, 64), mesh, [Shard(0)]))
-        optimizer = thalweg.AdamW([param], state_dtype="int8")
-        param.grad = distribute_tensor(torch.randn(80, 64), mesh, [Shard(0)])
-        before = param.detach().full_tensor().clone()
-        with pytest.raises(NotImplementedError, match="sharded"):
+        param = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+        optimizer = thalweg.AdamW([param], lr=1e-2, state_dtype="int8", backend="foreach")
+        for grad in grads:
+            param.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
             optimizer.step()
-        assert param not in optimizer.state or not optimizer.state[param]
-        assert torch.equal(param.detach().full_tensor(), before)
+        assert torch.equal(param.detach().full_tensor(), plain.detach())
+        for key, value in expected.state[plain].items():
+            got = optimizer.state[param][key]
+            got = got.full_tensor() if hasattr(got, "full_tensor") else got
+            assert got.dtype == value.dtype and torch.equal(got, value), key
+        other = torch.nn.Parameter(distribute_tensor(torch.randn(80, 70), mesh, [Shard(1)]))
+        refusing = thalweg.AdamW([other], state_dtype="int8")
+        other.grad = distribute_tensor(torch.randn(80, 70), mesh, [Shard(1)])
+        before = other.detach().full_tensor().clone()
+        with pytest.raises(NotImplementedError, match="sharded on dim 0"):
+            refusing.step()
+        assert other not in refusing.state or not refusing.state[other]
+        assert torch.equal(other.detach().full_tensor(), before)
+
+
+def test_blocks_of_the_whole_tensor_differ_from_blocks_of_each_shard():
+    """Why the blocks follow the whole tensor: two shards split at 2500 elements (not a multiple of 256), encoded
+    each on its own as bitsandbytes and torchao do, give other absmax and codes than the whole tensor — the same
+    model would train differently on 1 and on 2 processes. encode_shard gives the whole tensor's, on each part."""
+    values = _log_spread((20, 256), 5).reshape(-1)[:4950]
+    codes, absmax = codec.encode(values, True)
+    local = [codec.encode(part, True) for part in (values[:2500], values[2500:])]
+    assert not torch.equal(torch.cat([c for c, _ in local]), codes)
+    maxima = []
+
+    def max_across(partial):  # the two processes' all-reduce MAX, played out in one process
+        maxima.append(partial.clone())
+        if len(maxima) == 2:
+            partial.copy_(torch.maximum(maxima[0], maxima[1]))
+
+    codec.encode_shard(values[:2500], True, 0, codec.n_blocks(4950), max_across)
+    second, shared = codec.encode_shard(values[2500:], True, 2500, codec.n_blocks(4950), max_across)
+    assert torch.equal(shared, absmax) and torch.equal(second, codes[2500:])
+    assert torch.equal(codec.decode_shard(second, shared, True, 2500), codec.decode(codes, absmax, True)[2500:])
 
 
 def test_the_fused_step_writes_8bit_state_in_place():
@@ -522,3 +563,25 @@ def test_the_fused_step_writes_8bit_state_in_place():
     pointers = {k: v.data_ptr() for k, v in optimizer.state[params[0]].items()}
     optimizer.step()
     assert pointers == {k: v.data_ptr() for k, v in optimizer.state[params[0]].items()}
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_on_two_processes_stores_what_one_process_stores(tmp_path):
+    """2 gloo processes, FSDP2 splitting an 8-bit state inside a block (tests/int8_dist_worker.py): the gathered codes
+    and absmax equal one process's bit for bit, and so do the parameters; deciding the blocks from each shard (the
+    cross-process maximum patched out) gives other codes; a DCP checkpoint resumes exactly."""
+    from pathlib import Path
+
+    from specs import run_on_two_processes
+
+    results = run_on_two_processes(Path(__file__).with_name("int8_dist_worker.py"), tmp_path)
+    for rank, entries in enumerate(results):
+        for key, entry in entries.items():
+            assert "exception" not in entry, f"rank {rank} {key} raised:\n{entry['exception']}"
+        fsdp2, naive = entries["fsdp2"], entries["blocks_of_each_shard"]
+        assert fsdp2["local_shape"] == [50 - rank, 50] and fsdp2["offset"] == 2500 * rank  # (49 rows on rank 1)
+        assert fsdp2["codes_dtype"] == "torch.uint8"
+        assert all(fsdp2["state_equal"].values()), fsdp2["state_equal"]
+        assert fsdp2["param_max_abs_diff"] == 0.0
+        assert not naive["state_equal"]["exp_avg_absmax"] and not naive["state_equal"]["exp_avg"]
+        assert entries["dcp"]["max_abs_diff"] == 0.0 and entries["dcp"]["materialise_change"] == 0.0

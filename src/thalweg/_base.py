@@ -348,7 +348,12 @@ class Optimizer(torch.optim.Optimizer):
                     problem = codec.check(value, absmax, params[k].shape)
                     if problem is not None:
                         raise RuntimeError(f"{_name(where, k)}: its 8-bit state[{role!r}] is damaged: {problem}")
-                    entries[k] = codec.Blockwise(value, absmax, kind == "signed")
+                    if distributed.is_sharded(params[k]):  # blocks of the whole tensor (see codec.encode_shard)
+                        offset, max_across = distributed.shard_layout(params[k])
+                        entries[k] = codec.Blockwise(distributed.local(value), distributed.local(absmax),
+                                                     kind == "signed", offset, max_across)
+                    else:
+                        entries[k] = codec.Blockwise(value, absmax, kind == "signed")
                     quantised = True
         return roles, quantised
 
@@ -405,7 +410,7 @@ class Optimizer(torch.optim.Optimizer):
                         created_log.append((state, role))
                     kind = self._codec(role, param)
                     if kind is not None:  # encoded from the float start (Adagrad's may be nonzero)
-                        state[role], state[role + _ABSMAX] = codec.encode(state[role], kind == "signed")
+                        state[role], state[role + _ABSMAX] = _encoded(state[role], param, kind == "signed")
                         if created_log is not None:
                             created_log.append((state, role + _ABSMAX))
                     if created is None:
@@ -545,11 +550,16 @@ class Optimizer(torch.optim.Optimizer):
                         state[key + _ABSMAX] = absmax.to(param.device, torch.float32, copy=True)
                     else:
                         signed = self.state_codecs[key] == "signed"
-                        decoded = codec.decode(value, absmax, signed)
-                        state[key] = decoded.to(param.device, self._float_state if widens else param.dtype)
+                        dtype = self._float_state if widens else param.dtype
+                        if distributed.is_sharded(param):
+                            offset, _ = distributed.shard_layout(param)
+                            decoded = codec.decode_shard(distributed.local(value), distributed.local(absmax), signed, offset)
+                            state[key] = distributed.shard_like(param, decoded.to(dtype))
+                        else:
+                            state[key] = codec.decode(value, absmax, signed).to(param.device, dtype)
                         state.pop(key + _ABSMAX, None)
                 elif kind is not None and value.is_floating_point():  # a float checkpoint: encoded on load
-                    state[key], state[key + _ABSMAX] = codec.encode(value.to(param.device), kind == "signed")
+                    state[key], state[key + _ABSMAX] = _encoded(value.to(param.device), param, kind == "signed")
                 elif widens and value.is_floating_point():
                     state[key] = value.to(device=param.device, dtype=self._float_state)
 
@@ -779,9 +789,6 @@ class Optimizer(torch.optim.Optimizer):
 
     def _ready(self, group, params, grads, sharding, scalars, program, backend, where, created):
         """A group's tensors on one device made ready for :func:`thalweg.engine.run`, every one of them checked."""
-        if sharding is not None and self.state_dtype == "int8":
-            raise NotImplementedError("state_dtype='int8' does not yet support sharded (DTensor, FSDP2) parameters: "
-                                      "its blocks must follow the whole tensor, not each process's shard")
         states, first = self._states(params, group, program, created, where)
         sparse = None
         if any(map(_IS_SPARSE, grads)):
@@ -844,6 +851,17 @@ class Optimizer(torch.optim.Optimizer):
                 f"weight_decay={group['weight_decay']} cannot be used with sparse gradients (param group "
                 f"{group_index}): it would touch every row; put the embedding in a group with weight_decay=0"
             )
+
+
+def _encoded(value: torch.Tensor, param: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)`` of a new state tensor of ``param``; for a DTensor, the blocks are the whole tensor's
+    (a collective: every process creates the state of the same parameters in the same step)."""
+    if not distributed.is_sharded(param):
+        return codec.encode(value, signed)
+    offset, max_across = distributed.shard_layout(param)
+    codes, absmax = codec.encode_shard(distributed.local(value), signed, offset, codec.n_blocks(param.numel()),
+                                       max_across)
+    return distributed.shard_like(param, codes), distributed.replicated_like(param, absmax)
 
 
 def _position(group: dict[str, Any], param: torch.Tensor) -> int:

@@ -19,6 +19,7 @@ needs the explicit :func:`reduce_grad_norm_over`.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,25 @@ class Sharding:
         """Sum ``values`` in place over the processes holding the other shards: one all_reduce per sharded mesh dimension."""
         for dim in self.shard_dims:
             torch.distributed.all_reduce(values, group=self.mesh.get_group(dim))
+
+    def max_across_shards_(self, values: torch.Tensor) -> None:
+        """The elementwise maximum of ``values`` over the processes holding the other shards, in place."""
+        for dim in self.shard_dims:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=self.mesh.get_group(dim))
+
+
+def flat_offset(param: torch.Tensor) -> int | None:
+    """Where this process's shard of DTensor ``param`` starts in the whole tensor's flat elements, or None when its
+    shard is not one contiguous run of them (a placement other than Shard(0) on the sharded mesh dimensions, as
+    FSDP2 shards)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(placement.is_shard() and placement.dim != 0 for placement in param.placements) or \
+            sum(placement.is_shard() for placement in param.placements) > 1:
+        return None
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    rows = offset[0] if offset else 0
+    return int(rows) * math.prod(param.shape[1:])
 
 
 def group_sharding(group_index: int, params: list[torch.Tensor]) -> Sharding | None:
@@ -167,3 +187,30 @@ def reduce_grad_norm_over(optimizer: Any, process_group: Any = None) -> None:
 
 
 __all__ = ["Sharding", "group_sharding", "is_sharded", "local", "reduce_grad_norm_over", "total_grad_norm"]
+
+
+def shard_layout(param: torch.Tensor) -> tuple[int, Any]:
+    """For 8-bit state of DTensor ``param``: the flat offset of this process's shard in the whole tensor, and the
+    in-place all-reduce MAX over the processes holding the other shards (see thalweg.engine.codec.encode_shard)."""
+    offset = flat_offset(param)
+    if offset is None:
+        raise NotImplementedError(f"state_dtype='int8' needs parameters sharded on dim 0 (as FSDP2 shards), got "
+                                  f"placements {tuple(param.placements)}: its blocks follow the whole tensor's elements")
+    dims = tuple(dim for dim, placement in enumerate(param.placements) if not placement.is_replicate())
+    return offset, Sharding(param.device_mesh, dims).max_across_shards_
+
+
+def shard_like(param: torch.Tensor, local_tensor: torch.Tensor) -> torch.Tensor:
+    """``local_tensor`` (this process's shard, ``param``'s local shape) as a DTensor placed as ``param``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local_tensor, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def replicated_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, the same on every process, as a DTensor replicated over ``param``'s mesh."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(tensor, param.device_mesh, [Replicate()] * param.device_mesh.ndim, run_check=False)
+

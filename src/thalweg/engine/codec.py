@@ -15,6 +15,10 @@ Encoding a block: ``absmax = max |x|`` (at least 1e-12, so an all-zero block sti
 absmax and the codes are those of bitsandbytes' ``create_dynamic_map``/``quantize_blockwise`` and of
 torchao's ``OptimState8bit`` (the tests compare them).
 
+Sharded tensors (FSDP2, Shard(0)): the blocks are the whole tensor's, so a block may span two processes; its
+absmax is the maximum over both (:func:`encode_shard`, one all-reduce MAX per tensor), and 1 or N processes
+store the same codes.
+
 Tensors below :data:`SMALLEST` elements keep float state: their state is a few kilobytes, and the
 quantisation error would be paid for nothing.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -173,15 +178,49 @@ def decode(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Ten
     return (table[codes.reshape(-1).long()] * scale).view(codes.shape)
 
 
+def encode_shard(values: torch.Tensor, signed: bool, offset: int, blocks: int,
+                 max_across: Callable[[torch.Tensor], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode` of one process's shard of a tensor: ``values`` are the whole tensor's flat elements from
+    ``offset`` on, and the blocks are the *whole* tensor's (``blocks`` of them): each process takes the largest
+    magnitude of its part of each block, ``max_across`` (an in-place all-reduce MAX) makes them the blocks'
+    maxima, then every process encodes its elements with them. Returns the shard's codes and every block's
+    absmax (the same on every process): what :func:`encode` gives for the whole tensor, sliced."""
+    flat = values.detach().reshape(-1).to(torch.float32)
+    index = _block_index(offset, flat.numel(), flat.device)
+    maxima = torch.zeros(blocks, dtype=torch.float32, device=flat.device)
+    maxima.scatter_reduce_(0, index, flat.abs(), "amax")
+    max_across(maxima)
+    absmax = maxima.clamp_min_(_TINY)
+    return _code(flat / absmax[index], bool(signed)).view(values.shape), absmax
+
+
+def decode_shard(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, offset: int) -> torch.Tensor:
+    """:func:`decode` of one process's shard: its codes are the whole tensor's flat elements from ``offset``, and
+    ``absmax`` every block's."""
+    table = _map(bool(signed)).to(codes.device)
+    index = _block_index(offset, codes.numel(), codes.device)
+    return (table[codes.reshape(-1).long()] * absmax[index]).view(codes.shape)
+
+
+def _block_index(offset: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.div(torch.arange(offset, offset + n, device=device), BLOCK, rounding_mode="floor")
+
+
 class Blockwise:
     """An 8-bit state tensor as the engine's role lists hold it: the codes (uint8, the parameter's shape),
     one float32 absmax per block, and which map they use. The two tensors are the optimizer state's own
-    entries (``state[role]`` and ``state[role + "_absmax"]``), changed in place."""
+    entries (``state[role]`` and ``state[role + "_absmax"]``), changed in place.
 
-    __slots__ = ("codes", "absmax", "signed")
+    A shard (FSDP2) holds its codes, the flat ``offset`` of its first element in the whole tensor, every block's
+    absmax, and ``max_across``, the all-reduce that makes a block's absmax the whole block's (see
+    :func:`encode_shard`): the blocks follow the whole tensor, so 1 and N processes store the same codes."""
 
-    def __init__(self, codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> None:
+    __slots__ = ("codes", "absmax", "signed", "offset", "max_across")
+
+    def __init__(self, codes: torch.Tensor, absmax: torch.Tensor, signed: bool, offset: int = 0,
+                 max_across: Callable[[torch.Tensor], None] | None = None) -> None:
         self.codes, self.absmax, self.signed = codes, absmax, signed
+        self.offset, self.max_across = offset, max_across
 
     @property
     def shape(self) -> torch.Size:
@@ -192,11 +231,16 @@ class Blockwise:
         return self.codes.device
 
     def decode(self) -> torch.Tensor:
+        if self.max_across is not None:
+            return decode_shard(self.codes, self.absmax, self.signed, self.offset)
         return decode(self.codes, self.absmax, self.signed)
 
     def store(self, values: torch.Tensor) -> None:
-        """Encode ``values`` into this state's codes and absmax (in place)."""
-        codes, absmax = encode(values, self.signed)
+        """Encode ``values`` into this state's codes and absmax (in place; a shard: a collective)."""
+        if self.max_across is not None:
+            codes, absmax = encode_shard(values, self.signed, self.offset, self.absmax.numel(), self.max_across)
+        else:
+            codes, absmax = encode(values, self.signed)
         self.codes.copy_(codes)
         self.absmax.copy_(absmax)
 

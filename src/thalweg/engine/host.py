@@ -288,7 +288,8 @@ def codec_partition(params: list[torch.Tensor], grads: list[torch.Tensor], roles
               and grad.is_contiguous()
               and all(e.layout is torch.strided and e.dtype is state_dtype and e.device == device
                       and e.shape == param.shape and e.is_contiguous() for e in floats)
-              and all(e.codes.is_contiguous() and e.absmax.is_contiguous() for e in entries if isinstance(e, Blockwise)))
+              and all(e.codes.is_contiguous() and e.absmax.is_contiguous() and e.max_across is None  # (a shard's
+                      for e in entries if isinstance(e, Blockwise)))  # blocks span processes: through float copies)
         if ok and steps is not None:
             ok = steps[i].dtype in STEP_DTYPES and steps[i].device.type == "cpu" and steps[i].numel() == 1
         if not ok:
