@@ -471,7 +471,7 @@ BAD = [
     (dict(growth_rate=0.5), ValueError, r"growth_rate must be >= 1 \(inf: unrestricted\), got 0.5"),
     (dict(maximize=None), TypeError, "maximize must be True or False, got None"),
     (dict(backend="gpu"), ValueError, "backend must be one of"),
-    (dict(state_dtype=torch.float16), ValueError, "state_dtype must be None or torch.float32"),
+    (dict(state_dtype=torch.float16), ValueError, "state_dtype must be None, torch.float32 or 'int8'"),
 ]
 PRODIGY_BAD = [
     (dict(beta3=1.5), ValueError, r"beta3 must be in \[0, 1\), got 1.5"),
