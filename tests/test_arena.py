@@ -619,6 +619,8 @@ def test_the_arena_reruns_adamw_with_8bit_state_and_reports_it(tmp_path: Path) -
     assert eight[0]["state_bytes_per_param"] < 0.5 * full[0]["state_bytes_per_param"]
     page = (tmp_path / "report" / "index.html").read_text()
     assert 'id="int8"' in page and '<a href="#int8">' in page
+    row = analysis.int8_comparison(results)[0]
+    assert f"adamw on digits-mlp {row['verdict']}" in analysis.summary_text(results)  # the CLI prints it too
     assert len(re.findall(r'<tr data-optimizer="adamw"><td[^>]*>digits-mlp</td>', page)) == 1
 
 

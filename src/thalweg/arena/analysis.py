@@ -376,7 +376,7 @@ def leave_one_task_out(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def summary_text(results: dict[str, Any]) -> str:
     """What the CLI and compare() print after a run: the verdict, each task's pick with its ties and edge flags, the
-    checks against AdamW and leave-one-task-out, and the across-task summary."""
+    checks against AdamW and leave-one-task-out, 8-bit state against float32, and the across-task summary."""
     import textwrap
 
     rows = summary_table(results)
@@ -405,6 +405,10 @@ def summary_text(results: dict[str, Any]) -> str:
         lines.append("leave one task out, the other tasks' pick on it: " + ", ".join(
             f"{row['task']} {row['pick']} (rank {row['rank'] if row['rank'] is not None else '-'} of {row['of']})"
             for row in loto))
+    eight = int8_comparison(results)
+    if eight:
+        lines.append('8-bit state (state_dtype="int8") against float32, same lr and seeds: ' + ", ".join(
+            f"{row['optimizer']} on {row['task']} {row['verdict']}" for row in eight))
     lines.append("")
     lines.append(f"{'optimizer':<{width}}{'targets':>9}{'mean rank':>11}{'wins':>6}{'profile':>9}"
                  "   (ranked by targets reached, then mean rank, then wins; those left out of a task after)")
