@@ -348,12 +348,7 @@ class Optimizer(torch.optim.Optimizer):
                     problem = codec.check(value, absmax, params[k].shape)
                     if problem is not None:
                         raise RuntimeError(f"{_name(where, k)}: its 8-bit state[{role!r}] is damaged: {problem}")
-                    if distributed.is_sharded(params[k]):  # blocks of the whole tensor (see codec.encode_shard)
-                        offset, max_across = distributed.shard_layout(params[k])
-                        entries[k] = codec.Blockwise(distributed.local(value), distributed.local(absmax),
-                                                     kind == "signed", offset, max_across)
-                    else:
-                        entries[k] = codec.Blockwise(value, absmax, kind == "signed")
+                    entries[k] = _blockwise(value, absmax, params[k], kind == "signed")
                     quantised = True
         return roles, quantised
 
@@ -550,13 +545,9 @@ class Optimizer(torch.optim.Optimizer):
                         state[key + _ABSMAX] = absmax.to(param.device, torch.float32, copy=True)
                     else:
                         signed = self.state_codecs[key] == "signed"
-                        dtype = self._float_state if widens else param.dtype
-                        if distributed.is_sharded(param):
-                            offset, _ = distributed.shard_layout(param)
-                            decoded = codec.decode_shard(distributed.local(value), distributed.local(absmax), signed, offset)
-                            state[key] = distributed.shard_like(param, decoded.to(dtype))
-                        else:
-                            state[key] = codec.decode(value, absmax, signed).to(param.device, dtype)
+                        decoded = _blockwise(value, absmax, param, signed).decode()
+                        decoded = decoded.to(param.device, self._float_state if widens else param.dtype)
+                        state[key] = distributed.shard_like(param, decoded) if distributed.is_sharded(param) else decoded
                         state.pop(key + _ABSMAX, None)
                 elif kind is not None and value.is_floating_point():  # a float checkpoint: encoded on load
                     state[key], state[key + _ABSMAX] = _encoded(value.to(param.device), param, kind == "signed")
@@ -604,8 +595,8 @@ class Optimizer(torch.optim.Optimizer):
                 elif not isinstance(value, torch.Tensor):
                     raise ValueError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
                 elif key.endswith(_ABSMAX) and key.removesuffix(_ABSMAX) in self.state_codecs:
-                    if not isinstance(state.get(key.removesuffix(_ABSMAX)), torch.Tensor) or \
-                            state[key.removesuffix(_ABSMAX)].dtype != torch.uint8:
+                    codes = state.get(key.removesuffix(_ABSMAX))
+                    if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8):
                         raise ValueError(f"{where} holds {key!r} without the 8-bit {key.removesuffix(_ABSMAX)!r} it "
                                          "scales")
                 elif value.dtype == torch.uint8:  # an 8-bit state: its codes and absmax checked together
@@ -851,6 +842,15 @@ class Optimizer(torch.optim.Optimizer):
                 f"weight_decay={group['weight_decay']} cannot be used with sparse gradients (param group "
                 f"{group_index}): it would touch every row; put the embedding in a group with weight_decay=0"
             )
+
+
+def _blockwise(codes: torch.Tensor, absmax: torch.Tensor, param: torch.Tensor, signed: bool) -> codec.Blockwise:
+    """The 8-bit state ``codes`` and ``absmax`` of ``param`` as the engine steps it; for a DTensor, this process's
+    shard, with its offset in the whole tensor and the collective that makes a block's absmax the whole block's."""
+    if not distributed.is_sharded(param):
+        return codec.Blockwise(codes, absmax, signed)
+    offset, max_across = distributed.shard_layout(param)
+    return codec.Blockwise(distributed.local(codes), distributed.local(absmax), signed, offset, max_across)
 
 
 def _encoded(value: torch.Tensor, param: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ import torch
 BLOCK = 256  # elements per absmax
 SMALLEST = 4096  # tensors with fewer elements keep float state
 _EXPONENTS = 7  # decades the map spans: 10^-6 .. 10^0
-_TINY = 1e-12  # the smallest absmax: an all-zero block encodes as zeros, without 0/0
+TINY = 1e-12  # the smallest absmax: an all-zero block encodes as zeros, without 0/0
 
 
 @functools.cache
@@ -140,7 +140,7 @@ def encode(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tens
     if blocks * BLOCK != n:  # zeros pad the last block: they change neither its absmax nor its codes
         flat = torch.cat([flat, flat.new_zeros(blocks * BLOCK - n)])
     grid = flat.view(blocks, BLOCK)
-    absmax = grid.abs().amax(dim=1).clamp_min(_TINY)
+    absmax = grid.abs().amax(dim=1).clamp_min(TINY)
     normalised = (grid / absmax[:, None]).reshape(-1)[:n]
     return _code(normalised, bool(signed)).view(values.shape), absmax
 
@@ -190,7 +190,7 @@ def encode_shard(values: torch.Tensor, signed: bool, offset: int, blocks: int,
     maxima = torch.zeros(blocks, dtype=torch.float32, device=flat.device)
     maxima.scatter_reduce_(0, index, flat.abs(), "amax")
     max_across(maxima)
-    absmax = maxima.clamp_min_(_TINY)
+    absmax = maxima.clamp_min_(TINY)
     return _code(flat / absmax[index], bool(signed)).view(values.shape), absmax
 
 
@@ -268,15 +268,23 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def as_float(entry, dtype: torch.dtype) -> torch.Tensor:
+    """A state entry for a step in float: a float tensor as it is, a :class:`Blockwise` decoded (float32, float64
+    for a float64 parameter: ``dtype`` is the parameter's)."""
+    if not isinstance(entry, Blockwise):
+        return entry
+    value = entry.decode()
+    return value.double() if dtype == torch.float64 else value
+
+
 def run_through_floats(run, roles: list[list], dtypes: list[torch.dtype]) -> None:
-    """Call ``run(float_roles)`` with every :class:`Blockwise` of ``roles`` decoded to float32 (float64 where
-    ``dtypes``, the parameters', says float64), then encode the new values back: the reference and foreach
-    backends' 8-bit step, and the oracle of the kernels."""
+    """Call ``run(float_roles)`` with every :class:`Blockwise` of ``roles`` decoded (:func:`as_float`; ``dtypes``:
+    the parameters'), then encode the new values back: the reference and foreach backends' 8-bit step, and the
+    oracle of the kernels."""
     decoded = [(k, i) for k, role in enumerate(roles) for i, t in enumerate(role) if isinstance(t, Blockwise)]
     floats = [list(role) for role in roles]
     for k, i in decoded:
-        value = roles[k][i].decode()
-        floats[k][i] = value.double() if dtypes[i] == torch.float64 else value
+        floats[k][i] = as_float(roles[k][i], dtypes[i])
     run(floats)
     for k, i in decoded:
         roles[k][i].store(floats[k][i])

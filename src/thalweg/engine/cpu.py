@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import generated
+from .codec import BLOCK as _QBLOCK  # (numba_runtime.QBLOCK in the generated code)
 from .codegen import Dialect, header, render
 from .program import Program
 
@@ -172,9 +173,6 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
     out += [f"            _partial[_c, {slots[k]}] = _acc{slots[k]}" for k in kernel_pass.reductions.values()]
     out += ["        _next = fetch_add(_counter, _grab)", "", ""]
     return out
-
-
-_QBLOCK = 256  # (codec.BLOCK; numba_runtime.QBLOCK in the generated code)
 
 
 def _after(var: str, kernel_pass, inner: str, slots: dict[int, int], program: Program, widened: bool,

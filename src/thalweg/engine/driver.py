@@ -170,22 +170,14 @@ def _lists(program: Program, params, grads, roles, indices: list[int], compute) 
         if dtype is not None:  # stepped as float32 copies, rounded back once at the end
             ps = [p.to(dtype) for p in ps]
             gs = [g.to(dtype) for g in gs]
-        tensors = [TensorList(ps), TensorList(gs)] + [TensorList([_decoded(role[i], params[i]) for i in positions])
-                                                        for role in roles]
+        tensors = [TensorList(ps), TensorList(gs)] + [
+            TensorList([codec.as_float(role[i], params[i].dtype) for i in positions]) for role in roles]
         out.append((np.array(positions, dtype=np.int64), tensors))
     return out
 
 
 def _state_dtype(entry) -> torch.dtype | str:
     return "int8" if isinstance(entry, codec.Blockwise) else entry.dtype
-
-
-def _decoded(entry, param: torch.Tensor) -> torch.Tensor:
-    """A state tensor for the foreach path: itself, or an 8-bit state decoded (float64 for float64 params)."""
-    if not isinstance(entry, codec.Blockwise):
-        return entry
-    value = entry.decode()
-    return value.double() if param.dtype == torch.float64 else value
 
 
 def _encode_back(roles, rest: list[int], lists_) -> None:

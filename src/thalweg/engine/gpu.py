@@ -27,7 +27,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from . import generated
+from . import codec, generated
 from .codegen import Dialect, header, render
 from .program import Program
 
@@ -203,8 +203,6 @@ def codec_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     boundaries]`` (256 each) and int32 ``[signed lookup, unsigned lookup]`` (65536 each), see :mod:`.codec`."""
     found = _CODEC_TABLES.get(device)
     if found is None:
-        from . import codec
-
         maps = np.concatenate([codec.dynamic_map(True).numpy(), codec.dynamic_map(False).numpy(),
                                codec.boundaries(True), codec.boundaries(False)]).astype(np.float32)
         lookups = np.concatenate([codec.lookup(True), codec.lookup(False)]).astype(np.int32)
@@ -262,8 +260,8 @@ class Plan:
         self.bucket = bucket
         self.kernels = kernels(program, bucket.dtype, bucket.state_dtype, bucket.codecs)
         self.tables = codec_tables(device) if bucket.codecs else ()
-        if bucket.codecs and (CHUNK % BLOCK or BLOCK % 256):  # pragma: no cover - the constants below
-            raise AssertionError("8-bit state needs chunks and blocks that start on a 256-element block")
+        if bucket.codecs and (CHUNK % BLOCK or BLOCK % codec.BLOCK):  # pragma: no cover - the constants above
+            raise AssertionError("8-bit state needs chunks and blocks that start on a codec block")
         self.device = device
         self.ptrs = _TABLES.get(bucket.pointers, device)
         sizes = np.array(bucket.numels, dtype=np.int64)

@@ -229,20 +229,20 @@ def accumulate(total, x):
 
 F32 = np.empty(1, dtype=np.float32)  # typing dummies: absmax and codes
 Q = np.empty(1, dtype=np.uint8)
-QBLOCK = 256  # elements per absmax (codec.BLOCK)
-_TINY = np.float32(1e-12)
 _HALF = np.float32(0.5)
 
 
 def _maps():
-    from .codec import LOOKUP_SHIFT, boundaries, dynamic_map, lookup  # (torch is loaded wherever kernels are made)
+    from .codec import BLOCK, LOOKUP_SHIFT, TINY, boundaries, dynamic_map, lookup  # (torch is loaded wherever
+    # kernels are made)
 
     return (dynamic_map(True).numpy(), dynamic_map(False).numpy(), boundaries(True), boundaries(False), lookup(True),
-            lookup(False), np.uint32(LOOKUP_SHIFT))
+            lookup(False), np.uint32(LOOKUP_SHIFT), BLOCK, np.float32(TINY))
 
 
 # global arrays: numba compiles them in as constants
-SIGNED, UNSIGNED, SIGNED_EDGES, UNSIGNED_EDGES, SIGNED_LOOKUP, UNSIGNED_LOOKUP, _LOOKUP_SHIFT = _maps()
+# (QBLOCK: elements per absmax, codec.BLOCK; _TINY: the smallest absmax, codec.TINY)
+SIGNED, UNSIGNED, SIGNED_EDGES, UNSIGNED_EDGES, SIGNED_LOOKUP, UNSIGNED_LOOKUP, _LOOKUP_SHIFT, QBLOCK, _TINY = _maps()
 
 
 def decode(like, table, codes, i, scale):  # pragma: no cover - replaced by its overload inside kernels

@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import codec
+
 
 @triton.jit
 def load_bf16(pointer, mask):
@@ -66,7 +68,8 @@ def segment_sums(partial, segments, out, SLOTS: tl.constexpr, SEGMENT_BLOCK: tl.
 
 # -- 8-bit state (see thalweg.engine.codec) -------------------------------------------------------------
 
-QBLOCK: tl.constexpr = tl.constexpr(256)  # elements per absmax (codec.BLOCK)
+QBLOCK: tl.constexpr = tl.constexpr(codec.BLOCK)  # elements per absmax
+TINY: tl.constexpr = tl.constexpr(codec.TINY)  # the smallest absmax
 
 
 @triton.jit
@@ -84,7 +87,7 @@ def encode(codes, absmax, edges, lookup, x, off, offs, stop, BLOCK: tl.constexpr
     mask = offs < stop
     value = x.to(tl.float32)
     blocks = tl.reshape(tl.where(mask, value, 0.0), (BLOCK // QBLOCK, QBLOCK))
-    top = tl.maximum(tl.max(tl.abs(blocks), axis=1), 1e-12)
+    top = tl.maximum(tl.max(tl.abs(blocks), axis=1), TINY)
     index = off // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
     tl.store(absmax + index, top, mask=index * QBLOCK < stop)
     normalised = tl.reshape(tl.div_rn(blocks, top[:, None]), (BLOCK,))
