@@ -81,6 +81,26 @@ def candidates(n_tensors: int, numel: int) -> dict:
     return out
 
 
+def timed(builders: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Each candidate's median ms per step over ``repeats`` round-robin rounds (a slow moment of the shared machine
+    hits every candidate), and its first step's seconds (its compile), from ``{name: build() -> optimizer}``."""
+    built, first = {}, {}
+    for name, build in builders.items():
+        optimizer = build()
+        start = time.perf_counter()
+        optimizer.step()
+        first[name] = time.perf_counter() - start
+        optimizer.step()
+        built[name] = optimizer
+    times = {name: [] for name in built}
+    for _ in range(repeats):
+        for name, optimizer in built.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}, first
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -90,21 +110,7 @@ def main() -> None:
     memory = [(dtype, state_bytes_per_param(dtype, state_dtype=torch.float32 if dtype != torch.float32 else None),
                state_bytes_per_param(dtype, state_dtype="int8")) for dtype in (torch.float32, torch.bfloat16)]
 
-    built, first = {}, {}
-    for name, build in candidates(n_tensors, numel).items():
-        optimizer = build()
-        start = time.perf_counter()
-        optimizer.step()
-        first[name] = time.perf_counter() - start
-        optimizer.step()
-        built[name] = optimizer
-    times = {name: [] for name in built}
-    for _ in range(repeats):  # round-robin: a slow moment of the shared machine hits every candidate
-        for name, optimizer in built.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    median, first = timed(candidates(n_tensors, numel), repeats)
     base = median["thalweg fused, float32 state"]
 
     today = datetime.date.today().isoformat()

@@ -37,6 +37,7 @@ DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch
           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 SIGNATURE = {"ptrs": "*i64", "n": "i64", "chunks": "*i64", "sc": "*fp64", "late": "*fp64", "partial": "*fp64",
              "qmaps": "*fp32", "qlookup": "*i32"}  # (the last two: kernels with 8-bit state)
+ROUNDED = ("adamw", "sgd", "lamb")  # optimizers whose kernels are compiled with param_update's stores too
 
 
 def compile_sm90(kernel) -> dict:
@@ -76,8 +77,11 @@ def main() -> None:
             program = optimizer.rule.program(optimizer._scalars(group))
             programs[program.digest] = program
         fullest = program  # the grid's last combination: the most options on
-        cases = [(program, dtype, state_dtype, ()) for program in programs.values()
+        cases = [(program, dtype, state_dtype, (), None) for program in programs.values()
                  for dtype, state_dtype in (DTYPES if program is fullest else DTYPES[:1])]
+        # param_update: bfloat16 parameters stored stochastically or with a compensation, for one and two-pass programs
+        if spec.name in ROUNDED:
+            cases += [(fullest, torch.bfloat16, torch.float32, (), mode) for mode in ("stochastic", "kahan")]
         # 8-bit state: the fullest one-pass program (norm programs run 8-bit state on the foreach path), every role
         # that has an 8-bit form in 8 bits, float32 and bfloat16 parameters
         one_pass = [program for program in programs.values() if len(program.passes) == 1]
@@ -86,12 +90,14 @@ def main() -> None:
             codecs = tuple(kind if kind in ("signed", "unsigned") else None
                            for kind in map(spec.cls.state_codecs.get, program.state_roles))
             if any(codecs):
-                cases += [(program, dtype, torch.float32, codecs) for dtype in (torch.float32, torch.bfloat16)]
-        for program, dtype, state_dtype, codecs in cases:
-            kernels = gpu.kernels(program, dtype, state_dtype, codecs)
+                cases += [(program, dtype, torch.float32, codecs, None) for dtype in (torch.float32, torch.bfloat16)]
+                if spec.name in ROUNDED:
+                    cases.append((program, torch.bfloat16, torch.float32, codecs, "kahan"))
+        for program, dtype, state_dtype, codecs, rounding in cases:
+            kernels = gpu.kernels(program, dtype, state_dtype, codecs, rounding)
             for index, kernel in enumerate(kernels):
-                name = (f"{spec.name}/{str(dtype)[6:]}-{str(state_dtype)[6:]}{'-int8' if codecs else ''}/"
-                        f"{program.digest}/pass{index}")
+                name = (f"{spec.name}/{str(dtype)[6:]}-{str(state_dtype)[6:]}{'-int8' if codecs else ''}"
+                        f"{'-' + rounding if rounding else ''}/{program.digest}/pass{index}")
                 try:
                     results[name] = compile_sm90(kernel)
                 except Exception:  # noqa: BLE001 - recorded for the test, which names the kernel

@@ -8,7 +8,9 @@ gradient is the one-process gradient, bit for bit) with AdamW(state_dtype="int8"
   parameters equal it;
 - with the cross-process maximum patched out (each process's blocks from its own shard, as bitsandbytes and torchao
   decide them), the codes differ;
-- a DCP checkpoint resumes into a fresh model and optimizer exactly.
+- a DCP checkpoint resumes into a fresh model and optimizer exactly;
+- the same with a bfloat16 model and param_update "stochastic" and "kahan" (compensation and parameters equal one
+  process's; each shard drawing its random bits as if it began the tensor gives other parameters), DCP included.
 
     RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/int8_dist_worker.py OUT_DIR
 """
@@ -87,9 +89,46 @@ def compare(mesh, *, patched: bool) -> dict:
             "param_max_abs_diff": max(float((params[n] - p).abs().max()) for n, p in expected_model.named_parameters())}
 
 
+def build_rounded(mode: str, state_dtype="int8"):
+    return lambda model: thalweg.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, state_dtype=state_dtype,
+                                       param_update=mode, backend="foreach")
+
+
+def train_bf16(model: nn.Module, optimizer, steps: range) -> None:
+    for step in steps:
+        x, y = batch(step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+        optimizer.step()
+
+
+def compare_rounded(mesh, mode: str, *, offsets_of_each_shard: bool = False) -> dict:
+    """bfloat16 parameters with param_update=mode on 2 processes against one; with ``offsets_of_each_shard``
+    (float32 state, each shard's random bits drawn as if it began the tensor) the parameters must differ."""
+    state_dtype = torch.float32 if offsets_of_each_shard else "int8"
+    expected_model = make_model(torch.bfloat16)
+    expected = build_rounded(mode, state_dtype)(expected_model)
+    train_bf16(expected_model, expected, range(STEPS))
+    model = shard(make_model(torch.bfloat16), mesh)
+    optimizer = build_rounded(mode, state_dtype)(model)
+    if offsets_of_each_shard:
+        with mock.patch.object(distributed, "flat_offset", lambda param: 0):
+            train_bf16(model, optimizer, range(STEPS))
+    else:
+        train_bf16(model, optimizer, range(STEPS))
+    ours, theirs = state_of(model, optimizer), state_of(expected_model, expected)
+    params = dist_worker.full_params(model)
+    return {"state_equal": {key: bool(torch.equal(ours[key], theirs[key])) for key in theirs},
+            "params_equal": all(bool(torch.equal(params[n], p)) for n, p in expected_model.named_parameters()),
+            "rounding_steps": optimizer.rounding_steps}
+
+
 def cases(mesh, out_dir: str):
     yield "fsdp2", lambda: compare(mesh, patched=False)
     yield "blocks_of_each_shard", lambda: compare(mesh, patched=True)
+    for mode in ("stochastic", "kahan"):
+        yield f"bf16_{mode}", lambda mode=mode: compare_rounded(mesh, mode)
+    yield "bf16_stochastic_offsets_of_each_shard", lambda: compare_rounded(mesh, "stochastic", offsets_of_each_shard=True)
 
     def resume():
         original = dist_worker.make_model, dist_worker.fsdp2  # (resume_through_dcp builds its models with these)
@@ -102,6 +141,18 @@ def cases(mesh, out_dir: str):
             dist_worker.make_model, dist_worker.fsdp2 = original
 
     yield "dcp", resume
+
+    for mode in ("stochastic", "kahan"):
+        def resume_rounded(mode=mode):
+            original = dist_worker.make_model, dist_worker.fsdp2
+            dist_worker.make_model, dist_worker.fsdp2 = make_model, shard
+            try:
+                return resume_through_dcp(mesh, os.path.join(out_dir, f"ckpt-{mode}"), torch.bfloat16,
+                                          build_rounded(mode), train_bf16, saved_at=2, steps=STEPS)
+            finally:
+                dist_worker.make_model, dist_worker.fsdp2 = original
+
+        yield f"dcp_bf16_{mode}", resume_rounded
 
 
 if __name__ == "__main__":

@@ -572,7 +572,9 @@ def test_the_fused_step_writes_8bit_state_in_place():
 def test_fsdp2_on_two_processes_stores_what_one_process_stores(tmp_path):
     """2 gloo processes, FSDP2 splitting an 8-bit state inside a block (tests/int8_dist_worker.py): the gathered codes
     and absmax equal one process's bit for bit, and so do the parameters; deciding the blocks from each shard (the
-    cross-process maximum patched out) gives other codes; a DCP checkpoint resumes exactly."""
+    cross-process maximum patched out) gives other codes; a DCP checkpoint resumes exactly. bfloat16 parameters with
+    param_update "stochastic" and "kahan": parameters and state (compensation included) equal one process's, DCP
+    resumes exactly, and drawing each shard's random bits as if it began the tensor gives other parameters."""
     from pathlib import Path
 
     from specs import run_on_two_processes
@@ -588,3 +590,10 @@ def test_fsdp2_on_two_processes_stores_what_one_process_stores(tmp_path):
         assert fsdp2["param_max_abs_diff"] == 0.0
         assert not naive["state_equal"]["exp_avg_absmax"] and not naive["state_equal"]["exp_avg"]
         assert entries["dcp"]["max_abs_diff"] == 0.0 and entries["dcp"]["materialise_change"] == 0.0
+        for mode in ("stochastic", "kahan"):  # bfloat16 parameters without float32 master weights (param_update)
+            rounded = entries[f"bf16_{mode}"]
+            assert rounded["params_equal"] and all(rounded["state_equal"].values()), rounded
+            assert ("kahan_comp" in rounded["state_equal"]) == (mode == "kahan")
+            assert entries[f"dcp_bf16_{mode}"]["max_abs_diff"] == 0.0, entries[f"dcp_bf16_{mode}"]
+        assert entries["bf16_stochastic"]["rounding_steps"] == 5
+        assert not entries["bf16_stochastic_offsets_of_each_shard"]["params_equal"]

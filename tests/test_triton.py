@@ -299,8 +299,50 @@ def test_every_generated_kernel_compiles_for_sm90(tmp_path):
     failures = {name: entry["error"] for name, entry in compiled.items() if entry.get("error")}
     assert not failures, failures
     assert len(compiled) >= 100, f"only {len(compiled)} kernels compiled"
+    assert {"stochastic", "kahan", "int8-kahan"} <= {name.split("/")[1].split("float32-")[-1] for name in compiled}
     for name, entry in compiled.items():
         assert entry["cubin_bytes"] > 0, name
         if "float32" in name.split("/")[1]:
             # IEEE-rounded division and square root, no contraction into fma where the rule has none
             assert "div.approx" not in entry["ptx_ops"] and "sqrt.approx" not in entry["ptx_ops"], name
+
+
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+def test_triton_rounds_bfloat16_parameters_as_the_reference(mode, triton_launcher, monkeypatch):
+    """param_update: the kernels' hash, stochastic rounding and compensated store. SGD steps whose float32 results
+    are exact give the reference's bits exactly; AdamW with float32 and with 8-bit state, and two-pass LAMB, give
+    the reference's parameters (almost all bits) and weight + compensation."""
+    from test_param_update import _mostly_equal
+
+    monkeypatch.setattr(gpu, "CHUNK", 512)
+    monkeypatch.setattr(gpu, "BLOCK", 256)
+
+    def run(backend, name, state_dtype, exact, **options):
+        generator = torch.Generator().manual_seed(2)
+        params = [torch.randn(s, generator=generator).bfloat16().requires_grad_() for s in [(4100,), (7,), ()]]
+        optimizer = getattr(thalweg, name)(params, backend=backend, state_dtype=state_dtype, param_update=mode,
+                                           **options)
+        for _ in range(3):
+            for param in params:
+                param.grad = ((torch.randint(-2048, 2048, param.shape, generator=generator) / 256) if exact
+                              else torch.randn(param.shape, generator=generator)).bfloat16()
+            optimizer.step()
+        return [(p.detach(), optimizer.state[p].get("kahan_comp")) for p in params]
+
+    cases = [("SGD", torch.float32, True, dict(lr=2.0**-6)), ("AdamW", torch.float32, False, dict(lr=1e-2)),
+             ("AdamW", "int8", False, dict(lr=1e-2)), ("LAMB", torch.float32, False, dict(lr=1e-2))]
+    for name, state_dtype, exact, options in cases:
+        expected = run("reference", name, state_dtype, exact, **options)
+        launched = len(triton_launcher)
+        ours = run("fused", name, state_dtype, exact, **options)
+        assert len(triton_launcher) > launched
+        for index, ((param, comp), (reference, reference_comp)) in enumerate(zip(ours, expected)):
+            what = f"{name} {state_dtype} param {index}"
+            if exact:
+                assert torch.equal(param, reference), what
+                assert comp is None or torch.equal(comp, reference_comp), what
+            else:
+                _mostly_equal(param, reference, what)
+                if comp is not None:
+                    torch.testing.assert_close(param.float() + comp.float(), reference.float() + reference_comp.float(),
+                                               rtol=1e-5, atol=1e-6)

@@ -21,7 +21,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_H
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
 
 from . import _checks, distributed, engine
-from .engine import codec
+from .engine import codec, rounding
 
 BACKENDS = ("auto", *engine.BACKENDS)
 _IS_SPARSE = operator.attrgetter("is_sparse")
@@ -30,6 +30,7 @@ _CPU = torch.device("cpu")
 
 # The state entry that holds an 8-bit role's absmax values (``exp_avg`` -> ``exp_avg_absmax``).
 _ABSMAX = "_absmax"
+_KAHAN = "kahan_comp"  # param_update="kahan": the compensation of a bfloat16 parameter
 
 # Parameter dtypes whose state ``state_dtype=torch.float32`` widens.
 _NARROW = (torch.bfloat16, torch.float16)
@@ -125,6 +126,7 @@ class Optimizer(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         differentiable: bool | None = False,
         capturable: bool = False,
+        param_update: str = "nearest",
     ) -> None:
         self.backend, self._auto_may_fuse = resolve_backend(backend, foreach, fused)
         if differentiable is not None:  # None: an optimizer without the option (SparseAdam, as torch's)
@@ -150,7 +152,14 @@ class Optimizer(torch.optim.Optimizer):
                                     else "its state is not elementwise"))
         elif not (state_dtype is None or state_dtype is torch.float32):
             raise ValueError(f"state_dtype must be None, torch.float32 or 'int8', got {state_dtype!r}")
+        if param_update not in rounding.MODES:
+            raise ValueError(f"param_update must be 'nearest', 'stochastic' or 'kahan', got {param_update!r}")
+        if param_update != "nearest" and state_dtype is None:
+            raise ValueError(f"param_update={param_update!r} rounds the new value of a bfloat16 parameter from a step "
+                             "computed in float32: combine it with state_dtype=torch.float32 or state_dtype='int8'")
         self.state_dtype = state_dtype
+        self.param_update = param_update
+        self.rounding_steps = 0  # steps rounded stochastically so far: the rounding's key (see engine.rounding)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
@@ -378,7 +387,8 @@ class Optimizer(torch.optim.Optimizer):
         core = self.rule.core_roles
         scalar_state = self._scalar_state(group) if counts_steps else {}
         for i, (param, state) in enumerate(zip(params, states)):
-            fresh = not state  # a count alone is no fresh state: torch.optim refuses it too (KeyError)
+            # (a count alone is no fresh state: torch.optim refuses it too (KeyError); a compensation alone is)
+            fresh = not state or (len(state) == 1 and _KAHAN in state)
             if counts_steps and "step" not in state:
                 if state:  # moments without a count: the next step would start them over (torch refuses it too)
                     raise RuntimeError(f"{_name(where, i)}: its state has {sorted(state)} but no 'step'; it is not a "
@@ -455,7 +465,8 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(backend=self.backend, _auto_may_fuse=self._auto_may_fuse, max_grad_norm=self.max_grad_norm,
-                     skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps, state_dtype=self.state_dtype)
+                     skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps, state_dtype=self.state_dtype,
+                     param_update=self.param_update, rounding_steps=self.rounding_steps)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -473,18 +484,20 @@ class Optimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
         for key, value in (("backend", "auto"), ("_auto_may_fuse", True), ("max_grad_norm", None),
                            ("skip_nonfinite", False), ("skipped_steps", 0), ("last_grad_norm", None),
-                           ("state_dtype", None)):
+                           ("state_dtype", None), ("param_update", "nearest"), ("rounding_steps", 0)):
             self.__dict__.setdefault(key, value)
 
     # What thalweg adds to an optimizer's own state travels in the first param group of a state_dict (DCP
     # keeps only "state" and "param_groups"); torch.optim ignores a group key it does not know.
-    _OWN_STATE = ("skipped_steps",)
+    # (``rounding_steps`` only with param_update="stochastic": the key of its random bits)
+    _OWN_STATE = ("skipped_steps", "rounding_steps")
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
         if state_dict["param_groups"]:
             for key in self._OWN_STATE:
-                state_dict["param_groups"][0][key] = getattr(self, key)
+                if key != "rounding_steps" or self.param_update == "stochastic":
+                    state_dict["param_groups"][0][key] = getattr(self, key)
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -514,6 +527,9 @@ class Optimizer(torch.optim.Optimizer):
             values = [group.pop(key) for group in self.param_groups if key in group]
             if values:
                 setattr(self, key, values[0])
+        if self.param_update != "kahan":  # the compensation of a "kahan" run: nothing here reads it
+            for state in self.state.values():
+                state.pop(_KAHAN, None)
         if self.state_dtype is not None or self.state_codecs:
             self._retake_state(state_dict)
 
@@ -536,6 +552,10 @@ class Optimizer(torch.optim.Optimizer):
             widens = self._widens(param)
             for key, value in entry.items():
                 if key == "step" or key.endswith(_ABSMAX) or not isinstance(value, torch.Tensor):
+                    continue
+                if key == _KAHAN:  # kept in bfloat16 as the parameter, whole and contiguous (the kernels write it)
+                    if key in state and not distributed.is_sharded(param):
+                        state[key] = value.detach().to(param.device, param.dtype, copy=True).contiguous()
                     continue
                 kind = self._codec(key, param)
                 if value.dtype == torch.uint8:  # 8-bit in the checkpoint
@@ -573,6 +593,7 @@ class Optimizer(torch.optim.Optimizer):
         scalar_keys = set(self._scalar_state(self.defaults)) if self.counts_steps else set()
         allowed = set(self.rule.state_roles) | ({"step"} | scalar_keys if self.counts_steps else set()) | self.own_state_keys
         allowed |= {role + _ABSMAX for role, kind in self.state_codecs.items() if kind != "float"}
+        allowed.add(_KAHAN)  # (param_update="kahan"'s: dropped on load unless this optimizer's is "kahan" too)
         for index, state in state_dict["state"].items():
             where = f"state of param {index} in the checkpoint"
             foreign = sorted(set(state) - allowed)
@@ -776,11 +797,14 @@ class Optimizer(torch.optim.Optimizer):
             engine.run(*arguments, **keywords)
             if supplied is not None:
                 self._after_step(group, states, supplied)
+        if self.param_update == "stochastic":
+            self.rounding_steps += 1
         return loss
 
     def _ready(self, group, params, grads, sharding, scalars, program, backend, where, created):
         """A group's tensors on one device made ready for :func:`thalweg.engine.run`, every one of them checked."""
         states, first = self._states(params, group, program, created, where)
+        rounds = self._rounding(params, states, where, created) if self.param_update != "nearest" else None
         sparse = None
         if any(map(_IS_SPARSE, grads)):
             kept = [i for i, g in enumerate(grads) if not g.is_sparse]
@@ -799,6 +823,8 @@ class Optimizer(torch.optim.Optimizer):
             local = distributed.local
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             roles = [[local(t) if isinstance(t, torch.Tensor) else t for t in role] for role in roles]
+            if rounds is not None:
+                rounds.comps = [None if t is None else local(t) for t in rounds.comps]
         try:  # the fused path checks what its kernels touch; only what it leaves to foreach is checked here
             partitioned = engine.partition(backend, params, grads, roles, steps, quantised=quantised, program=program)
             unchecked = partitioned[1]
@@ -812,8 +838,57 @@ class Optimizer(torch.optim.Optimizer):
             scalars = {**scalars, **supplied}
         arguments = (program, backend, params, grads, roles, steps, first, scalars)
         keywords = dict(sum_across=None if sharding is None else sharding.sum_across_shards_, widen_to=self._float_state,
-                        partitioned=partitioned, out_of_place=bool(group.get("differentiable")), quantised=quantised)
+                        partitioned=partitioned, out_of_place=bool(group.get("differentiable")), quantised=quantised,
+                        rounding=rounds)
         return arguments, keywords, sparse, (group, states, supplied)
+
+    def _rounding(self, params: list[torch.Tensor], states: list[dict[str, Any]], where: _Where,
+                  created: list) -> rounding.Rounding | None:
+        """How ``params`` take their new values with ``param_update`` (None when none is bfloat16): per parameter
+        the key and flat offset of its random bits ("stochastic"), or its compensation buffer ("kahan"), created
+        here where missing (a new run, a checkpoint of another mode). Called before anything is written."""
+        dtypes = {p.dtype for p in params}
+        if torch.float16 in dtypes:
+            k = next(k for k, p in enumerate(params) if p.dtype == torch.float16)
+            raise RuntimeError(f"{where(k)} is float16: param_update={self.param_update!r} rounds bfloat16 parameters "
+                               "(use bfloat16, or param_update='nearest' for float16 ones)")
+        if torch.bfloat16 not in dtypes:
+            return None
+        n = len(params)
+        keys, offsets, comps = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), [None] * n
+        if self.param_update == "stochastic":
+            first = sum(len(g["params"]) for g in self.param_groups[:where.group_index])
+            for k, param in enumerate(params):
+                if param.dtype != torch.bfloat16:
+                    continue
+                keys[k] = rounding.key(self.rounding_steps, first + where.position(k))
+                if distributed.is_sharded(param):
+                    offset = distributed.flat_offset(param)
+                    if offset is None:
+                        raise NotImplementedError(f"{where(k)}: param_update='stochastic' needs parameters sharded on "
+                                                  f"dim 0 (as FSDP2 shards), got placements {tuple(param.placements)}")
+                    offsets[k] = offset
+            return rounding.Rounding("stochastic", keys, offsets, comps)
+        for k, param in enumerate(params):
+            if param.dtype != torch.bfloat16:
+                continue
+            state = states[k] if states else self.state.get(param)
+            if state is None:  # (a rule without state: SGD without momentum)
+                state = self.state[param] = {}
+                created.append((self.state, param))
+            comp = state.get(_KAHAN)
+            if comp is None:
+                comp = state[_KAHAN] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                created.append((state, _KAHAN))
+            elif not (isinstance(comp, torch.Tensor) and comp.dtype == torch.bfloat16 and comp.shape == param.shape
+                      and comp.device == param.device):
+                raise RuntimeError(f"{where(k)}: state[{_KAHAN!r}] is "
+                                   f"{_describe(comp) if isinstance(comp, torch.Tensor) else type(comp).__name__} but "
+                                   f"the parameter is {_describe(param)}")
+            elif not distributed.local(comp).is_contiguous():  # (the kernels write it through its address)
+                comp = state[_KAHAN] = comp.contiguous()
+            comps[k] = comp
+        return rounding.Rounding("kahan", keys, offsets, comps)
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor, group_index: int, group: dict[str, Any]) -> None:
         # Called for every gradient of a group that has a sparse one. Shape, dtype and device need no
@@ -831,6 +906,12 @@ class Optimizer(torch.optim.Optimizer):
                 f"state_dtype='int8' cannot be used with sparse gradients (param group {group_index}): "
                 f"{type(self).__name__} updates only a sparse gradient's rows, and an 8-bit block spans rows; use "
                 "state_dtype=None for a model with sparse embeddings"
+            )
+        if grad.is_sparse and self.param_update != "nearest":
+            raise RuntimeError(
+                f"param_update={self.param_update!r} cannot be used with sparse gradients (param group {group_index}): "
+                f"{type(self).__name__} updates only a sparse gradient's rows; use param_update='nearest' for a model "
+                "with sparse embeddings"
             )
         if grad.is_sparse and group.get("cautious"):
             raise RuntimeError(

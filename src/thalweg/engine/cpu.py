@@ -75,32 +75,39 @@ def table_roles(program: Program) -> list[str]:
     return [program.rule.roles[0], program.rule.roles[1], *program.state_roles]
 
 
-def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = ()) -> str:
+def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = (),
+           rounding: str | None = None) -> str:
     """The generated module for ``program`` on ``dtype`` parameters with ``state_dtype`` state; ``codecs``: per
-    state role, None or the map ("signed", "unsigned") of its 8-bit blocks (see :mod:`.codec`)."""
+    state role, None or the map ("signed", "unsigned") of its 8-bit blocks (see :mod:`.codec`); ``rounding``:
+    how widened bfloat16 parameters are stored, None (to nearest), "stochastic" or "kahan" (see :mod:`.rounding`)."""
     eight_bit = [kind for kind in codecs if kind is not None]
     lines = [header(program, f"numba, {dtype} parameters, {state_dtype} state"
-                             + (f", 8-bit {', '.join(r for r, k in zip(program.state_roles, codecs) if k)}" if eight_bit else "")),
+                             + (f", 8-bit {', '.join(r for r, k in zip(program.state_roles, codecs) if k)}" if eight_bit else "")
+                             + (f", {rounding} rounding" if rounding else "")),
              "import numpy as np",
              "from numba import carray",
              "from thalweg.engine.numba_runtime import (BLOCK, F32, F64, I64, Q, QBLOCK, SIGNED, SIGNED_EDGES, SIGNED_LOOKUP,",
              "                                          UNSIGNED, UNSIGNED_EDGES, UNSIGNED_LOOKUP, accumulate, address,",
              "                                          decode, encode, fetch_add, largest, lerp, load, maximum, maximum_abs,",
-             "                                          minimum, pointer, round_to, sign, sqrt, square, store)",
+             "                                          minimum, pointer, round_to, sign, sqrt, square, store, store_kahan,",
+             "                                          store_stochastic)",
              "",
              f"P = np.empty(1, dtype=np.{STORAGE[dtype]})  # parameter and gradient storage",
              f"S = np.empty(1, dtype=np.{STORAGE[state_dtype]})  # state storage",
              f"C = np.empty(1, dtype=np.{COMPUTE[dtype]})  # compute dtype: the scalar tables", ""]
     # float32 state for bfloat16/float16 parameters: the parameter is a float32 copy until the step ends
     widened = state_dtype != dtype
+    if rounding is not None and dtype != torch.bfloat16:  # pragma: no cover - driver._rounded
+        raise ValueError("param_update rounds bfloat16 parameters")
     if eight_bit and len(program.passes) > 1:  # pragma: no cover - driver.partition sends those to foreach
         raise ValueError("8-bit state is fused for one-pass programs only")
     for index, kernel_pass in enumerate(program.passes):
-        lines += _body(program, kernel_pass, index, widened, codecs)
+        lines += _body(program, kernel_pass, index, widened, codecs, rounding)
     return "\n".join(lines) + "\n"
 
 
-def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tuple = ()) -> list[str]:
+def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tuple = (),
+          rounding: str | None = None) -> list[str]:
     """Pass ``index`` as a parallel body. With 8-bit roles (``codecs``) each chunk is walked block by block
     (a chunk starts on a block): a block's codes are decoded with its absmax as they are loaded, the new
     values wait in the chunk's row of scratch (the ``_partial`` table, unused by a one-pass program), and at
@@ -139,6 +146,14 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
     read = [role for role in maps if role in touched and role in kernel_pass.roles_read]
     written = [role for role in maps if role in touched and role in kernel_pass.roles_written]
     out += [f"            _absmax_{role} = pointer(_ptrs[{absmax_rows[role]}, _t], F32)" for role in maps if role in touched]
+    param_role = program.rule.roles[0]
+    if param_role not in kernel_pass.roles_written:
+        rounding = None
+    row = len(rows) + len(maps)  # the rounding rows follow the absmax rows (driver._rounded)
+    if rounding == "stochastic":
+        out += [f"            _key = np.uint32(_ptrs[{row}, _t])", f"            _flat = _ptrs[{row + 1}, _t]"]
+    elif rounding == "kahan":
+        out.append(f"            _ptr_kahan_comp = pointer(_ptrs[{row}, _t], P)")
     out += per_tensor
     out += [f"            _acc{slots[k]} = 0.0" for k in kernel_pass.reductions.values()]
     if maps:
@@ -160,10 +175,10 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
         else:
             out.append(f"{inner}{var} = load(_ptr_{role}, _i)")
     for var, _ in kernel_pass.loads:
-        out += _after(var, kernel_pass, inner, slots, program, widened, scratch)
+        out += _after(var, kernel_pass, inner, slots, program, widened, scratch, rounding)
     for statement in kernel_pass.body:
         out.append(f"{inner}{statement.target} = {render(program, statement.expr, _DIALECT)}  # line {statement.line}")
-        out += _after(statement.target, kernel_pass, inner, slots, program, widened, scratch)
+        out += _after(statement.target, kernel_pass, inner, slots, program, widened, scratch, rounding)
     for role in written:  # the block's new absmax (never below 1e-12), then its codes
         out += [f"                _top_{role} = largest(_top_{role})",
                 f"                _absmax_{role}[_k] = _top_{role}",
@@ -176,14 +191,21 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
 
 
 def _after(var: str, kernel_pass, inner: str, slots: dict[int, int], program: Program, widened: bool,
-           scratch: dict[str, int] | None = None) -> list[str]:
+           scratch: dict[str, int] | None = None, rounding: str | None = None) -> list[str]:
     """Stores and sums that follow the definition (or load) of ``var``; an 8-bit role's new value goes to
-    its scratch (``scratch``: role -> offset in the chunk's row) and into its block's running absmax."""
+    its scratch (``scratch``: role -> offset in the chunk's row) and into its block's running absmax; the
+    parameter is stored by ``rounding`` when set."""
     out = []
     for role in kernel_pass.stores.get(var, ()):
         if scratch and role in scratch:
             out.append(f"{inner}_partial[_c, {scratch[role]} + _i - _b] = {var}")
             out.append(f"{inner}_top_{role} = maximum_abs(_top_{role}, {var})")
+            continue
+        if rounding == "stochastic" and role == program.rule.roles[0]:
+            out.append(f"{inner}store_stochastic(_ptr_{role}, _i, {var}, _key, _flat + _i)")
+            continue
+        if rounding == "kahan" and role == program.rule.roles[0]:
+            out.append(f"{inner}store_kahan(_ptr_{role}, _ptr_kahan_comp, _i, {var})")
             continue
         out.append(f"{inner}store(_ptr_{role}, _i, {var})")
     if var in kernel_pass.kept and not (widened and program.rule.roles[0] in kernel_pass.stores[var]):
@@ -244,13 +266,14 @@ def _compile(module_source: str, stem: str, name: str) -> Kernel:
     return Kernel(function.address, keep=function)
 
 
-def body(program: Program, index: int, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = ()) -> Kernel:
+def body(program: Program, index: int, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = (),
+         rounding: str | None = None) -> Kernel:
     """The compiled parallel body of pass ``index`` (generated, compiled or loaded once)."""
-    key = (program.digest, index, dtype, state_dtype, codecs)
+    key = (program.digest, index, dtype, state_dtype, codecs, rounding)
     kernel = _BODIES.get(key)
     if kernel is None:
-        kernel = _BODIES[key] = compiled(source(program, dtype, state_dtype, codecs), f"cpu_{program.rule.name}",
-                                         f"pass{index}")
+        kernel = _BODIES[key] = compiled(source(program, dtype, state_dtype, codecs, rounding),
+                                         f"cpu_{program.rule.name}", f"pass{index}")
     return kernel
 
 
@@ -371,7 +394,7 @@ class Plan:
     def __init__(self, program: Program, bucket) -> None:
         compute = np.float64 if bucket.dtype == torch.float64 else np.float32
         self.bucket = bucket
-        self.kernels = [body(program, k, bucket.dtype, bucket.state_dtype, bucket.codecs)
+        self.kernels = [body(program, k, bucket.dtype, bucket.state_dtype, bucket.codecs, bucket.rounding)
                         for k in range(len(program.passes))]
         self.hp = np.zeros(max(len(program.hp), 1), dtype=compute)
         self.n_early = len(program.columns)

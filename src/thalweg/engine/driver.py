@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import torch
 
 from . import codec, host, lists, reference
 from .program import Program
+from .rounding import Rounding
 from .vocabulary import TensorList
 
 BACKENDS = ("reference", "foreach", "fused")
@@ -45,7 +47,7 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
         roles: list[list[torch.Tensor]], steps: list[torch.Tensor] | None, first: np.ndarray | None,
         scalars: dict[str, Any], *, sum_across: Callable[[torch.Tensor], None] | None = None,
         widen_to: torch.dtype | None = None, partitioned: tuple | None = None, out_of_place: bool = False,
-        quantised: bool = False) -> None:
+        quantised: bool = False, rounding: Rounding | None = None) -> None:
     """Step ``params`` (one device) with ``program``.
 
     ``roles``: the state tensors of ``program.state_roles``, one list per role; ``steps``: the step
@@ -59,14 +61,16 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
     ``out_of_place``: run the rule function itself, out of place (reference backend only): autograd can
     record the step (``differentiable=True``), and sparse gradients go through torch's sparse arithmetic;
     ``quantised``: some entries of ``roles`` are 8-bit state (:class:`.codec.Blockwise`): they are decoded to
-    float (float32, float64 for float64 parameters), stepped, and encoded again (:func:`.codec.run_through_floats`).
+    float (float32, float64 for float64 parameters), stepped, and encoded again (:func:`.codec.run_through_floats`);
+    ``rounding``: how the widened bfloat16 parameters take their new values (``param_update``, see
+    :mod:`.rounding`; None: to nearest).
     """
     if not params:
         return
     if quantised and (backend != "fused" or out_of_place):
         def step_floats(floats: list[list[torch.Tensor]]) -> None:
             run(program, backend, params, grads, floats, steps, first, scalars, sum_across=sum_across,
-                widen_to=widen_to, out_of_place=out_of_place)
+                widen_to=widen_to, out_of_place=out_of_place, rounding=rounding)
 
         codec.run_through_floats(step_floats, roles, [p.dtype for p in params])
         return
@@ -83,10 +87,12 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
             compute = None
     if backend == "reference":
         reference.run(program, params, grads, roles, steps, None if first is None else first.tolist(), scalars,
-                      compute_dtypes=compute, sum_across=sum_across)
+                      compute_dtypes=compute, sum_across=sum_across, rounding=rounding if compute else None)
         return
     buckets, rest, step_addresses = partitioned or partition(backend, params, grads, roles, steps, quantised=quantised,
                                                                          program=program)
+    if rounding is not None and compute is not None:
+        buckets = [_rounded(bucket, rounding) for bucket in buckets]
     n = len(params)
     counts = _advance(steps, step_addresses) if steps is not None else None
     if program.uses_step and counts is None:
@@ -136,7 +142,7 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
                 else:
                     sums[torch.as_tensor(indices, device=device)] = out
     for indices, tensors in lists_:
-        _round_back(params, indices, tensors[0], compute)
+        _round_back(params, indices, tensors[0], compute, rounding)
     if quantised and rest:
         _encode_back(roles, rest, lists_)
 
@@ -190,10 +196,25 @@ def _encode_back(roles, rest: list[int], lists_) -> None:
                     entry.store(value)
 
 
-def _round_back(params, indices: np.ndarray, stepped: TensorList, compute) -> None:
+def _round_back(params, indices: np.ndarray, stepped: TensorList, compute, rounding: Rounding | None) -> None:
     if compute is None or compute[int(indices[0])] is None:
         return
-    torch._foreach_copy_([params[i] for i in indices.tolist()], stepped.tensors)
+    if rounding is None:
+        torch._foreach_copy_([params[i] for i in indices.tolist()], stepped.tensors)
+        return
+    for i, value in zip(indices.tolist(), stepped.tensors):
+        rounding.store(i, params[i], value)
+
+
+def _rounded(bucket: host.Bucket, rounding: Rounding) -> host.Bucket:
+    """``bucket`` with its kernels storing bfloat16 parameters by ``rounding`` (the rows it needs added to its
+    address table); a bucket of other dtypes as it is. (Its state is float32, or there is none: param_update
+    needs state_dtype.)"""
+    if bucket.dtype != torch.bfloat16:
+        return bucket
+    # (a new memo: what a launcher keeps there points at the address table)
+    return dataclasses.replace(bucket, pointers=np.concatenate([bucket.pointers, rounding.rows(bucket.indices)]),
+                               rounding=rounding.mode, memo={})
 
 
 def _on(device: torch.device, values: tuple) -> tuple:

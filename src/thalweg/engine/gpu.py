@@ -74,21 +74,27 @@ class _Triton(Dialect):
         return super().unary(op, operand)
 
 
-def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = ()) -> str:
+def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = (),
+           rounding: str | None = None) -> str:
     """The generated module for ``program`` on ``dtype`` parameters with ``state_dtype`` state; ``codecs``: per
-    state role, None or the map ("signed", "unsigned") of its 8-bit blocks (see :mod:`.codec`)."""
+    state role, None or the map ("signed", "unsigned") of its 8-bit blocks (see :mod:`.codec`); ``rounding``:
+    how widened bfloat16 parameters are stored, None (to nearest), "stochastic" or "kahan" (see :mod:`.rounding`)."""
     compute = "tl.float64" if dtype == torch.float64 else "tl.float32"
     eight_bit = [role for role, kind in zip(program.state_roles, codecs) if kind]
     lines = [header(program, f"Triton, {dtype} parameters, {state_dtype} state"
-                             + (f", 8-bit {', '.join(eight_bit)}" if eight_bit else "")),
+                             + (f", 8-bit {', '.join(eight_bit)}" if eight_bit else "")
+                             + (f", {rounding} rounding" if rounding else "")),
              "import triton",
              "import triton.language as tl",
-             "from thalweg.engine.triton_runtime import decode, encode, lerp, load_bf16, round_bf16, sign, store_bf16",
+             "from thalweg.engine.triton_runtime import (decode, encode, lerp, load_bf16, round_bf16, sign, store_bf16,",
+             "                                           store_bf16_kahan, store_bf16_stochastic)",
              "", ""]
     if eight_bit and len(program.passes) > 1:  # pragma: no cover - driver.partition sends those to foreach
         raise ValueError("8-bit state is fused for one-pass programs only")
+    if rounding is not None and dtype != torch.bfloat16:  # pragma: no cover - driver._rounded
+        raise ValueError("param_update rounds bfloat16 parameters")
     for index, kernel_pass in enumerate(program.passes):
-        lines += _kernel(program, kernel_pass, index, dtype, state_dtype, compute, codecs)
+        lines += _kernel(program, kernel_pass, index, dtype, state_dtype, compute, codecs, rounding)
     return "\n".join(lines)
 
 
@@ -98,7 +104,8 @@ _EDGE_OFFSET = {"signed": 512, "unsigned": 768}
 _LOOKUP_OFFSET = {"signed": 0, "unsigned": 1 << 16}
 
 
-def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compute: str, codecs: tuple = ()) -> list[str]:
+def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compute: str, codecs: tuple = (),
+            rounding: str | None = None) -> list[str]:
     """Pass ``index`` as a Triton kernel. An 8-bit role (``codecs``) is decoded as it is loaded (code -> map
     value, times its block's absmax) and encoded where it is stored: the BLOCK elements in hand are QBLOCK-sized
     blocks (a chunk and a BLOCK start on a block), so each block's new absmax is a reduction over one axis."""
@@ -125,6 +132,13 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
             for role in touched]
     out += [f"    _absmax_{role} = tl.load(ptrs + {absmax_rows[role]} * n + _t).to(tl.pointer_type(tl.float32))"
             for role in maps if role in touched]
+    if program.rule.roles[0] not in kernel_pass.roles_written:
+        rounding = None
+    row = len(rows) + len(maps)  # the rounding rows follow the absmax rows (driver._rounded)
+    if rounding == "stochastic":
+        out += [f"    _key = tl.load(ptrs + {row} * n + _t).to(tl.uint32)", f"    _flat = tl.load(ptrs + {row + 1} * n + _t)"]
+    elif rounding == "kahan":
+        out.append(f"    _ptr_kahan_comp = tl.load(ptrs + {row} * n + _t).to(tl.pointer_type(tl.bfloat16))")
     for name in kernel_pass.scalars:
         if name in program.hp:
             where = f"sc + {program.hp.index(name)}"
@@ -145,11 +159,12 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
         else:
             out.append(f"{inner}{var} = {_load(role, storage[role], compute)}")
     for var, _ in kernel_pass.loads:
-        out += _after(var, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype, maps)
+        out += _after(var, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype, maps,
+                      rounding)
     for statement in kernel_pass.body:
         out.append(f"{inner}{statement.target} = {render(program, statement.expr, dialect)}  # line {statement.line}")
         out += _after(statement.target, kernel_pass, storage, inner, slots, program.rule.roles[0], state_dtype != dtype,
-                      maps)
+                      maps, rounding)
     out += [f"    tl.store(partial + _c * {len(slots)} + {slots[k]}, tl.sum(_acc{slots[k]}, axis=0))"
             for k in kernel_pass.reductions.values()]
     return out + ["", ""]
@@ -163,10 +178,14 @@ def _load(role: str, dtype: torch.dtype, compute: str) -> str:
 
 
 def _after(var: str, kernel_pass, storage: dict, inner: str, slots: dict[int, int], param_role: str,
-           widened: bool, maps: dict[str, str] | None = None) -> list[str]:
+           widened: bool, maps: dict[str, str] | None = None, rounding: str | None = None) -> list[str]:
     out = []
     for role in kernel_pass.stores.get(var, ()):
-        if maps and role in maps:
+        if rounding == "stochastic" and role == param_role:
+            out.append(f"{inner}store_bf16_stochastic(_ptr_{role} + _offs, {var}, _mask, _key, _flat + _offs)")
+        elif rounding == "kahan" and role == param_role:
+            out.append(f"{inner}store_bf16_kahan(_ptr_{role} + _offs, _ptr_kahan_comp + _offs, {var}, _mask)")
+        elif maps and role in maps:
             kind = maps[role]
             out.append(f"{inner}encode(_ptr_{role}, _absmax_{role}, qmaps + {_EDGE_OFFSET[kind]}, "
                        f"qlookup + {_LOOKUP_OFFSET[kind]}, {var}, _off, _offs, _stop, BLOCK)")
@@ -187,13 +206,15 @@ def _after(var: str, kernel_pass, storage: dict, inner: str, slots: dict[int, in
     return out
 
 
-def kernels(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = ()) -> list:
-    """The program's Triton kernels (``@triton.jit`` functions, one per pass) for these dtypes (and 8-bit roles)."""
-    key = (program.digest, dtype, state_dtype, codecs)
+def kernels(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = (),
+            rounding: str | None = None) -> list:
+    """The program's Triton kernels (``@triton.jit`` functions, one per pass) for these dtypes (8-bit roles, and
+    how bfloat16 parameters are rounded)."""
+    key = (program.digest, dtype, state_dtype, codecs, rounding)
     found = _KERNELS.get(key)
     if found is None:
         with _LOCK:
-            module = generated.module(f"gpu_{program.rule.name}", source(program, dtype, state_dtype, codecs))
+            module = generated.module(f"gpu_{program.rule.name}", source(program, dtype, state_dtype, codecs, rounding))
             found = _KERNELS[key] = [getattr(module, f"pass{k}") for k in range(len(program.passes))]
     return found
 
@@ -258,7 +279,7 @@ class Plan:
         from .host import chunk_table
 
         self.bucket = bucket
-        self.kernels = kernels(program, bucket.dtype, bucket.state_dtype, bucket.codecs)
+        self.kernels = kernels(program, bucket.dtype, bucket.state_dtype, bucket.codecs, bucket.rounding)
         self.tables = codec_tables(device) if bucket.codecs else ()
         if bucket.codecs and (CHUNK % BLOCK or BLOCK % codec.BLOCK):  # pragma: no cover - the constants above
             raise AssertionError("8-bit state needs chunks and blocks that start on a codec block")

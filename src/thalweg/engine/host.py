@@ -58,6 +58,10 @@ class Bucket:
     # per state role: None (float state) or the map of its 8-bit blocks ("signed", "unsigned"); the address
     # table then has one more row per 8-bit role, its absmax (see codec_partition)
     codecs: tuple = ()
+    # how bfloat16 parameters are stored (``param_update``, see .rounding): None (to nearest), "stochastic" (the
+    # address table then has two more rows, each tensor's key and flat offset) or "kahan" (one more row, the
+    # compensation buffers' addresses)
+    rounding: str | None = None
 
     @property
     def n_elements(self) -> int:

@@ -51,7 +51,9 @@ def _llvm():
         _STATE["machine"] = target.create_target_machine(cpu=cpu, features=features, opt=3)
         _STATE["host"] = f"{llvm.get_process_triple()} {cpu} {features}"
         # (and the runtime the kernels are compiled with: its helpers are inlined into every kernel)
-        runtime = hashlib.sha256((Path(__file__).parent / "numba_runtime.py").read_bytes()).hexdigest()[:16]
+        # (and the modules whose constants it compiles in: the 8-bit maps, the rounding hash)
+        runtime = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes() for name in (
+            "numba_runtime.py", "codec.py", "rounding.py"))).hexdigest()[:16]
         _STATE["versions"] = (f"llvmlite {importlib.metadata.version('llvmlite')} numba "
                               f"{importlib.metadata.version('numba')} runtime {runtime}")
         _STATE["llvm"] = llvm

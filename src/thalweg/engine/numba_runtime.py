@@ -144,6 +144,53 @@ def _round_to_impl(array, value):
     return lambda array, value: value
 
 
+# -- bfloat16 parameters without float32 master weights (param_update, see thalweg.engine.rounding) -----
+
+def _rounding_constants():
+    from .rounding import MIX1, MIX2
+
+    return np.uint32(MIX1), np.uint32(MIX2)
+
+
+_MIX1, _MIX2 = _rounding_constants()
+_U16, _U15 = np.uint32(16), np.uint32(15)
+
+
+@_jit
+def _mix(x):
+    """rounding.mix on a uint32 (numba widens integer arithmetic to 64 bits: each result is cut back)."""
+    x = np.uint32(x ^ (x >> _U16))
+    x = np.uint32(x * _MIX1)
+    x = np.uint32(x ^ (x >> _U15))
+    x = np.uint32(x * _MIX2)
+    return np.uint32(x ^ (x >> _U15))
+
+
+@_jit
+def store_stochastic(array, i, value, key, index):
+    """Store float32 ``value`` into bfloat16 ``array[i]`` rounded stochastically: 16 random bits (the hash of
+    ``key`` and the element's flat ``index`` in the whole tensor) added to its bits, the lower half dropped;
+    NaN and infinities to nearest (rounding.stochastic)."""
+    bits = _f32_to_bits(np.float32(value))
+    if (bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000):
+        array[i] = _bf16_bits(value)
+        return
+    folded = np.uint32((index ^ (index >> 32)) & 0xFFFFFFFF)
+    noise = _mix(folded ^ np.uint32(key)) & np.uint32(0xFFFF)
+    array[i] = np.uint16((bits + noise) >> _U16)
+
+
+@_jit
+def store_kahan(array, comp, i, value):
+    """Store float32 ``value`` into bfloat16 ``array[i]`` with the compensation ``comp[i]`` (rounding.kahan)."""
+    old = _bits_to_f32(np.uint32(array[i]) << _U16)
+    total = (np.float32(value) - old) + _bits_to_f32(np.uint32(comp[i]) << _U16)
+    bits = _bf16_bits(old + total)
+    new = _bits_to_f32(np.uint32(bits) << _U16)
+    comp[i] = _bf16_bits(total - (new - old))
+    array[i] = bits
+
+
 # -- the vocabulary -----------------------------------------------------------------------------------
 
 

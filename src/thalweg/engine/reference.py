@@ -77,10 +77,10 @@ def module(program: Program):
 
 def run(program: Program, params: list[torch.Tensor], grads: list[torch.Tensor], roles: list[list[torch.Tensor]],
         steps: list[torch.Tensor] | None, first: list[bool] | None, scalars: dict[str, Any], *,
-        compute_dtypes: list[torch.dtype | None] | None = None, sum_across=None) -> None:
+        compute_dtypes: list[torch.dtype | None] | None = None, sum_across=None, rounding=None) -> None:
     """Step every parameter with the rule. ``compute_dtypes[i]``, when set, is the dtype parameter ``i`` is
     stepped in (float32 for a bfloat16 parameter with float32 state: stepped as a float32 copy, rounded
-    back once)."""
+    back once: to nearest, or as ``rounding`` says, a :class:`.rounding.Rounding`)."""
     rule = program.rule
     if compute_dtypes is None:  # the generated loop (the per-tensor function below serves widened steps)
         by_role = dict(zip(program.state_roles, roles))
@@ -126,7 +126,9 @@ def run(program: Program, params: list[torch.Tensor], grads: list[torch.Tensor],
                     raise RuntimeError(f"rule {rule.name} returned a new {rule.roles[position]} that this group's "
                                        "options do not create (state roles follow the rule's `if` tests)")
                 old.copy_(result)
-            if widened:
+            if widened and rounding is not None:
+                rounding.store(i, params[i], inputs[0])
+            elif widened:
                 params[i].copy_(inputs[0])  # rounds to nearest even, bumps the version counter as in-place ops do
     finally:
         NORM_SUM.reset(token)

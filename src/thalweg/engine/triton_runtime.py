@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import codec
+from . import codec, rounding
 
 
 @triton.jit
@@ -36,6 +36,46 @@ def store_bf16(pointer, x, mask):
     """Store float32 ``x`` as bfloat16 (rounded by :func:`round_bf16`, then its upper half stored exactly)."""
     bits = (round_bf16(x).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16)
     tl.store(pointer, bits.to(tl.bfloat16, bitcast=True), mask=mask)
+
+
+# -- bfloat16 parameters without float32 master weights (param_update, see thalweg.engine.rounding) -----
+
+MIX1: tl.constexpr = tl.constexpr(rounding.MIX1)
+MIX2: tl.constexpr = tl.constexpr(rounding.MIX2)
+
+
+@triton.jit
+def _mix(x):
+    """rounding.mix on uint32 values (the products wrap at 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * MIX1).to(tl.uint32)
+    x = x ^ (x >> 15)
+    x = (x * MIX2).to(tl.uint32)
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def store_bf16_stochastic(pointer, x, mask, key, index):
+    """Store float32 ``x`` as bfloat16 rounded stochastically: 16 random bits (the hash of ``key`` and the elements'
+    flat ``index`` in the whole tensor, int64) added to its bits, the lower half dropped; NaN and infinities to
+    nearest (rounding.stochastic)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    folded = ((index ^ (index >> 32)) & 0xFFFFFFFF).to(tl.uint32)
+    noise = _mix(folded ^ key) & 0xFFFF
+    up = (bits + noise) >> 16
+    nearest = round_bf16(x).to(tl.uint32, bitcast=True) >> 16
+    kept = tl.where((bits & 0x7F800000) == 0x7F800000, nearest, up).to(tl.uint16)
+    tl.store(pointer, kept.to(tl.bfloat16, bitcast=True), mask=mask)
+
+
+@triton.jit
+def store_bf16_kahan(pointer, comp, x, mask):
+    """Store float32 ``x`` as bfloat16 with the compensation buffer ``comp`` (rounding.kahan)."""
+    old = load_bf16(pointer, mask)
+    total = (x - old) + load_bf16(comp, mask)
+    new = round_bf16(old + total)
+    store_bf16(comp, total - (new - old), mask)
+    store_bf16(pointer, new, mask)
 
 
 @triton.jit

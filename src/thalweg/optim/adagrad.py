@@ -53,7 +53,7 @@ class Adagrad(Optimizer):
         initial_accumulator_value: starting value of the ``sum`` state (default 0).
         eps: added to the denominator (default 1e-10).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype, param_update: as for every thalweg optimizer.
     """
 
     name = "adagrad"  # thalweg.create's name
@@ -79,13 +79,14 @@ class Adagrad(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
         differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype, differentiable=differentiable)
+                         state_dtype=state_dtype, param_update=param_update, differentiable=differentiable)
         # torch creates Adagrad's state eagerly; doing the same keeps state_dict() layouts equal.
         for group in self.param_groups:
             self._states(group["params"], group, self.rule.program(self._scalars(group)))

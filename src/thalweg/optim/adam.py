@@ -82,6 +82,11 @@ class Adam(Optimizer):
             computed in float32 and the parameter rounded once (default None: the parameter's dtype, as torch);
             ``"int8"`` keeps ``exp_avg`` and ``exp_avg_sq`` of tensors of 4096 elements or more in 8-bit blocks
             (about 2 bytes per parameter instead of 8; see the README, "8-bit optimizer state").
+        param_update: how a bfloat16 parameter takes its new value, computed in float32 (needs ``state_dtype``):
+            ``"nearest"`` (default, torch's cast), ``"stochastic"`` (unbiased random rounding, reproducible) or
+            ``"kahan"`` (the rounding error kept in ``state["kahan_comp"]``, 2 bytes per parameter, and added back
+            next step); the last two keep training where updates are too small for bfloat16 (see the README,
+            "bfloat16 parameters without float32 master weights").
 
     Example::
 
@@ -116,6 +121,7 @@ class Adam(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
         differentiable: bool = False,
         capturable: bool = False,
     ) -> None:
@@ -124,7 +130,7 @@ class Adam(Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay, cautious=cautious)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype, differentiable=differentiable, capturable=capturable)
+                         state_dtype=state_dtype, param_update=param_update, differentiable=differentiable, capturable=capturable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -186,11 +192,12 @@ class AdamW(Adam):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
         differentiable: bool = False,
         capturable: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True,
                          cautious=cautious,
                          backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, differentiable=differentiable,
+                         skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, param_update=param_update, differentiable=differentiable,
                          capturable=capturable)

@@ -60,7 +60,7 @@ class ASGD(Optimizer):
         weight_decay: L2 penalty added to the gradient (default 0).
         foreach: as in torch (``True``: the foreach backend).
         maximize: ascend the objective instead of descending it (default False).
-        backend, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
+        backend, fused, max_grad_norm, skip_nonfinite, state_dtype, param_update: as for every thalweg optimizer.
     """
 
     name = "asgd"  # thalweg.create's name
@@ -85,10 +85,11 @@ class ASGD(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
     ) -> None:
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, param_update=param_update,
                          differentiable=differentiable, capturable=capturable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:

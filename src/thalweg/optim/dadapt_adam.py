@@ -100,7 +100,7 @@ class DAdaptAdam(Optimizer):
         growth_rate: d grows by at most this factor per step (default inf).
         use_bias_correction: Adam's bias correction in the step size (default False).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype, param_update: as for every thalweg optimizer
             (see :class:`thalweg.Adam`).
 
     Example::
@@ -134,13 +134,14 @@ class DAdaptAdam(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
     ) -> None:
         _checks.positive("d0", d0)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, d=d0, k=0, layer_scale=1.0,
                         numerator_weighted=0.0, growth_rate=growth_rate, use_bias_correction=use_bias_correction,
                         decouple=decouple, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, param_update=param_update,
                          differentiable=None)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:

@@ -64,7 +64,7 @@ class LAMB(Optimizer):
         weight_decay: decoupled decay :math:`\\lambda` inside the trust-scaled direction (default 0.01).
         bias_correction: divide the moments by :math:`1-\\beta^t` (default True).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype, param_update: as for every thalweg optimizer.
     """
 
     name = "lamb"  # thalweg.create's name
@@ -91,13 +91,14 @@ class LAMB(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
         differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         maximize=maximize, trust_ratio=True)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype, differentiable=differentiable)
+                         state_dtype=state_dtype, param_update=param_update, differentiable=differentiable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])

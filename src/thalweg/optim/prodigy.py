@@ -119,7 +119,7 @@ class Prodigy(Optimizer):
         d_coef: multiplies the estimate (default 1.0; the preferred knob).
         growth_rate: d grows by at most this factor per step (default inf).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype, param_update: as for every thalweg optimizer
             (see :class:`thalweg.Adam`).
 
     Example::
@@ -157,6 +157,7 @@ class Prodigy(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
     ) -> None:
         _checks.positive("d0", d0)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, d=d0, d0=d0, d_max=d0,
@@ -164,7 +165,7 @@ class Prodigy(Optimizer):
                         use_bias_correction=use_bias_correction, decouple=decouple, safeguard_warmup=safeguard_warmup,
                         maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, param_update=param_update,
                          differentiable=None)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:

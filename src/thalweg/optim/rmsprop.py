@@ -66,7 +66,7 @@ class RMSprop(Optimizer):
         momentum: momentum factor (default 0).
         centered: normalise by the estimated variance instead of the raw second moment (default False).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer.
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype, param_update: as for every thalweg optimizer.
     """
 
     name = "rmsprop"  # thalweg.create's name
@@ -95,12 +95,13 @@ class RMSprop(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         centered=centered, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype, differentiable=differentiable, capturable=capturable)
+                         state_dtype=state_dtype, param_update=param_update, differentiable=differentiable, capturable=capturable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])

@@ -69,7 +69,7 @@ class SGD(Optimizer):
             the gradient plus the L2 term), the rest scaled by 1 / max(kept fraction, 1e-3) over the whole
             tensor (Liang et al. 2024, timm's renormalisation; a thalweg extension, default False).
         maximize: ascend the objective instead of descending it (default False).
-        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype: as for every thalweg optimizer
+        backend, foreach, fused, max_grad_norm, skip_nonfinite, state_dtype, param_update: as for every thalweg optimizer
             (see :class:`thalweg.Adam`).
     """
 
@@ -99,13 +99,14 @@ class SGD(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
         differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, cautious=cautious, maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype, differentiable=differentiable)
+                         state_dtype=state_dtype, param_update=param_update, differentiable=differentiable)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -162,9 +163,10 @@ class Momentum(SGD):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | None = None,
+        param_update: str = "nearest",
         differentiable: bool = False,
     ) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, cautious=cautious, maximize=maximize,
                          backend=backend,
                          foreach=foreach, fused=fused, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         state_dtype=state_dtype, differentiable=differentiable)
+                         state_dtype=state_dtype, param_update=param_update, differentiable=differentiable)
