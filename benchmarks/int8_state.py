@@ -122,7 +122,7 @@ def main() -> None:
     lines += [f"| {str(dtype).removeprefix('torch.')} | {full:.3f} | {eight:.3f} |" for dtype, full, eight in memory]
     lines += ["", f"## Speed: AdamW, {n_tensors} tensors of {numel} float32 (median of {repeats}, round-robin)", "",
               "| candidate | ms/step | vs thalweg fused float32 | first step s |", "|---|---|---|---|"]
-    lines += [f"| {name} | {median[name]:.2f} | {median[name] / base:.2f}× | {first[name]:.2f} |" for name in built]
+    lines += [f"| {name} | {median[name]:.2f} | {median[name] / base:.2f}× | {first[name]:.2f} |" for name in median]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:

@@ -88,9 +88,9 @@ def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codec
              "from numba import carray",
              "from thalweg.engine.numba_runtime import (BLOCK, F32, F64, I64, Q, QBLOCK, SIGNED, SIGNED_EDGES, SIGNED_LOOKUP,",
              "                                          UNSIGNED, UNSIGNED_EDGES, UNSIGNED_LOOKUP, accumulate, address,",
-             "                                          decode, encode, fetch_add, largest, lerp, load, maximum, maximum_abs,",
-             "                                          minimum, pointer, round_to, sign, sqrt, square, store, store_kahan,",
-             "                                          store_stochastic)",
+             "                                          decode, encode, fetch_add, from_bits, largest, lerp, load,",
+             "                                          magnitude_bits, maximum, minimum, pointer, round_to, sign, sqrt,",
+             "                                          square, store, store_kahan, store_stochastic, widen)",
              "",
              f"P = np.empty(1, dtype=np.{STORAGE[dtype]})  # parameter and gradient storage",
              f"S = np.empty(1, dtype=np.{STORAGE[state_dtype]})  # state storage",
@@ -109,9 +109,12 @@ def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codec
 def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tuple = (),
           rounding: str | None = None) -> list[str]:
     """Pass ``index`` as a parallel body. With 8-bit roles (``codecs``) each chunk is walked block by block
-    (a chunk starts on a block): a block's codes are decoded with its absmax as they are loaded, the new
-    values wait in the chunk's row of scratch (the ``_partial`` table, unused by a one-pass program), and at
-    the block's end its new absmax is taken and its codes encoded — one pass over memory."""
+    (a chunk starts on a block), in loops LLVM can vectorise apart from those it cannot: a block's codes are
+    decoded with its absmax into the chunk's row of float32 scratch (``_scr``, the argument block's
+    ``partial`` table: a one-pass program has no sums), the rule runs over the block reading them and writes
+    its new values there, then each new block's absmax is taken (an integer maximum of the magnitudes' bits,
+    which orders them as floats and NaN above all) and its codes encoded — one pass over memory. (One loop
+    doing it all measured 6× slower: the table lookups and the running maximum kept it from vectorising.)"""
     rows = {role: row for row, role in enumerate(table_roles(program))}
     maps = {role: kind for role, kind in zip(program.state_roles, codecs) if kind is not None}
     absmax_rows = {role: len(rows) + k for k, role in enumerate(maps)}
@@ -157,12 +160,18 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
     out += per_tensor
     out += [f"            _acc{slots[k]} = 0.0" for k in kernel_pass.reductions.values()]
     if maps:
+        # the chunk's row of scratch: each written role's new values, then each read role's decoded values
         scratch = {role: k * _QBLOCK for k, role in enumerate(written)}
-        out += ["            for _b in range(_lo, _hi, QBLOCK):",
+        decoded = {role: (len(written) + k) * _QBLOCK for k, role in enumerate(read)}
+        out += ["            _scr = pointer(_block[12] + 4 * _c * _block[14], F32)",
+                "            for _b in range(_lo, _hi, QBLOCK):",
                 "                _e = min(_b + QBLOCK, _hi)",
                 "                _k = _b // QBLOCK"]
-        out += [f"                _scale_{role} = _absmax_{role}[_k]" for role in read]
-        out += [f"                _top_{role} = np.float32(0.0)" for role in written]
+        for role in read:
+            out += [f"                _scale_{role} = _absmax_{role}[_k]",
+                    "                for _j in range(_e - _b):",
+                    f"                    _scr[{decoded[role]} + _j] = decode(F32, {maps[role].upper()}, _ptr_{role}, "
+                    f"_b + _j, _scale_{role})"]
         out.append("                for _i in range(_b, _e):")
         inner = "                    "
     else:
@@ -171,7 +180,7 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
         inner = "                "
     for var, role in kernel_pass.loads:
         if role in maps:
-            out.append(f"{inner}{var} = decode(C, {maps[role].upper()}, _ptr_{role}, _i, _scale_{role})")
+            out.append(f"{inner}{var} = widen(C, _scr[{decoded[role]} + _i - _b])")
         else:
             out.append(f"{inner}{var} = load(_ptr_{role}, _i)")
     for var, _ in kernel_pass.loads:
@@ -180,11 +189,16 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
         out.append(f"{inner}{statement.target} = {render(program, statement.expr, _DIALECT)}  # line {statement.line}")
         out += _after(statement.target, kernel_pass, inner, slots, program, widened, scratch, rounding)
     for role in written:  # the block's new absmax (never below 1e-12), then its codes
-        out += [f"                _top_{role} = largest(_top_{role})",
+        out += [f"                _bits_{role} = np.uint32(0)",
+                "                for _j in range(_e - _b):",
+                f"                    _bits_{role} = max(_bits_{role}, magnitude_bits(_scr[{scratch[role]} + _j]))",
+                f"                _top_{role} = largest(from_bits(_bits_{role}))",
                 f"                _absmax_{role}[_k] = _top_{role}",
+                "                for _j in range(_e - _b):  # (the divisions apart: this loop vectorises, the next cannot)",
+                f"                    _scr[{scratch[role]} + _j] = _scr[{scratch[role]} + _j] / _top_{role}",
                 "                for _j in range(_e - _b):",
                 f"                    _ptr_{role}[_b + _j] = encode({maps[role].upper()}_EDGES, {maps[role].upper()}_LOOKUP, "
-                f"np.float32(_partial[_c, {scratch[role]} + _j]) / _top_{role})"]
+                f"_scr[{scratch[role]} + _j])"]
     out += [f"            _partial[_c, {slots[k]}] = _acc{slots[k]}" for k in kernel_pass.reductions.values()]
     out += ["        _next = fetch_add(_counter, _grab)", "", ""]
     return out
@@ -198,8 +212,7 @@ def _after(var: str, kernel_pass, inner: str, slots: dict[int, int], program: Pr
     out = []
     for role in kernel_pass.stores.get(var, ()):
         if scratch and role in scratch:
-            out.append(f"{inner}_partial[_c, {scratch[role]} + _i - _b] = {var}")
-            out.append(f"{inner}_top_{role} = maximum_abs(_top_{role}, {var})")
+            out.append(f"{inner}_scr[{scratch[role]} + _i - _b] = {var}")
             continue
         if rounding == "stochastic" and role == program.rule.roles[0]:
             out.append(f"{inner}store_stochastic(_ptr_{role}, _i, {var}, _key, _flat + _i)")
@@ -404,8 +417,9 @@ class Plan:
         self.blocks = []
         for index in range(len(program.passes)):
             out = partial if index == 0 and len(program.passes) > 1 else _NO_PARTIAL
-            if bucket.codecs:  # a row of scratch per chunk: the new values of a block of each written 8-bit role
-                out = self.partial = np.zeros((bucket.chunks.shape[0], _QBLOCK * sum(map(bool, bucket.codecs))))
+            if bucket.codecs:  # a row of float32 scratch per chunk: a block of each 8-bit role, decoded and new
+                out = self.partial = np.zeros((bucket.chunks.shape[0], 2 * _QBLOCK * sum(map(bool, bucket.codecs))),
+                                              dtype=np.float32)
             self.blocks.append(np.array([0, 1, _address(ptrs), ptrs.shape[0], ptrs.shape[1], _address(chunks),
                                          chunks.shape[0], _address(coef), coef.shape[0], coef.shape[1], _address(hp),
                                          hp.shape[0], _address(out), out.shape[0], out.shape[1]], dtype=np.int64))

@@ -305,11 +305,29 @@ def _decode_impl(like, table, codes, i, scale):
     return lambda like, table, codes, i, scale: table[codes[i]] * scale
 
 
+def widen(like, x):  # pragma: no cover - replaced by its overload inside kernels
+    """float32 ``x`` in ``like``'s dtype (the compute dtype: float64 for float64 parameters, exactly)."""
+    raise NotImplementedError
+
+
+@overload(widen)
+def _widen_impl(like, x):
+    if like.dtype == types.float64:
+        return lambda like, x: np.float64(x)
+    return lambda like, x: x
+
+
 @_jit
-def maximum_abs(top, x):
-    """The running absmax of a block: max(top, |x|) in float32, NaN once any NaN is seen (as torch's amax)."""
-    magnitude = abs(np.float32(x))
-    return magnitude if (magnitude > top or magnitude != magnitude) else top
+def magnitude_bits(x):
+    """The bits of |x| (float32) as an unsigned integer: they order magnitudes as the floats do, with every NaN
+    above infinity — so an integer maximum over a block (which LLVM vectorises) is its absmax, NaN if any is
+    (as torch's amax)."""
+    return _f32_to_bits(np.float32(x)) & np.uint32(0x7FFFFFFF)
+
+
+@_jit
+def from_bits(bits):
+    return _bits_to_f32(np.uint32(bits))
 
 
 @_jit
