@@ -299,6 +299,21 @@ def test_triton_source_can_be_printed():
     assert "tl.div_rn(" in text and "tl.sqrt_rn(" in text
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_kernels_of_8bit_state_and_of_param_update_can_be_printed(device):
+    text = engine.show(thalweg.Adam.rule, "fused", device=device, dtype=torch.bfloat16, state_dtype="int8",
+                       state_codecs=thalweg.Adam.state_codecs, param_update="kahan", **ADAM)
+    assert "8-bit exp_avg, exp_avg_sq" in text and "kahan rounding" in text
+    assert ("store_kahan(" if device == "cpu" else "store_bf16_kahan(") in text
+    stochastic = engine.show(thalweg.Adam.rule, "fused", device=device, dtype=torch.bfloat16,
+                             state_dtype=torch.float32, param_update="stochastic", **ADAM)
+    assert ("store_stochastic(" if device == "cpu" else "store_bf16_stochastic(") in stochastic
+    with pytest.raises(ValueError, match="pass dtype=torch.bfloat16"):
+        engine.show(thalweg.Adam.rule, "fused", param_update="kahan", **ADAM)
+    with pytest.raises(TypeError, match="state_codecs"):
+        engine.show(thalweg.Adam.rule, "fused", state_dtype="int8", **ADAM)
+
+
 def test_show_needs_every_scalar():
     with pytest.raises(TypeError, match="missing amsgrad"):
         engine.show(thalweg.Adam.rule, "foreach", **{k: v for k, v in ADAM.items() if k != "amsgrad"})

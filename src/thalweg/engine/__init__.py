@@ -62,12 +62,16 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 
 def show(rule_: Rule, backend: str = "fused", *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-         state_dtype: torch.dtype | None = None, **scalars: Any) -> str:
+         state_dtype: torch.dtype | str | None = None, state_codecs: dict[str, str] | None = None,
+         param_update: str = "nearest", **scalars: Any) -> str:
     """The code ``rule_`` becomes for ``backend`` (and, for ``"fused"``, ``device`` and dtypes) with the given
     flags and hyper-parameters: the specialised program, then the generated source.
 
         print(thalweg.engine.show(thalweg.optim.adam.adam, "fused", lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                                   weight_decay=0.0, amsgrad=False, decoupled=True, maximize=False))
+
+    The fused kernels of 8-bit state: ``state_dtype="int8"`` with the optimizer's ``state_codecs`` (e.g.
+    ``thalweg.Adam.state_codecs``); of bfloat16 parameters rounded by ``param_update`` ("stochastic", "kahan").
     """
     missing = [name for name in rule_.scalars if name not in scalars]
     if missing:
@@ -82,14 +86,24 @@ def show(rule_: Rule, backend: str = "fused", *, device: str = "cpu", dtype: tor
         return lists.source(program)
     if backend != "fused":
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    codecs: tuple = ()
+    if state_dtype == "int8":
+        if not state_codecs:
+            raise TypeError("show() with state_dtype='int8' needs the optimizer's state_codecs (e.g. thalweg.Adam.state_codecs)")
+        codecs = tuple(kind if kind in ("signed", "unsigned") else None
+                       for kind in map(state_codecs.get, program.state_roles))
+        state_dtype = torch.float32 if dtype != torch.float64 else dtype
+    rounding = None if param_update == "nearest" else param_update
+    if rounding is not None and dtype != torch.bfloat16:
+        raise ValueError(f"param_update={param_update!r} rounds bfloat16 parameters: pass dtype=torch.bfloat16")
     state_dtype = state_dtype or dtype
     if torch.device(device).type == "cuda":
         from . import gpu
 
-        return gpu.source(program, dtype, state_dtype)
+        return gpu.source(program, dtype, state_dtype, codecs, rounding)
     from . import cpu
 
-    return cpu.source(program, dtype, state_dtype)
+    return cpu.source(program, dtype, state_dtype, codecs, rounding)
 
 
 __all__ = ["BACKENDS", "Flag", "PerTensor", "Program", "Rule", "RuleError", "abs", "lerp", "maximum", "minimum", "norm", "partition",
