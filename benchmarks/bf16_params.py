@@ -26,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from int8_state import state_bytes_per_param, timed  # noqa: E402
+from int8_state import state_bytes_per_param, timed, write_report  # noqa: E402
 
 import thalweg  # noqa: E402
 
@@ -87,12 +87,7 @@ def main() -> None:
               "| parameters | final loss | vs float32 |", "|---|---|---|", f"| float32 | {float32:.5f} | |"]
     lines += [f"| bfloat16, {mode} | {loss:.5f} | {100 * (loss - float32) / float32:+.2f} % |"
               for mode, loss in losses.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.quick:
-        path = pathlib.Path(__file__).parent / "results" / f"bf16-params-cpu-{today}.md"
-        path.write_text(text)
-        print(f"written: {path}")
+    write_report(lines, f"bf16-params-cpu-{today}.md", args.quick)
 
 
 if __name__ == "__main__":

@@ -123,10 +123,15 @@ def main() -> None:
     lines += ["", f"## Speed: AdamW, {n_tensors} tensors of {numel} float32 (median of {repeats}, round-robin)", "",
               "| candidate | ms/step | vs thalweg fused float32 | first step s |", "|---|---|---|---|"]
     lines += [f"| {name} | {median[name]:.2f} | {median[name] / base:.2f}× | {first[name]:.2f} |" for name in median]
+    write_report(lines, f"int8-state-cpu-{today}.md", args.quick)
+
+
+def write_report(lines: list[str], name: str, quick: bool) -> None:
+    """Print the report; a full run (not ``--quick``) also writes it to ``benchmarks/results/<name>``."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.quick:
-        path = pathlib.Path(__file__).parent / "results" / f"int8-state-cpu-{today}.md"
+    if not quick:
+        path = pathlib.Path(__file__).parent / "results" / name
         path.write_text(text)
         print(f"written: {path}")
 

@@ -97,32 +97,24 @@ def test_kahan_keeps_what_rounding_dropped():
 # -- every optimizer, every backend -------------------------------------------------------------------
 
 
-def _emulation(spec, mode, *, shapes=SHAPES, seed=7, steps=STEPS, build=None, missing=none_at):
-    """The counterpart on float32 copies of bfloat16 parameters, each copy's new value stored into its parameter by
-    ``rounding.stochastic`` (the key of the step's count and the parameter's position) or ``rounding.kahan``."""
-    params = make_params(shapes, torch.bfloat16, seed)
-    copies = [p.detach().float().requires_grad_() for p in params]
-    if build is None:
-        ctor = {**spec.required, **{k: spec.grid[-1][k] for k in spec.counterpart_ctor_only}}
-        optimizer = spec.counterpart(groups_for(spec, copies, counterpart=True), **ctor)
-    else:
-        optimizer = build(copies)
-    comps = [torch.zeros_like(p) for p in params]
-    for step, grads in enumerate(grad_stream(shapes, torch.bfloat16, seed, steps)):
-        with torch.no_grad():
-            for index, (param, copy, grad) in enumerate(zip(params, copies, grads)):
-                copy.copy_(param)
-                copy.grad = None if missing(step, index) else grad.float()
-        optimizer.step()
-        with torch.no_grad():
-            for index, (param, copy, comp) in enumerate(zip(params, copies, comps)):
-                if copy.grad is None:
-                    continue
-                if mode == "stochastic":
-                    param.copy_(rounding.stochastic(copy, rounding.key(step, index), 0))
-                else:
-                    rounding.kahan(param, copy.detach(), comp)
-    return optimizer, params, comps
+def _emulation(spec, mode, **options):
+    """The counterpart on float32 copies of bfloat16 parameters (test_state_dtype.run_emulation), each copy's new value
+    stored into its parameter by ``rounding.stochastic`` (the key of the step's count and the parameter's position) or
+    ``rounding.kahan``; returns the optimizer, the parameters and their compensations."""
+    from test_state_dtype import run_emulation
+
+    comps = {}
+
+    def store(step, index, param, copy):
+        if copy.grad is None:  # (not stepped)
+            return
+        if mode == "stochastic":
+            param.copy_(rounding.stochastic(copy, rounding.key(step, index), 0))
+        else:
+            rounding.kahan(param, copy, comps.setdefault(index, torch.zeros_like(param)))
+
+    optimizer, params = run_emulation(spec, torch.bfloat16, store=store, **options)
+    return optimizer, params, [comps.get(index, torch.zeros_like(p)) for index, p in enumerate(params)]
 
 
 def _ours(spec, backend, mode, **extra):

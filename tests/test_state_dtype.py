@@ -39,8 +39,9 @@ def run_thalweg(spec, backend, dtype, **extra):
     return optimizer, params
 
 
-def run_emulation(spec, dtype, *, shapes=SHAPES, seed=7, steps=STEPS, build=None, missing=none_at):
-    """The counterpart on float32 copies of ``dtype`` parameters, rounded back after every step."""
+def run_emulation(spec, dtype, *, shapes=SHAPES, seed=7, steps=STEPS, build=None, missing=none_at, store=None):
+    """The counterpart on float32 copies of ``dtype`` parameters, rounded back after every step (to nearest, or by
+    ``store(step, index, param, copy)``)."""
     params = make_params(shapes, dtype, seed)
     copies = [p.detach().float().requires_grad_() for p in params]
     if build is None:
@@ -54,8 +55,11 @@ def run_emulation(spec, dtype, *, shapes=SHAPES, seed=7, steps=STEPS, build=None
                 copy.grad = None if missing(step, index) else grad.float()
         optimizer.step()
         with torch.no_grad():
-            for param, copy in zip(params, copies):
-                param.copy_(copy)
+            for index, (param, copy) in enumerate(zip(params, copies)):
+                if store is None:
+                    param.copy_(copy)
+                else:
+                    store(step, index, param, copy)
     return optimizer, params
 
 

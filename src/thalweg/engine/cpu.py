@@ -75,6 +75,12 @@ def table_roles(program: Program) -> list[str]:
     return [program.rule.roles[0], program.rule.roles[1], *program.state_roles]
 
 
+def rounding_rows(program: Program, kernel_pass, rounding: str | None, first_row: int) -> tuple[str | None, int]:
+    """``param_update``'s rounding in this pass (None where the pass does not store the parameter), and the first row
+    of its entries in the address table (after the roles' and the absmax rows: driver._rounded appends them)."""
+    return (rounding if program.rule.roles[0] in kernel_pass.roles_written else None), first_row
+
+
 def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = (),
            rounding: str | None = None) -> str:
     """The generated module for ``program`` on ``dtype`` parameters with ``state_dtype`` state; ``codecs``: per
@@ -149,10 +155,7 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
     read = [role for role in maps if role in touched and role in kernel_pass.roles_read]
     written = [role for role in maps if role in touched and role in kernel_pass.roles_written]
     out += [f"            _absmax_{role} = pointer(_ptrs[{absmax_rows[role]}, _t], F32)" for role in maps if role in touched]
-    param_role = program.rule.roles[0]
-    if param_role not in kernel_pass.roles_written:
-        rounding = None
-    row = len(rows) + len(maps)  # the rounding rows follow the absmax rows (driver._rounded)
+    rounding, row = rounding_rows(program, kernel_pass, rounding, len(rows) + len(maps))
     if rounding == "stochastic":
         out += [f"            _key = np.uint32(_ptrs[{row}, _t])", f"            _flat = _ptrs[{row + 1}, _t]"]
     elif rounding == "kahan":

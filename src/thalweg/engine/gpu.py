@@ -109,7 +109,7 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
     """Pass ``index`` as a Triton kernel. An 8-bit role (``codecs``) is decoded as it is loaded (code -> map
     value, times its block's absmax) and encoded where it is stored: the BLOCK elements in hand are QBLOCK-sized
     blocks (a chunk and a BLOCK start on a block), so each block's new absmax is a reduction over one axis."""
-    from .cpu import table_roles
+    from .cpu import rounding_rows, table_roles
 
     dialect = _Triton(compute)
     roles = table_roles(program)
@@ -132,9 +132,7 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
             for role in touched]
     out += [f"    _absmax_{role} = tl.load(ptrs + {absmax_rows[role]} * n + _t).to(tl.pointer_type(tl.float32))"
             for role in maps if role in touched]
-    if program.rule.roles[0] not in kernel_pass.roles_written:
-        rounding = None
-    row = len(rows) + len(maps)  # the rounding rows follow the absmax rows (driver._rounded)
+    rounding, row = rounding_rows(program, kernel_pass, rounding, len(rows) + len(maps))
     if rounding == "stochastic":
         out += [f"    _key = tl.load(ptrs + {row} * n + _t).to(tl.uint32)", f"    _flat = tl.load(ptrs + {row + 1} * n + _t)"]
     elif rounding == "kahan":
