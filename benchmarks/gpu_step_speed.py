@@ -12,7 +12,9 @@ the same device after 10 steps, params and every state tensor (8-bit state decod
 tolerance of its dtype. The results head the report; a
 kernel that disagrees is listed there and does not stop the timing.
 
-Layouts: (a) 64 tensors of 4M float32 (256M parameters), (b) 2000 tensors of 1000 (many small).
+Layouts: (a) 64 tensors of 4M float32 (256M parameters), (b) 2000 tensors of 1000 (many small). Then fused AdamW
+on layout (a) in bfloat16 with param_update "nearest", "stochastic" and "kahan" (float32 and 8-bit state), against
+torch's fused AdamW on the same parameters (``time_param_update``).
 Candidates per optimizer: thalweg backend="fused" (Triton; also with 8-bit state where the optimizer has it and
 its rule is one pass), thalweg backend="foreach", torch.optim's
 foreach and fused modes (fused where torch has it: SGD, Adam, Adagrad). Timing: CUDA events around
@@ -304,7 +306,35 @@ def run(quick: bool) -> dict:
         torch.cuda.empty_cache()
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=_triton_version(),
                 date=datetime.date.today().isoformat(), quick=quick, warmup=warmup, repeats=repeats,
-                copy_gbps=bandwidth, floor_bytes_per_element=FLOOR, rows=rows)
+                copy_gbps=bandwidth, floor_bytes_per_element=FLOOR, rows=rows,
+                bf16_rows=time_param_update(quick, warmup, repeats))
+
+
+def time_param_update(quick: bool, warmup: int, repeats: int) -> list[dict]:
+    """Fused AdamW on layout (a) in bfloat16 with float32 and 8-bit state: param_update "nearest", "stochastic" and
+    "kahan", each against torch's fused AdamW on the same bfloat16 parameters (its state in bfloat16)."""
+    layout, shapes = next(iter(layouts(quick).items()))
+    params = [torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for shape in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    rows = []
+    builders = {"torch fused (bf16 state)": lambda: torch.optim.AdamW(params, lr=1e-3, fused=True)}
+    for state in ("float32", "int8"):
+        for mode in ("nearest", "stochastic", "kahan"):
+            builders[f"thalweg fused, {state} state, {mode}"] = (
+                lambda state=state, mode=mode: thalweg.AdamW(params, lr=1e-3, backend="fused", param_update=mode,
+                                                             state_dtype=torch.float32 if state == "float32" else "int8"))
+    for label, build in builders.items():
+        try:
+            ms = time_ms(build().step, warmup, repeats)
+        except (RuntimeError, TypeError, ValueError) as error:
+            ms = None
+            print(f"  bf16 {label}: {type(error).__name__}: {error}", file=sys.stderr)
+        rows.append(dict(layout=layout, candidate=label, ms=ms))
+        print(f"{layout:12s} bf16 {label}: " + ("-" if ms is None else f"{ms:.3f} ms"), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _triton_version() -> str | None:
@@ -336,6 +366,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['layout']} | {r['optimizer']} | {fmt(ms.get('thalweg fused'))} | {fmt(ms.get('thalweg foreach'))} "
                      f"| {fmt(ms.get('torch foreach'))} | {fmt(ms.get('torch fused'))} | {fmt(r['fused_gbps'], '.0f')} "
                      f"| {fmt(r['share_of_copy'], '.0%')} | {fmt(r['speedup_vs_torch'], '.2f')} |")
+    bf16 = result.get("bf16_rows", [])
+    if bf16:
+        base = {r["candidate"].split(", ")[1]: r["ms"] for r in bf16 if r["candidate"].endswith("nearest")}
+        lines += ["", "bfloat16 parameters (param_update), fused AdamW:", "",
+                  "| layout | candidate | ms | vs nearest, same state |", "|---|---|---|---|"]
+        for r in bf16:
+            parts = r["candidate"].split(", ")
+            ratio = (r["ms"] / base[parts[1]] if len(parts) == 3 and r["ms"] and base.get(parts[1]) else None)
+            lines.append(f"| {r['layout']} | {r['candidate']} | {fmt(r['ms'])} | {fmt(ratio, '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

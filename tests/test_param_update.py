@@ -383,8 +383,12 @@ def test_errors_name_the_argument_and_change_nothing():
     with pytest.raises(ValueError, match="param_update='kahan' rounds .* state_dtype=torch.float32 or state_dtype='int8'"):
         thalweg.Adam([param], param_update="kahan")
     half = torch.nn.Parameter(torch.randn(10).half())
-    optimizer = thalweg.Adam([param, half], state_dtype=torch.float32, param_update="stochastic")
-    for p in (param, half):
+    with pytest.raises(ValueError, match=r"params\[1\] is float16: param_update='kahan' rounds bfloat16"):
+        thalweg.Adam([param, half], state_dtype=torch.float32, param_update="kahan")
+    later = torch.nn.Parameter(torch.randn(10))  # float32 when the optimizer is built, float16 by the step
+    optimizer = thalweg.Adam([param, later], state_dtype=torch.float32, param_update="stochastic")
+    later.data = later.data.half()
+    for p in (param, later):
         p.grad = torch.ones_like(p)
     before = param.detach().clone()
     with pytest.raises(RuntimeError, match=r"params\[1\] is float16: param_update='stochastic' rounds bfloat16"):

@@ -176,6 +176,13 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         if not any(group["params"] for group in self.param_groups):
             raise ValueError("params is empty: every parameter group has an empty 'params' list")
+        if param_update != "nearest":  # (checked again at each step: a model may change dtype later)
+            for index, group in enumerate(self.param_groups):
+                for position, param in enumerate(group["params"]):
+                    if param.dtype == torch.float16:
+                        raise ValueError(f"param group {index}, params[{position}] is float16: param_update="
+                                         f"{param_update!r} rounds bfloat16 parameters (use bfloat16, or "
+                                         "param_update='nearest' for float16 ones)")
 
     @classmethod
     def _backend_group_keys(cls) -> tuple[str, ...]:
