@@ -15,8 +15,8 @@ kernel that disagrees is listed there and does not stop the timing.
 Layouts: (a) 64 tensors of 4M float32 (256M parameters), (b) 2000 tensors of 1000 (many small). Then fused AdamW
 on layout (a) in bfloat16 with param_update "nearest", "stochastic" and "kahan" (float32 and 8-bit state), against
 torch's fused AdamW on the same parameters (``time_param_update``).
-Candidates per optimizer: thalweg backend="fused" (Triton; also with 8-bit state where the optimizer has it and
-its rule is one pass), thalweg backend="foreach", torch.optim's
+Candidates per optimizer: thalweg backend="fused" (Triton; also with 8-bit state where the optimizer has it),
+thalweg backend="foreach", torch.optim's
 foreach and fused modes (fused where torch has it: SGD, Adam, Adagrad). Timing: CUDA events around
 each step after warm-up, median of repeats, one candidate at a time (each holds its own state, freed
 before the next). Also: device copy bandwidth (``copy_`` of 1 GiB, bytes read + written) and each
@@ -264,7 +264,7 @@ def make_params(shapes):
 def candidates(name, params):
     cls, options, torch_cls, torch_fused = OPTIMIZERS[name]
     yield "thalweg fused", lambda: cls(params, backend="fused", **options)
-    if cls.state_codecs and name not in ("lars", "lamb"):  # (norm rules run 8-bit state on the foreach path)
+    if cls.state_codecs:
         yield "thalweg fused 8-bit", lambda: cls(params, backend="fused", state_dtype="int8", **options)
     yield "thalweg foreach", lambda: cls(params, backend="foreach", **options)
     if torch_cls is not None:

@@ -82,11 +82,10 @@ def main() -> None:
         # param_update: bfloat16 parameters stored stochastically or with a compensation, for one and two-pass programs
         if spec.name in ROUNDED:
             cases += [(fullest, torch.bfloat16, torch.float32, (), mode) for mode in ("stochastic", "kahan")]
-        # 8-bit state: the fullest one-pass program (norm programs run 8-bit state on the foreach path), every role
-        # that has an 8-bit form in 8 bits, float32 and bfloat16 parameters
-        one_pass = [program for program in programs.values() if len(program.passes) == 1]
-        if spec.cls.state_codecs and one_pass:
-            program = one_pass[-1]
+        # 8-bit state: the fullest program and the last one with norms (as the driver runs it: its first pass only
+        # sums), every role that has an 8-bit form in 8 bits, float32 and bfloat16 parameters
+        with_norms = [program.recomputing() for program in programs.values() if len(program.passes) > 1]
+        for program in ([fullest] + with_norms[-1:]) if spec.cls.state_codecs else []:
             codecs = tuple(kind if kind in ("signed", "unsigned") else None
                            for kind in map(spec.cls.state_codecs.get, program.state_roles))
             if any(codecs):

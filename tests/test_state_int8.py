@@ -25,6 +25,8 @@ import thalweg
 from specs import SPECS, make_params, run_seeded
 from thalweg.engine import codec
 
+FUSED = thalweg.engine.unavailable_reason(torch.device("cpu")) is None
+
 INT8_SPECS = [spec for spec in SPECS if spec.cls.state_codecs]
 # below the 4096-element threshold (float state), 0-d, empty, a partial last block, several blocks, and more
 # than one 65536-element kernel chunk
@@ -247,6 +249,43 @@ def test_every_backend_equals_the_reference_backend(spec, backend):
             assert set(ours) == set(theirs), what
             for key in theirs:
                 _mostly_close(ours[key], theirs[key], f"{what} {key}", tight=1e-5 if theirs[key].dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("name,options", [("LAMB", dict(lr=1e-2, weight_decay=0.1)), ("LARS", dict(lr=0.1)),
+                                          ("StableAdamW", dict(lr=1e-2)), ("AdamW", dict(lr=1e-2, cautious=True))])
+def test_rules_with_norms_run_8bit_state_in_the_kernels(name, options, monkeypatch):
+    """A rule with per-tensor norms runs 8-bit state in its two kernel passes (the first only sums, the last steps from
+    the moments' float values and encodes them), nothing on the foreach path, and steps as the reference backend."""
+    if not FUSED:
+        pytest.skip("backend='fused' unavailable on CPU")
+    from thalweg.engine import host
+
+    seen = []
+    original = host.codec_partition
+
+    def partition(*args):
+        buckets, rest, addresses = original(*args)
+        seen.append(([bucket.codecs for bucket in buckets], rest))
+        return buckets, rest, addresses
+
+    monkeypatch.setattr(host, "codec_partition", partition)
+    results = {}
+    for backend in ("reference", "fused"):
+        generator = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in [(5000,), (64, 80), (7,)]]
+        optimizer = getattr(thalweg, name)(params, backend=backend, state_dtype="int8", **options)
+        for _ in range(4):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator)
+            optimizer.step()
+        results[backend] = params, optimizer
+    assert seen and all(rest == [] and any(codecs) for codecs, rest in seen), seen
+    (expected_params, expected), (params, optimizer) = results["reference"], results["fused"]
+    for index, (param, reference) in enumerate(zip(params, expected_params)):
+        _mostly_close(param.detach(), reference.detach(), f"{name} param {index}")
+        ours, theirs = _decoded_state(optimizer, param), _decoded_state(expected, reference)
+        for key in theirs:
+            _mostly_close(ours[key], theirs[key], f"{name} param {index} {key}")
 
 
 @pytest.mark.parametrize("spec", INT8_SPECS, ids=lambda s: s.name)

@@ -224,6 +224,8 @@ INT8_CASES = [
     ("Lion", dict(lr=1e-3)),
     ("Adan", dict(lr=0.01, weight_decay=0.1)),
     ("Rprop", dict(lr=0.01)),  # prev in 8 bits, step_size in float: both kinds of state in one kernel
+    ("LAMB", dict(lr=0.01, weight_decay=0.1)),  # norms: a first pass that only sums, a last that encodes
+    ("AdamW", dict(lr=0.01, cautious=True)),
 ]
 
 

@@ -833,7 +833,7 @@ class Optimizer(torch.optim.Optimizer):
             if rounds is not None:
                 rounds.comps = [None if t is None else local(t) for t in rounds.comps]
         try:  # the fused path checks what its kernels touch; only what it leaves to foreach is checked here
-            partitioned = engine.partition(backend, params, grads, roles, steps, quantised=quantised, program=program)
+            partitioned = engine.partition(backend, params, grads, roles, steps, quantised=quantised)
             unchecked = partitioned[1]
         except (AttributeError, TypeError, RuntimeError):  # a state entry that is not a tensor at all
             partitioned, unchecked = None, range(len(params))

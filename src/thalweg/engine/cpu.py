@@ -105,8 +105,6 @@ def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codec
     widened = state_dtype != dtype
     if rounding is not None and dtype != torch.bfloat16:  # pragma: no cover - driver._rounded
         raise ValueError("param_update rounds bfloat16 parameters")
-    if eight_bit and len(program.passes) > 1:  # pragma: no cover - driver.partition sends those to foreach
-        raise ValueError("8-bit state is fused for one-pass programs only")
     for index, kernel_pass in enumerate(program.passes):
         lines += _body(program, kernel_pass, index, widened, codecs, rounding)
     return "\n".join(lines) + "\n"
@@ -116,8 +114,7 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
           rounding: str | None = None) -> list[str]:
     """Pass ``index`` as a parallel body. With 8-bit roles (``codecs``) each chunk is walked block by block
     (a chunk starts on a block), in loops LLVM can vectorise apart from those it cannot: a block's codes are
-    decoded with its absmax into the chunk's row of float32 scratch (``_scr``, the argument block's
-    ``partial`` table: a one-pass program has no sums), the rule runs over the block reading them and writes
+    decoded with its absmax into the chunk's row of float32 scratch (``_scr``), the rule runs over the block reading them and writes
     its new values there, then each new block's absmax is taken (an integer maximum of the magnitudes' bits,
     which orders them as floats and NaN above all) and its codes encoded — one pass over memory. (One loop
     doing it all measured 6× slower: the table lookups and the running maximum kept it from vectorising.)"""
@@ -166,7 +163,7 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
         # the chunk's row of scratch: each written role's new values, then each read role's decoded values
         scratch = {role: k * _QBLOCK for k, role in enumerate(written)}
         decoded = {role: (len(written) + k) * _QBLOCK for k, role in enumerate(read)}
-        out += ["            _scr = pointer(_block[12] + 4 * _c * _block[14], F32)",
+        out += ["            _scr = pointer(_block[15] + 4 * _c * _block[16], F32)",
                 "            for _b in range(_lo, _hi, QBLOCK):",
                 "                _e = min(_b + QBLOCK, _hi)",
                 "                _k = _b // QBLOCK"]
@@ -301,10 +298,18 @@ def threads_for(n_elements: int) -> int:
 def launch(kernel, ptrs: np.ndarray, chunks: np.ndarray, coef: np.ndarray, hp: np.ndarray, partial: np.ndarray,
            n_elements: int) -> None:
     """Run a compiled body over every chunk: on the calling thread, or on a team of torch's OpenMP pool."""
-    block = np.array([0, 1, _address(ptrs), ptrs.shape[0], ptrs.shape[1], _address(chunks), chunks.shape[0],
-                      _address(coef), coef.shape[0], coef.shape[1], _address(hp), hp.shape[0],
-                      _address(partial), partial.shape[0], partial.shape[1]], dtype=np.int64)
+    block = _arguments(ptrs, chunks, coef, hp, partial, _NO_SCRATCH)
     _launch(kernel, block, _address(block), chunks.shape[0], n_elements)
+
+
+def _arguments(ptrs, chunks, coef, hp, partial, scratch) -> np.ndarray:
+    """A body's argument block: [next chunk, chunks per take, then address and sizes of the pointer table, the chunk
+    table, the per-tensor values, the hyper-parameters, the per-chunk sums (float64) and the 8-bit roles' per-chunk
+    scratch (float32)] (numba_runtime.BLOCK entries)."""
+    return np.array([0, 1, _address(ptrs), ptrs.shape[0], ptrs.shape[1], _address(chunks), chunks.shape[0],
+                     _address(coef), coef.shape[0], coef.shape[1], _address(hp), hp.shape[0],
+                     _address(partial), partial.shape[0], partial.shape[1], _address(scratch), scratch.shape[1]],
+                    dtype=np.int64)
 
 
 def _launch(kernel, block: np.ndarray, block_address: int, n_chunks: int, n_elements: int) -> None:
@@ -405,7 +410,7 @@ class Plan:
     """One bucket's launches of every pass of a program: its scalar tables and argument blocks, kept with
     the bucket (so their addresses, written into the blocks once, stay valid) and refilled every step."""
 
-    __slots__ = ("bucket", "kernels", "hp", "coef", "n_early", "partial", "blocks", "addresses")
+    __slots__ = ("bucket", "kernels", "hp", "coef", "n_early", "partial", "scratch", "blocks", "addresses")
 
     def __init__(self, program: Program, bucket) -> None:
         compute = np.float64 if bucket.dtype == torch.float64 else np.float32
@@ -416,16 +421,14 @@ class Plan:
         self.n_early = len(program.columns)
         self.coef = np.zeros((len(bucket.indices), max(self.n_early + len(program.late_columns), 1)), dtype=compute)
         self.partial = np.zeros((bucket.chunks.shape[0], max(len(program.slots), 1)))
+        # a row of float32 scratch per chunk: a block of each 8-bit role, decoded and new
+        self.scratch = (np.zeros((bucket.chunks.shape[0], 2 * _QBLOCK * sum(map(bool, bucket.codecs))), dtype=np.float32)
+                        if bucket.codecs else _NO_SCRATCH)
         ptrs, chunks, coef, hp, partial = bucket.pointers, bucket.chunks, self.coef, self.hp, self.partial
         self.blocks = []
         for index in range(len(program.passes)):
             out = partial if index == 0 and len(program.passes) > 1 else _NO_PARTIAL
-            if bucket.codecs:  # a row of float32 scratch per chunk: a block of each 8-bit role, decoded and new
-                out = self.partial = np.zeros((bucket.chunks.shape[0], 2 * _QBLOCK * sum(map(bool, bucket.codecs))),
-                                              dtype=np.float32)
-            self.blocks.append(np.array([0, 1, _address(ptrs), ptrs.shape[0], ptrs.shape[1], _address(chunks),
-                                         chunks.shape[0], _address(coef), coef.shape[0], coef.shape[1], _address(hp),
-                                         hp.shape[0], _address(out), out.shape[0], out.shape[1]], dtype=np.int64))
+            self.blocks.append(_arguments(ptrs, chunks, coef, hp, out, self.scratch))
         self.addresses = [_address(block) for block in self.blocks]
 
     def fill(self, hp_values: list[float], columns: list[np.ndarray]) -> None:
@@ -456,6 +459,7 @@ def set_late(plan: Plan, late_columns: list[np.ndarray]) -> None:
 
 
 _NO_PARTIAL = np.empty((0, 1), dtype=np.float64)
+_NO_SCRATCH = np.empty((0, 1), dtype=np.float32)
 
 
 def run(plan: Plan, index: int, sums: np.ndarray | None) -> None:

@@ -29,17 +29,14 @@ _NARROW = (torch.bfloat16, torch.float16)
 
 
 def partition(backend: str, params: list[torch.Tensor], grads: list[torch.Tensor], roles: list[list[torch.Tensor]],
-              steps: list[torch.Tensor] | None, *, quantised: bool = False,
-              program: Program | None = None) -> tuple[list, list[int], np.ndarray | None]:
+              steps: list[torch.Tensor] | None, *, quantised: bool = False) -> tuple[list, list[int], np.ndarray | None]:
     """Which positions the fused kernels take (in buckets) and which the foreach path does, before anything
     is written: ``(buckets, rest, step addresses)``. Nothing is written; hand the result to :func:`run`.
-    With 8-bit state (``quantised``) the kernels take one-pass ``program`` s; the rest runs foreach on
-    decoded copies."""
+    With 8-bit state (``quantised``) the rest runs foreach on decoded copies."""
     if backend == "fused" and params:
         if not quantised:
             return host.partition(params, grads, roles, steps)
-        if program is not None and len(program.passes) == 1:  # (the kernels encode one pass's blocks)
-            return host.codec_partition(params, grads, roles, steps)
+        return host.codec_partition(params, grads, roles, steps)
     return [], list(range(len(params))), None
 
 
@@ -74,6 +71,10 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
 
         codec.run_through_floats(step_floats, roles, [p.dtype for p in params])
         return
+    if quantised and program.early_stores and len(program.passes) > 1:
+        # 8-bit state with norms: the last pass steps from the moments' float values, so it computes them again
+        # (the first pass only sums); reading back what the first pass encoded would step from their codes
+        program = program.recomputing()
     if out_of_place:
         if backend != "reference":
             raise ValueError(f"out-of-place steps run on the reference backend, not {backend!r}")
@@ -89,8 +90,7 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
         reference.run(program, params, grads, roles, steps, None if first is None else first.tolist(), scalars,
                       compute_dtypes=compute, sum_across=sum_across, rounding=rounding if compute else None)
         return
-    buckets, rest, step_addresses = partitioned or partition(backend, params, grads, roles, steps, quantised=quantised,
-                                                                         program=program)
+    buckets, rest, step_addresses = partitioned or partition(backend, params, grads, roles, steps, quantised=quantised)
     if rounding is not None and compute is not None:
         buckets = [_rounded(bucket, rounding) for bucket in buckets]
     n = len(params)

@@ -89,8 +89,6 @@ def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codec
              "from thalweg.engine.triton_runtime import (decode, encode, lerp, load_bf16, round_bf16, sign, store_bf16,",
              "                                           store_bf16_kahan, store_bf16_stochastic)",
              "", ""]
-    if eight_bit and len(program.passes) > 1:  # pragma: no cover - driver.partition sends those to foreach
-        raise ValueError("8-bit state is fused for one-pass programs only")
     if rounding is not None and dtype != torch.bfloat16:  # pragma: no cover - driver._rounded
         raise ValueError("param_update rounds bfloat16 parameters")
     for index, kernel_pass in enumerate(program.passes):

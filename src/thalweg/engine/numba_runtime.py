@@ -35,7 +35,7 @@ _jit = register_jitable(error_model=ERROR_MODEL)
 
 I64 = np.empty(1, dtype=np.int64)  # typing dummies: a pointer to their element type
 F64 = np.empty(1, dtype=np.float64)
-BLOCK = 15  # the argument block's length (see cpu.launch)
+BLOCK = 17  # the argument block's length (see cpu.launch)
 
 # -- memory ------------------------------------------------------------------------------------------
 

@@ -58,9 +58,15 @@ class Program:
     """A rule specialised for one outcome of its ``if`` tests: straight-line SSA statements, split into
     host work (float64, per group and per tensor), reductions and one or two kernel passes."""
 
-    def __init__(self, rule_: Any, key: tuple[bool, ...]) -> None:  # rule_: a rules.Rule (which imports this module)
+    def __init__(self, rule_: Any, key: tuple[bool, ...], *, early_stores: bool = True) -> None:
+        # (rule_: a rules.Rule, which imports this module)
         self.rule = rule_
         self.key = key
+        # whether a program with norms stores, in its first pass, the outputs that do not depend on a norm (LAMB's
+        # moments, read back by the last pass); without, the first pass only sums and the last computes everything
+        # again (8-bit state: the last pass must step from the moments' float values, not from their codes)
+        self.early_stores = early_stores
+        self._recomputing: Program | None = None
         self._fresh: dict[str, int] = {}
         self.kinds: dict[str, int] = {}
         for role in rule_.roles:
@@ -78,6 +84,14 @@ class Program:
         self._build(self._extract_norms(statements))
         self.digest = hashlib.sha256(
             (rule_.digest + repr(key) + self.describe()).encode()).hexdigest()[:16]
+
+    def recomputing(self) -> Program:
+        """This program with a first pass that only sums its norms (see ``early_stores``; itself without norms)."""
+        if len(self.passes) == 1 or not self.early_stores:
+            return self
+        if self._recomputing is None:
+            self._recomputing = Program(self.rule, self.key, early_stores=False)
+        return self._recomputing
 
     # -- SSA ----------------------------------------------------------------------------------------
 
@@ -255,7 +269,7 @@ class Program:
         if not slots:
             passes = [self._pass(kernel, needs(list(changed.values())), changed, reloads={})]
         else:
-            early_out = {role: var for role, var in changed.items() if var not in late_kernel}
+            early_out = {role: var for role, var in changed.items() if var not in late_kernel and self.early_stores}
             while True:
                 reloads = {var: role for role, var in early_out.items()}
                 last = needs([changed[r] for r in changed if r not in early_out], stop=set(reloads))
