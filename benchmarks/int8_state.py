@@ -10,7 +10,8 @@ bfloat16), float32 state against 8-bit.
 Speed: AdamW steps on layout (a), 32 tensors of 1M float32 (``--quick``: 8 of 64k): thalweg fused with
 float32 state, thalweg fused with 8-bit state, torch's fused AdamW and, when installed, torchao's
 ``AdamW8bit`` (which compiles each parameter shape's step with ``torch.compile``). All candidates are
-timed round-robin, median of the repeats; ratios come from this one run. The first step of each (its
+timed round-robin, median of the repeats; ratios come from this one run. Then LAMB and StableAdamW, whose norms
+take two passes, with float32 and 8-bit state (fused), and 8-bit state on the foreach path. The first step of each (its
 compile, in this process: numba's kernels may come from the disk cache) is reported apart.
 """
 
@@ -81,6 +82,24 @@ def candidates(n_tensors: int, numel: int) -> dict:
     return out
 
 
+def norm_candidates(n_tensors: int, numel: int) -> dict:
+    """LAMB and StableAdamW (per-tensor norms: two kernel passes) with float32 and 8-bit state, and 8-bit state on the
+    foreach path (float copies of the decoded state: where the fused backend sent these rules before)."""
+    def make(cls, **options):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(numel, generator=generator)) for _ in range(n_tensors)]
+        for p in params:
+            p.grad = torch.randn(numel, generator=generator)
+        return cls(params, lr=1e-3, **options)
+
+    out = {}
+    for cls in (thalweg.LAMB, thalweg.StableAdamW):
+        out[cls.__name__, "fused, float32 state"] = lambda cls=cls: make(cls, backend="fused")
+        out[cls.__name__, "fused, 8-bit state"] = lambda cls=cls: make(cls, backend="fused", state_dtype="int8")
+        out[cls.__name__, "foreach, 8-bit state"] = lambda cls=cls: make(cls, backend="foreach", state_dtype="int8")
+    return out
+
+
 def timed(builders: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     """Each candidate's median ms per step over ``repeats`` round-robin rounds (a slow moment of the shared machine
     hits every candidate), and its first step's seconds (its compile), from ``{name: build() -> optimizer}``."""
@@ -112,6 +131,7 @@ def main() -> None:
 
     median, first = timed(candidates(n_tensors, numel), repeats)
     base = median["thalweg fused, float32 state"]
+    norms, norms_first = timed(norm_candidates(n_tensors, numel), repeats)
 
     today = datetime.date.today().isoformat()
     lines = [f"# 8-bit optimizer state, CPU, {today}", "",
@@ -123,6 +143,11 @@ def main() -> None:
     lines += ["", f"## Speed: AdamW, {n_tensors} tensors of {numel} float32 (median of {repeats}, round-robin)", "",
               "| candidate | ms/step | vs thalweg fused float32 | first step s |", "|---|---|---|---|"]
     lines += [f"| {name} | {median[name]:.2f} | {median[name] / base:.2f}× | {first[name]:.2f} |" for name in median]
+    lines += ["", f"## Speed: rules with norms, {n_tensors} tensors of {numel} float32 (two passes; the same run)", "",
+              "| optimizer | candidate | ms/step | vs fused float32 | first step s |", "|---|---|---|---|---|"]
+    for (name, label), ms in norms.items():
+        lines.append(f"| {name} | {label} | {ms:.2f} | {ms / norms[name, 'fused, float32 state']:.2f}× "
+                     f"| {norms_first[name, label]:.2f} |")
     write_report(lines, f"int8-state-cpu-{today}.md", args.quick)
 
 
