@@ -64,11 +64,13 @@ OPTIMIZERS = {
     "ademamix": (thalweg.AdEMAMix, dict(lr=1e-2, weight_decay=1e-2, alpha_warmup=3, beta3_warmup=3, cautious=True)),
     "adopt": (thalweg.ADOPT, dict(lr=1e-2, weight_decay=1e-2, decoupled=True)),
     "stableadamw": (thalweg.StableAdamW, dict(lr=1e-2, betas=(0.5, 0.6), weight_decay=1e-2, cautious=True)),
+    # a matrix's column statistics and the mean of its row factor: sums over every process's rows
+    "adafactor": (thalweg.Adafactor, dict(lr=1e-2, weight_decay=1e-2)),
 }
 
 
 # the optimizers whose step reduces over whole tensors (norms, means)
-NORM_USERS = ("lars", "lamb", "lion", "stableadamw")
+NORM_USERS = ("lars", "lamb", "lion", "stableadamw", "adafactor")
 
 
 def make_model(dtype: torch.dtype, seed: int = 0) -> nn.Module:
@@ -226,6 +228,32 @@ def check_naive_norm_differs(record, mesh) -> None:
         return compare("lamb", torch.float64, model, zero, single_run("lamb", torch.float64))
 
     record("naive/zero-unreduced-grad-norm/float64", zero_unreduced)
+
+    # Adafactor with only its column statistics (and row-factor mean) taken from each shard's own rows; the engine's
+    # norms still summed: what a hand-written FSDP2 Adafactor gets wrong
+    def adafactor_columns_per_shard():
+        import types
+
+        import thalweg.optim.adafactor as module
+
+        class PerShard:
+            def __getattr__(self, name):
+                return getattr(thalweg.distributed, name)
+
+            @staticmethod
+            def group_sharding(*args):
+                sharding = thalweg.distributed.group_sharding(*args)
+                return None if sharding is None else types.SimpleNamespace(sum_across_shards_=lambda values: None)
+
+        original, module.distributed = module.distributed, PerShard()
+        try:
+            model = fsdp2(make_model(torch.float64), mesh)
+            return compare("adafactor", torch.float64, model, make_optimizer("adafactor", model),
+                           single_run("adafactor", torch.float64))
+        finally:
+            module.distributed = original
+
+    record("naive/adafactor-columns-per-shard/float64", adafactor_columns_per_shard)
 
 
 def check_collectives(record, mesh) -> None:

@@ -122,11 +122,36 @@ def test_checkpoints_cross_load_and_resume_as_if_never_stopped(direction):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_sharded_matrices_are_refused_until_their_statistics_are_reduced_across_shards():
-    """Column means over rows that FSDP2 spreads across processes would be each shard's own: refused, by name."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+def test_a_dtensor_parameter_steps_as_the_plain_tensor_and_other_shardings_are_refused():
+    """A parameter sharded by rows (FSDP2's Shard(0); one process: the collectives run, over one rank) steps and keeps
+    what the plain tensor does, its factors DTensors of the whole factors' shapes (2 processes: tests/test_distributed.py);
+    a matrix sharded by columns is refused, by name."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+    generator = torch.Generator().manual_seed(0)
+    starts = [torch.randn(5, 6, generator=generator), torch.randn(2, 4, 3, generator=generator),
+              torch.randn(7, generator=generator)]
+    grads = [[torch.randn(t.shape, generator=generator) for t in starts] for _ in range(3)]
+    plain = [torch.nn.Parameter(t.clone()) for t in starts]
+    expected = thalweg.Adafactor(plain, lr=1e-2, weight_decay=0.01)
+    for step in grads:
+        for param, grad in zip(plain, step):
+            param.grad = grad.clone()
+        expected.step()
     with one_process_mesh() as mesh:
-        matrix = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"Adafactor on sharded \(DTensor, FSDP2\) matrices is not supported yet"):
-            thalweg.Adafactor([matrix])
+        params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in starts]
+        optimizer = thalweg.Adafactor(params, lr=1e-2, weight_decay=0.01)
+        for step in grads:
+            for param, grad in zip(params, step):
+                param.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            optimizer.step()
+        for param, reference in zip(params, plain):
+            torch.testing.assert_close(param.detach().full_tensor(), reference.detach(), rtol=1e-6, atol=1e-7)
+            for key, value in expected.state[reference].items():
+                got = optimizer.state[param][key]
+                assert isinstance(got, DTensor) or key == "step", key
+                got = got.full_tensor() if isinstance(got, DTensor) else got
+                torch.testing.assert_close(got, value, rtol=1e-6, atol=1e-9, msg=key)
+        columns = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)]))
+        with pytest.raises(ValueError, match=r"Adafactor on a matrix sharded other than by rows"):
+            thalweg.Adafactor([columns])

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(400)
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 300
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lars", "lamb", "nadam", "radam", "adamax",
-              "adadelta", "asgd", "rprop", "lion", "adan", "ademamix", "adopt", "stableadamw")
+              "adadelta", "asgd", "rprop", "lion", "adan", "ademamix", "adopt", "stableadamw", "adafactor")
 DTYPES = ("float64", "float32")
 # The issue asks for 1e-5 (float64) and 1e-4 (float32); measured errors are ~1e-16 and ~2e-7.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
@@ -105,7 +105,7 @@ def _result(results: list[dict], key: str) -> list[dict]:
 
 
 CASES = [(mode, name, dtype) for mode in ("fsdp2", "ddp", "zero") for name in OPTIMIZERS for dtype in DTYPES]
-NORM_USERS = ("lars", "lamb", "lion", "stableadamw")  # their steps reduce over whole tensors (norms, means)
+NORM_USERS = ("lars", "lamb", "lion", "stableadamw", "adafactor")  # their steps reduce over whole tensors
 CASES += [(mode, name, dtype) for mode in ("fsdp2-reference", "fsdp2-foreach") for name in NORM_USERS for dtype in DTYPES]
 
 
@@ -139,6 +139,14 @@ def test_per_shard_norms_would_be_wrong(results, name):
     for entry in _result(results, f"naive/{name}/float64"):
         assert entry["param_rel_error"] > 1e-3, entry
         assert entry["grad_norm_rel_error"] > 1e-2, entry
+
+
+@needs_gloo
+def test_adafactor_column_statistics_from_each_shard_would_be_wrong(results):
+    """Adafactor under FSDP2 with its column sums (and row-factor mean) over each process's rows only — the engine's
+    norms still summed — ends far from the single process: the all-reduces of its stage are what makes it exact."""
+    for entry in _result(results, "naive/adafactor-columns-per-shard/float64"):
+        assert entry["param_rel_error"] > 1e-4, entry
 
 
 @needs_gloo

@@ -26,6 +26,10 @@ The factored statistics are a stage of torch ops per tensor (:meth:`Adafactor._t
 updates ``row_var``/``col_var`` (or ``variance``) and hands :math:`U_t` to the rule, which the engine
 runs as every other — the two RMS values as its per-tensor norms (float64), fused or not.
 
+Under FSDP2 (parameters sharded by rows, dim 0) the statistics are the single process's: a 2-d matrix's column
+statistics and the mean of its row factor are summed over every process's rows (an all-reduce each), its two RMS
+norms are the engine's (summed across shards); the factors are DTensors, so DCP saves and reshards them.
+
 State (torch's names): ``step``, ``row_var`` (shape (…, R, 1)) and ``col_var`` ((…, 1, C)) for ≥ 2-d
 parameters, ``variance`` for the others. Checkpoints cross-load with ``torch.optim.Adafactor``.
 """
@@ -35,17 +39,17 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 
-from .. import _checks
+from .. import _checks, distributed
 from .._base import Optimizer
 from ..engine import PerTensor, maximum, minimum, norm, rule, sqrt
 
 
 @rule
-def adafactor(param, grad, *, step, lr, weight_decay, eps2, d, root_numel: PerTensor):
+def adafactor(param, grad, *, step, lr, weight_decay, eps2, d, size: PerTensor):
     """The elementwise end of an Adafactor step: ``grad`` is the scaled update U (Adafactor._transform_grads)."""
+    root_numel = sqrt(maximum(size, 1.0))  # (the whole tensor's count; an empty one: 1, where torch divides by 0)
     rho = minimum(lr, 1 / sqrt(step))
     alpha = maximum(eps2, norm(param) / root_numel) * rho  # the weights' scale before the decay
     if weight_decay != 0:
@@ -101,9 +105,9 @@ class Adafactor(Optimizer):
                          skip_nonfinite=skip_nonfinite, differentiable=None)
         for g, group in enumerate(self.param_groups):
             for k, param in enumerate(group["params"]):
-                if type(param).__name__ == "DTensor" and param.dim() > 1:
-                    raise ValueError(f"Adafactor on sharded (DTensor, FSDP2) matrices is not supported yet: params[{k}] "
-                                     f"of param group {g}; its column statistics need every row")
+                if distributed.is_sharded(param) and param.dim() > 1 and distributed.flat_offset(param) is None:
+                    raise ValueError(f"Adafactor on a matrix sharded other than by rows (FSDP2's Shard(0)) is not "
+                                     f"supported: params[{k}] of param group {g} has placements {tuple(param.placements)}")
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
@@ -126,45 +130,82 @@ class Adafactor(Optimizer):
         return dict(lr=_checks.as_number("lr", group["lr"]), weight_decay=float(group["weight_decay"]),
                     eps2=float(group["eps"][1]), d=float(group["d"]))
 
-    def _supplied(self, group, states, params) -> dict[str, Any]:
-        # (an empty tensor: 1, where torch divides by zero; its update is empty either way)
-        return dict(root_numel=np.array([math.sqrt(max(p.numel(), 1)) for p in params]))
-
     def _check_state(self, where, params, states) -> None:
         for k, (param, state) in enumerate(zip(params, states)):
             if param.dim() > 1:
                 expected = {"row_var": (*param.shape[:-1], 1), "col_var": (*param.shape[:-2], 1, param.shape[-1])}
             else:
                 expected = {"variance": tuple(param.shape)}
-            for key, shape in expected.items():
+            for key, shape in expected.items():  # (``params`` are local shards under FSDP2: so are the factors)
                 value = state.get(key)
+                value = distributed.local(value) if isinstance(value, torch.Tensor) else value
                 if value is not None and not (isinstance(value, torch.Tensor) and tuple(value.shape) == shape):
                     got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise RuntimeError(f"{where(k)}: state[{key!r}] is {got}, not the {shape} an Adafactor state "
                                        "holds for this parameter")
 
     def _transform_grads(self, group, params, grads, states) -> list[torch.Tensor]:
-        """The factored second moment (torch's order of operations), updated in the state; returns U = G/√V̂."""
+        """The factored second moment (torch's order of operations), updated in the state; returns U = G/√V̂.
+
+        Under FSDP2 (``params`` are the local shards of DTensors sharded by rows, dim 0): a 2-d matrix's rows are
+        split between processes, so its column statistics and the mean of its row factor are sums over every
+        process's rows (one all-reduce each); a stack of matrices (≥ 3 dims) is split by matrix, and everything
+        is local. ``row_var`` is then a DTensor sharded as its parameter, ``col_var`` one replicated (2-d) or
+        sharded (stacks): the state the single process keeps, for DCP."""
         beta2_decay, maximize = float(group["beta2_decay"]), group["maximize"]
+        # (each state dict is self.state[the DTensor]: how a local shard finds its whole parameter)
+        sharded = {id(self.state[p]): p for p in group["params"] if distributed.is_sharded(p) and p in self.state}
+        across = (distributed.group_sharding(0, list(sharded.values())).sum_across_shards_ if sharded else None)
         out = []
         for param, grad, state in zip(params, grads, states):
             grad = -grad if maximize else grad
             eps1 = group["eps"][0] if group["eps"][0] is not None else torch.finfo(param.dtype).eps
             weight = (float(state["step"]) + 1) ** beta2_decay  # this step's count, as the rule's `step`
+            whole = sharded.get(id(state))
+            split_rows = whole is not None and whole.dim() == 2  # (a stack's dim 0 indexes whole matrices)
+            rows = whole.shape[-2] if split_rows else grad.size(-2) if grad.dim() > 1 else 0
             if grad.dim() > 1:
                 row_var = state.get("row_var")
                 if row_var is None:
-                    row_var = state["row_var"] = grad.new_zeros((*grad.shape[:-1], 1))
-                    state["col_var"] = grad.new_zeros((*grad.shape[:-2], 1, grad.shape[-1]))
-                col_var = state["col_var"]
+                    row_var, col_var = grad.new_zeros((*grad.shape[:-1], 1)), grad.new_zeros((*grad.shape[:-2], 1, grad.shape[-1]))
+                    state["row_var"], state["col_var"] = (row_var, col_var) if whole is None else _sharded_factors(
+                        whole, row_var, col_var, split_rows)
+                row_var, col_var = distributed.local(state["row_var"]), distributed.local(state["col_var"])
                 row_var.lerp_(torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1)), weight)
-                col_var.lerp_(torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2)), weight)
-                estimate = (row_var @ col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+                column_squares = torch.norm(grad, dim=-2, keepdim=True).square_()
+                if split_rows:  # the column sums of every process's rows
+                    across(column_squares)
+                col_var.lerp_(column_squares.div_(rows), weight)
+                row_sum = row_var.sum(dim=-2, keepdim=True) if split_rows else None
+                if split_rows:
+                    across(row_sum)
+                row_mean = row_sum.div_(rows) if split_rows else row_var.mean(dim=-2, keepdim=True)
+                estimate = (row_var @ col_var).div_(row_mean.clamp_(min=eps1))
             else:
-                variance = state.get("variance")
-                if variance is None:
-                    variance = state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                if state.get("variance") is None:
+                    variance = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                    state["variance"] = variance if whole is None else distributed.shard_like(whole, variance)
+                variance = distributed.local(state["variance"])
                 variance.lerp_(grad * grad, weight)
                 estimate = variance.clone()
             out.append(estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad))
         return out
+
+
+def _sharded_factors(param: torch.Tensor, row_var: torch.Tensor, col_var: torch.Tensor,
+                     split_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local factors of DTensor ``param`` as DTensors of the whole factors' shapes: ``row_var`` placed as the
+    parameter (its rows, or its matrices, are this process's), ``col_var`` replicated when the rows are split (every
+    process holds every column), else placed as the parameter too."""
+    from torch.distributed.tensor import DTensor
+
+    def placed(local: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        strides = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=shape,
+                                  stride=strides)
+
+    rows = placed(row_var, (*param.shape[:-1], 1))
+    columns = (distributed.replicated_like(param, col_var) if split_rows
+               else placed(col_var, (*param.shape[:-2], 1, param.shape[-1])))
+    return rows, columns
+
