@@ -380,6 +380,63 @@ def run_cases(out_dir: str, cases) -> None:
     dist.destroy_process_group()
 
 
+def muon_on_weights(model: nn.Module) -> thalweg.Muon:
+    """Muon on the model's weight matrices (FSDP2 splits their rows: 5 -> 3 + 2, 3 -> 2 + 1, 1 -> 1 + 0)."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    return thalweg.Muon(weights, lr=0.05, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
+
+
+def check_muon(record, mesh, out_dir: str) -> None:
+    """Muon under FSDP2: each matrix orthogonalised whole, once, by one process, against one process; with each
+    shard orthogonalised on its own instead, a different answer; DCP resume."""
+    import thalweg.optim.muon as muon
+
+    def train_muon(dtype):
+        return lambda model, optimizer, steps: train(model, optimizer, dtype, steps, sharded_batch=True)
+
+    for dtype in (torch.float64, torch.float32):
+        dtype_name = str(dtype).removeprefix("torch.")
+        expected_model = make_model(dtype)
+        train(expected_model, muon_on_weights(expected_model), dtype, range(STEPS), sharded_batch=False)
+        expected = full_params(expected_model)
+
+        def run(dtype=dtype, expected=expected):
+            model = fsdp2(make_model(dtype), mesh)
+            optimizer = muon_on_weights(model)
+            train(model, optimizer, dtype, range(STEPS), sharded_batch=True)
+            state = optimizer.state[model[0].weight]["momentum_buffer"]
+            return {"param_rel_error": relative_error(full_params(model), expected),
+                    "buffer_is_dtensor": isinstance(state, DTensor)}
+
+        record(f"fsdp2/muon/{dtype_name}", run)
+        record(f"dcp/muon/{dtype_name}", lambda dtype=dtype, dtype_name=dtype_name: resume_through_dcp(
+            mesh, os.path.join(out_dir, f"ckpt-muon-{dtype_name}"), dtype, muon_on_weights, train_muon(dtype)))
+
+    def per_shard(split, coefficients, steps, eps):  # what a hand-written FSDP2 Muon does
+        for position, _, update in split:
+            if not update.numel():  # (an empty shard)
+                yield position, update.clone()
+                continue
+            yield position, muon.orthogonalize(update.reshape(update.shape[0], -1), coefficients, steps, eps).reshape(
+                update.shape)
+
+    def naive():
+        original, muon._orthogonalize_split = muon._orthogonalize_split, per_shard
+        try:
+            return _naive_muon()
+        finally:
+            muon._orthogonalize_split = original
+
+    def _naive_muon():
+        expected_model = make_model(torch.float64)
+        train(expected_model, muon_on_weights(expected_model), torch.float64, range(STEPS), sharded_batch=False)
+        model = fsdp2(make_model(torch.float64), mesh)
+        train(model, muon_on_weights(model), torch.float64, range(STEPS), sharded_batch=True)
+        return {"param_rel_error": relative_error(full_params(model), full_params(expected_model))}
+
+    record("naive/muon-per-shard/float64", naive)
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
@@ -402,7 +459,8 @@ def main() -> None:
               "collectives": lambda: check_collectives(record, mesh),
               "skip-nonfinite": lambda: check_skip_nonfinite(record, mesh),
               "dcp": lambda: check_dcp(record, mesh, out_dir),
-              "bad-input": lambda: check_bad_input(record, mesh)}
+              "bad-input": lambda: check_bad_input(record, mesh),
+              "muon": lambda: check_muon(record, mesh, out_dir)}
     for check_name, check in checks.items():
         if only is None or check_name in only:
             check()

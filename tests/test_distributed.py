@@ -150,6 +150,23 @@ def test_adafactor_column_statistics_from_each_shard_would_be_wrong(results):
 
 
 @needs_gloo
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_muon_orthogonalises_each_whole_matrix_once(results, dtype):
+    """Muon under FSDP2 (rows split, one matrix to an empty shard): each matrix gathered by one process, orthogonalised
+    whole and scattered back — the single process's parameters; its momentum a DTensor; DCP resumes exactly."""
+    for entry in _result(results, f"fsdp2/muon/{dtype}"):
+        assert entry["param_rel_error"] <= TOLERANCE[dtype] and entry["buffer_is_dtensor"], entry
+    for entry in _result(results, f"dcp/muon/{dtype}"):
+        assert entry["max_abs_diff"] == 0.0 and entry["materialise_change"] == 0.0, entry
+
+
+@needs_gloo
+def test_muon_orthogonalising_each_shard_on_its_own_would_be_wrong(results):
+    for entry in _result(results, "naive/muon-per-shard/float64"):
+        assert entry["param_rel_error"] > 1e-2, entry
+
+
+@needs_gloo
 def test_zero_without_reduce_grad_norm_over_clips_per_partition(results):
     """The documented ZeRO limitation is real: without reduce_grad_norm_over each rank sees its partition's norm."""
     for entry in _result(results, "naive/zero-unreduced-grad-norm/float64"):

@@ -190,13 +190,35 @@ def test_checkpoints_cross_load_and_resume_as_if_never_stopped(direction):
     torch.testing.assert_close(param, reference, rtol=0, atol=0)
 
 
-def test_sharded_matrices_are_refused_until_the_whole_matrix_is_gathered():
-    from torch.distributed.tensor import Shard, distribute_tensor
+def test_a_dtensor_matrix_steps_as_the_plain_tensor_and_other_shardings_are_refused():
+    """A matrix sharded by rows (FSDP2's Shard(0); one process: the gather and scatter run, over one rank) steps and
+    keeps what the plain tensor does, bit for bit, its momentum a DTensor (2 processes: tests/test_distributed.py); a
+    stack with batch_dims=1 is orthogonalised where it lies; a matrix sharded by columns is refused, by name."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    with one_process_mesh() as mesh:
-        matrix = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"Muon on sharded \(DTensor, FSDP2\) parameters is not supported yet"):
-            thalweg.Muon([matrix])
+    generator = torch.Generator().manual_seed(0)
+    for shape, batch_dims in (((6, 5), 0), ((3, 4, 2), 0), ((2, 4, 3), 1)):
+        start = torch.randn(shape, generator=generator)
+        grads = [torch.randn(shape, generator=generator) for _ in range(3)]
+        plain = torch.nn.Parameter(start.clone())
+        expected = thalweg.Muon([plain], lr=0.02, weight_decay=0.01, batch_dims=batch_dims)
+        for grad in grads:
+            plain.grad = grad.clone()
+            expected.step()
+        with one_process_mesh() as mesh:
+            param = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+            optimizer = thalweg.Muon([param], lr=0.02, weight_decay=0.01, batch_dims=batch_dims)
+            for grad in grads:
+                param.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+                optimizer.step()
+            assert torch.equal(param.detach().full_tensor(), plain.detach()), shape
+            buffer = optimizer.state[param]["momentum_buffer"]
+            assert isinstance(buffer, DTensor) and torch.equal(buffer.full_tensor(),
+                                                               expected.state[plain]["momentum_buffer"])
+            if shape == (6, 5):
+                columns = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)]))
+                with pytest.raises(ValueError, match=r"Muon on a parameter sharded other than by rows"):
+                    thalweg.Muon([columns])
 
 
 # -- MuonWithAdamW: thalweg.create("muon", model) -------------------------------------------------------------------

@@ -29,6 +29,11 @@ dims, embeddings and the output layer belong to another optimizer (AdamW), as in
 Newton–Schulz iterations run as torch ops on whole matrices (:meth:`Muon._transform_grads`), and the
 final elementwise update is this file's rule, run by the engine like every other.
 
+Under FSDP2 (parameters sharded by rows, dim 0) a matrix's rows are split between processes, and orthogonalising
+each shard on its own would be another update altogether: each such matrix is orthogonalised once, whole, by one
+process of the shard group (the matrices dealt out in turn), which gathers its rows and scatters the result's rows
+back — the single process's update, with the work spread. The momentum is elementwise (local) and a DTensor.
+
 State (torch's name): ``momentum_buffer``. No ``step`` (as torch's). Checkpoints cross-load with
 ``torch.optim.Muon``.
 """
@@ -44,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _checks
+from .. import _checks, distributed
 from .._base import Optimizer, clip_grads_, global_grad_norm
 from .._params import no_decay_parameter_names
 from ..engine import PerTensor, rule
@@ -85,6 +90,45 @@ def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float]
             polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
             x = torch.baddbmm(x, polynomial, x, beta=a)
     return x.mT if tall else x
+
+
+def _as_matrices(update: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """One matrix takes torch's 2-D path (a convolution's weight then steps exactly as torch's Muon would step its
+    flattened matrix); a stack, the batched one."""
+    matrices, rows, columns = matrix_shape(update.shape, batch_dims)
+    return update.reshape(rows, columns) if matrices == 1 else update.reshape(matrices, rows, columns)
+
+
+def _orthogonalize_split(split: list[tuple[int, torch.Tensor, torch.Tensor]], coefficients, steps: int, eps: float):
+    """Orthogonalise matrices whose rows are split between processes (FSDP2's Shard(0); ``split``: (position, whole
+    DTensor parameter, this process's rows of the update), in the same order on every process). Matrix j is done by
+    process j mod N of the shard group: it gathers every process's rows (padded to FSDP2's chunk of ceil(R/N) rows),
+    orthogonalises the whole matrix as one process would, and scatters each process its rows of the result. Yields
+    (position, this process's rows of the result)."""
+    import torch.distributed as dist
+
+    for j, (position, whole, update) in enumerate(split):
+        dims = [d for d, placement in enumerate(whole.placements) if not placement.is_replicate()]
+        group = whole.device_mesh.get_group(dims[0])
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        owner = j % size
+        rows, columns = whole.shape[0], math.prod(whole.shape[1:])
+        chunk = -(-rows // size)
+        counts = [max(0, min(chunk, rows - r * chunk)) for r in range(size)]
+        padded = update.new_zeros((chunk, columns))
+        padded[:counts[rank]] = update.reshape(counts[rank], columns)
+        source = dist.get_global_rank(group, owner)
+        pieces = [torch.empty_like(padded) for _ in range(size)] if rank == owner else None
+        dist.gather(padded, pieces, dst=source, group=group)
+        if rank == owner:
+            matrix = torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
+            ortho = orthogonalize(matrix, coefficients, steps, eps).to(update.dtype)
+            pieces = [ortho.new_zeros((chunk, columns)) for _ in range(size)]
+            for r in range(size):
+                pieces[r][:counts[r]] = ortho[r * chunk:r * chunk + counts[r]]
+        received = torch.empty_like(padded)
+        dist.scatter(received, pieces, src=source, group=group)
+        yield position, received[:counts[rank]].reshape(update.shape)
 
 
 def matrix_shape(shape: torch.Size, batch_dims: int = 0) -> tuple[int, int, int]:
@@ -172,9 +216,11 @@ class Muon(Optimizer):
             if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
                 raise ValueError(f"batch_dims must be an integer >= 0, got {batch_dims!r}")
             for k, param in enumerate(group["params"]):
-                if type(param).__name__ == "DTensor":
-                    raise ValueError(f"Muon on sharded (DTensor, FSDP2) parameters is not supported yet: params[{k}] of "
-                                     f"param group {g}; its orthogonalisation needs the whole matrix")
+                if distributed.is_sharded(param) and (distributed.flat_offset(param) is None or sum(
+                        not placement.is_replicate() for placement in param.placements) != 1):
+                    raise ValueError(f"Muon on a parameter sharded other than by rows over one mesh dimension (FSDP2's "
+                                     f"Shard(0)) is not supported: params[{k}] of param group {g} has placements "
+                                     f"{tuple(param.placements)}")
                 if param.ndim < 2 + batch_dims:
                     raise ValueError(f"Muon steps matrices: params[{k}] of param group {g} has shape {tuple(param.shape)}, "
                                      f"which with batch_dims={batch_dims} holds no matrix (give biases, norms and "
@@ -204,27 +250,44 @@ class Muon(Optimizer):
     def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(lr=_checks.as_number("lr", group["lr"]), weight_decay=float(group["weight_decay"]))
 
+    def _wholes(self, group: dict[str, Any]) -> dict[int, torch.Tensor]:
+        """The group's DTensor parameters by the id of their state dict (the step hands the stage local shards; their
+        state dicts are ``self.state[the DTensor]``)."""
+        return {id(self.state[p]): p for p in group["params"] if distributed.is_sharded(p) and p in self.state}
+
     def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[str, Any]:
         lr = _checks.as_number("lr", group["lr"])
         batch_dims = group.get("batch_dims", 0)
-        return dict(adjusted_lr=np.array([adjusted_lr(lr, group["adjust_lr_fn"], p.shape, batch_dims) for p in params]))
+        wholes = self._wholes(group)  # (a shard's lr is scaled by its whole matrix's shape)
+        shapes = [wholes.get(id(state), param).shape for param, state in zip(params, states)]
+        return dict(adjusted_lr=np.array([adjusted_lr(lr, group["adjust_lr_fn"], shape, batch_dims) for shape in shapes]))
 
     def _transform_grads(self, group, params, grads, states) -> list[torch.Tensor]:
+        """Momentum, then the orthogonalisation of each matrix. Under FSDP2 (local shards of DTensors sharded by rows)
+        a matrix whose rows are split is orthogonalised once, whole, by one process — the matrices of the group dealt
+        out in turn — which gathers its rows from every process and scatters the result's rows back; a stack
+        (``batch_dims`` > 0, split by matrix) is orthogonalised where it lies."""
         momentum, nesterov, batch_dims = float(group["momentum"]), group["nesterov"], group.get("batch_dims", 0)
         coefficients = tuple(float(c) for c in group["ns_coefficients"])
-        out = []
+        steps, eps = int(group["ns_steps"]), float(group["eps"])
+        wholes = self._wholes(group)
+        out, split = [], []
         for param, grad, state in zip(params, grads, states):
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            whole = wholes.get(id(state))
+            if state.get("momentum_buffer") is None:
+                buffer = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = buffer if whole is None else distributed.shard_like(whole, buffer)
+            buffer = distributed.local(state["momentum_buffer"])
             buffer.lerp_(grad, 1 - momentum)
             update = grad.lerp(buffer, momentum) if nesterov else buffer
-            matrices, rows, columns = matrix_shape(update.shape, batch_dims)
-            # one matrix takes torch's 2-D path (a convolution's weight then steps exactly as torch's Muon would step
-            # its flattened matrix); a stack, the batched one
-            shaped = update.reshape(rows, columns) if matrices == 1 else update.reshape(matrices, rows, columns)
-            ortho = orthogonalize(shaped, coefficients, int(group["ns_steps"]), float(group["eps"]))
-            out.append(ortho.reshape(update.shape).to(param.dtype))
+            if whole is not None and batch_dims == 0:  # its rows are split between processes
+                split.append((len(out), whole, update))
+                out.append(None)
+                continue
+            out.append(orthogonalize(_as_matrices(update, batch_dims), coefficients, steps, eps)
+                       .reshape(update.shape).to(param.dtype))
+        for position, ortho in _orthogonalize_split(split, coefficients, steps, eps):
+            out[position] = ortho.to(params[position].dtype)
         return out
 
 
