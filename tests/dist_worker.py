@@ -436,6 +436,20 @@ def check_muon(record, mesh, out_dir: str) -> None:
 
     record("naive/muon-per-shard/float64", naive)
 
+    def router(model):  # thalweg.create("muon", model): hidden matrices to Muon, the rest to AdamW; clipping across both
+        return thalweg.create("muon", model, lr=0.05, max_grad_norm=MAX_GRAD_NORM)
+
+    for dtype in (torch.float64, torch.float32):
+        dtype_name = str(dtype).removeprefix("torch.")
+
+        def routed(dtype=dtype):
+            reference = make_model(dtype)
+            norms = train(reference, router(reference), dtype, range(STEPS), sharded_batch=False)
+            model = fsdp2(make_model(dtype), mesh)
+            return compare("muon-router", dtype, model, router(model), (full_params(reference), norms))
+
+        record(f"fsdp2/muon-router/{dtype_name}", routed)
+
 
 def main() -> None:
     out_dir = sys.argv[1]

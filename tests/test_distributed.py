@@ -161,6 +161,16 @@ def test_muon_orthogonalises_each_whole_matrix_once(results, dtype):
 
 
 @needs_gloo
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_muon_router_under_fsdp2_matches_one_process(results, dtype):
+    """thalweg.create("muon", model) on an FSDP2 model: Muon's matrices and AdamW's vectors, clipped by the norm of all
+    gradients counted whole — the single process's parameters and clipping norms."""
+    for entry in _result(results, f"fsdp2/muon-router/{dtype}"):
+        assert entry["param_rel_error"] <= TOLERANCE[dtype], entry
+        assert entry["grad_norm_rel_error"] <= TOLERANCE[dtype], entry
+
+
+@needs_gloo
 def test_muon_orthogonalising_each_shard_on_its_own_would_be_wrong(results):
     for entry in _result(results, "naive/muon-per-shard/float64"):
         assert entry["param_rel_error"] > 1e-2, entry

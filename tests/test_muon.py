@@ -298,6 +298,8 @@ def test_one_optimizer_steps_as_muon_and_adamw_side_by_side(clip):
                            {"params": [p for n, p in others if p.ndim < 2 or n == "embed.weight"], "weight_decay": 0.0}],
                           lr=3e-3)
 
+    clipped_by = []
+
     class Both:
         def zero_grad(self):
             muon.zero_grad()
@@ -305,13 +307,18 @@ def test_one_optimizer_steps_as_muon_and_adamw_side_by_side(clip):
 
         def step(self):
             if clip is not None:
-                torch.nn.utils.clip_grad_norm_(separate_model.parameters(), clip)
+                clipped_by.append(torch.nn.utils.clip_grad_norm_(separate_model.parameters(), clip))
             muon.step()
             adamw.step()
 
     batches = _batches(6)
     _train(routed_model, routed, batches)
     _train(separate_model, Both(), batches)
+    if clip is None:  # (the norm it clipped by, as every thalweg optimizer reports it)
+        assert routed.last_grad_norm is None
+    else:
+        torch.testing.assert_close(routed.last_grad_norm, clipped_by[-1].to(routed.last_grad_norm.dtype), rtol=1e-6,
+                                   atol=0)
     for (name, a), b in zip(routed_model.named_parameters(), separate_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
     for a, b in zip(matrices, muon.param_groups[0]["params"]):

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .. import _checks, distributed
-from .._base import Optimizer, clip_grads_, global_grad_norm
+from .._base import Optimizer, clip_grads_, global_grad_norm, report_dtype
 from .._params import no_decay_parameter_names
 from ..engine import PerTensor, rule
 from .adam import AdamW
@@ -386,6 +386,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
+        self.last_grad_norm: torch.Tensor | None = None  # the norm max_grad_norm clipped by (as every thalweg optimizer)
         self._routes = routes
         groups = list(params)
         if not all(isinstance(group, dict) for group in groups):
@@ -427,12 +428,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
             for group in part.param_groups:
                 part._check_hyperparameters(group)
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            norm = global_grad_norm(grads)
+            # (each group's DTensor gradients counted whole: their local squares summed across the shards)
+            parts = [(distributed.group_sharding(index, group["params"]),
+                      [p.grad for p in group["params"] if p.grad is not None])
+                     for index, group in enumerate(self.param_groups)]
+            norm = distributed.total_grad_norm(global_grad_norm, parts)
+            grads = [distributed.local(g) for _, group_grads in parts for g in group_grads]
             if self.skip_nonfinite and not bool(torch.isfinite(norm)):
+                if self.max_grad_norm is not None:
+                    self.last_grad_norm = norm.to(report_dtype(grads))
                 self.skipped_steps += 1
                 return loss
             if self.max_grad_norm is not None:
+                self.last_grad_norm = norm.to(report_dtype(grads))
                 clip_grads_(grads, norm, self.max_grad_norm)
         for part in self._parts.values():
             part.step()
