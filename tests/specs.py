@@ -468,8 +468,8 @@ def run_seeded(cls, shapes, dtype, options, seed, steps=25, **extra):
     return params, optimizer
 
 
-def run_on_two_processes(worker, out_dir, timeout: float = 240) -> list[dict]:
-    """Run ``worker`` (a tests/*_dist_worker.py script) as ranks 0 and 1 of a 2-process gloo group on this
+def run_on_processes(worker, out_dir, timeout: float = 240, world_size: int = 2) -> list[dict]:
+    """Run ``worker`` (a tests/*_dist_worker.py script) as the ranks of a ``world_size``-process gloo group on this
     machine; returns each rank's JSON results (it skips when this torch build has no gloo)."""
     import json
     import os
@@ -484,10 +484,10 @@ def run_on_two_processes(worker, out_dir, timeout: float = 240) -> list[dict]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(worker.parent), os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([sys.executable, str(worker), str(out_dir)], env={**env, "RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world_size)]
     try:
         logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
@@ -496,5 +496,5 @@ def run_on_two_processes(worker, out_dir, timeout: float = 240) -> list[dict]:
                 proc.kill()
                 proc.wait()
     assert all(proc.returncode == 0 for proc in procs), "\n".join(log[-3000:] for log in logs)
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
 

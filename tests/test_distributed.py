@@ -171,6 +171,20 @@ def test_the_muon_router_under_fsdp2_matches_one_process(results, dtype):
 
 
 @needs_gloo
+def test_matrix_optimizers_on_four_processes_match_one(tmp_path):
+    """4 gloo processes, shards uneven and some empty (tests/matrix_dist_worker.py): Muon (each process owning some
+    matrices), Adafactor and the Muon router give one process's parameters and state (float64)."""
+    from specs import run_on_processes
+
+    results = run_on_processes(WORKER.with_name("matrix_dist_worker.py"), tmp_path, world_size=4)
+    for rank, entries in enumerate(results):
+        for key in ("muon", "adafactor", "router"):
+            entry = entries[key]
+            assert "exception" not in entry, f"rank {rank} {key} raised:\n{entry['exception']}"
+            assert entry["max_rel_error"] <= TOLERANCE["float64"], (rank, key, entry)
+
+
+@needs_gloo
 def test_muon_orthogonalising_each_shard_on_its_own_would_be_wrong(results):
     for entry in _result(results, "naive/muon-per-shard/float64"):
         assert entry["param_rel_error"] > 1e-2, entry

@@ -616,9 +616,9 @@ def test_fsdp2_on_two_processes_stores_what_one_process_stores(tmp_path):
     resumes exactly, and drawing each shard's random bits as if it began the tensor gives other parameters."""
     from pathlib import Path
 
-    from specs import run_on_two_processes
+    from specs import run_on_processes
 
-    results = run_on_two_processes(Path(__file__).with_name("int8_dist_worker.py"), tmp_path)
+    results = run_on_processes(Path(__file__).with_name("int8_dist_worker.py"), tmp_path)
     for rank, entries in enumerate(results):
         for key, entry in entries.items():
             assert "exception" not in entry, f"rank {rank} {key} raised:\n{entry['exception']}"

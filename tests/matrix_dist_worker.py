@@ -1,0 +1,74 @@
+"""One rank of tests/test_distributed.py's 4-process check of the matrix optimizers under FSDP2 (Muon, Adafactor).
+
+A model whose weights FSDP2 splits over 4 processes unevenly, some shards empty (9 rows: 3, 3, 3, 0; 6 rows: 2, 2, 2,
+0; 1 row: 1, 0, 0, 0), trained on the whole batch on every rank; the parameters (and Adafactor's factors, Muon's
+momentum) gathered from the shards against one process's. Muon's matrices are dealt out to their owners in turn, so
+with 4 processes each owns some.
+
+    RANK=0 WORLD_SIZE=4 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/matrix_dist_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from dist_worker import run_cases
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import thalweg
+
+STEPS = 4
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+
+def train(model: nn.Module, optimizer) -> None:
+    for step in range(STEPS):
+        generator = torch.Generator().manual_seed(100 + step)
+        x = torch.randn(16, 7, generator=generator, dtype=torch.float64)
+        y = torch.randn(16, 1, generator=generator, dtype=torch.float64)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def compare(mesh, build) -> dict:
+    expected_model = make_model()
+    expected = build(expected_model)
+    train(expected_model, expected)
+    model = make_model()
+    for index in (0, 2, 4):
+        fully_shard(model[index], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = build(model)
+    train(model, optimizer)
+    errors = {}
+    for (name, p), q in zip(model.named_parameters(), expected_model.parameters()):
+        errors[name] = float((whole(p) - q).abs().max() / q.abs().max())
+        for key, value in expected.state[q].items():
+            if key != "step":
+                errors[f"{name}/{key}"] = float((whole(optimizer.state[p][key]) - value).abs().max()
+                                                / max(float(value.abs().max()), 1e-300))
+    return {"max_rel_error": max(errors.values()), "errors": errors}
+
+
+def cases(mesh, out_dir: str):
+    weights = lambda model: [p for n, p in model.named_parameters() if n.endswith("weight")]  # noqa: E731
+    yield "muon", lambda: compare(mesh, lambda model: thalweg.Muon(weights(model), lr=0.05, weight_decay=0.01))
+    yield "adafactor", lambda: compare(mesh, lambda model: thalweg.Adafactor(model.parameters(), lr=1e-2,
+                                                                             weight_decay=0.01))
+    yield "router", lambda: compare(mesh, lambda model: thalweg.create("muon", model, lr=0.05, max_grad_norm=0.3))
+
+
+if __name__ == "__main__":
+    run_cases(sys.argv[1], cases)
