@@ -26,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from int8_state import state_bytes_per_param, timed, write_report  # noqa: E402
+from int8_state import report_header, state_bytes_per_param, timed, write_report  # noqa: E402
 
 import thalweg  # noqa: E402
 
@@ -72,9 +72,7 @@ def main() -> None:
     losses = {mode: regression(torch.bfloat16, state_dtype=torch.float32, param_update=mode) for mode in MODES}
 
     today = datetime.date.today().isoformat()
-    lines = [f"# bfloat16 parameters without float32 master weights, CPU, {today}", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; `python benchmarks/bf16_params.py"
-             f"{' --quick' if args.quick else ''}`.", "",
+    lines = report_header("bfloat16 parameters without float32 master weights", "bf16_params.py", args.quick) + [
              "## Memory: AdamW state bytes per parameter (measured storages, bfloat16 GPT-style model)", "",
              "| state | nearest | stochastic | kahan | compensation (kahan - nearest) |", "|---|---|---|---|---|"]
     lines += [f"| {state} | " + " | ".join(f"{memory[state, mode]:.3f}" for mode in MODES)

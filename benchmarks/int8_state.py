@@ -134,9 +134,7 @@ def main() -> None:
     norms, norms_first = timed(norm_candidates(n_tensors, numel), repeats)
 
     today = datetime.date.today().isoformat()
-    lines = [f"# 8-bit optimizer state, CPU, {today}", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; `python benchmarks/int8_state.py"
-             f"{' --quick' if args.quick else ''}`.", "",
+    lines = report_header("8-bit optimizer state", "int8_state.py", args.quick) + [
              "## Memory: AdamW state bytes per parameter (measured storages, GPT-style model)", "",
              "| parameters | float32 state | 8-bit state |", "|---|---|---|"]
     lines += [f"| {str(dtype).removeprefix('torch.')} | {full:.3f} | {eight:.3f} |" for dtype, full, eight in memory]
@@ -149,6 +147,13 @@ def main() -> None:
         lines.append(f"| {name} | {label} | {ms:.2f} | {ms / norms[name, 'fused, float32 state']:.2f}× "
                      f"| {norms_first[name, label]:.2f} |")
     write_report(lines, f"int8-state-cpu-{today}.md", args.quick)
+
+
+def report_header(title: str, script: str, quick: bool) -> list[str]:
+    """A report's first lines: its title and date, torch's version and threads, the command that wrote it."""
+    return [f"# {title}, CPU, {datetime.date.today().isoformat()}", "",
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; `python benchmarks/{script}"
+            f"{' --quick' if quick else ''}`.", ""]
 
 
 def write_report(lines: list[str], name: str, quick: bool) -> None:

@@ -280,6 +280,11 @@ class Optimizer(torch.optim.Optimizer):
         """Raise, naming the parameter (``where(k)``), for state the rule's checks do not cover and the step
         would use (``own_state_keys``); called before anything is written."""
 
+    def _sharded_by_state(self, group: dict[str, Any]) -> dict[int, torch.Tensor]:
+        """The group's DTensor parameters by the id of their state dict: how a stage handed local shards (and their
+        ``self.state`` dicts) finds each whole parameter (a DTensor's ``to_local()`` is a new object each call)."""
+        return {id(self.state[p]): p for p in group["params"] if distributed.is_sharded(p) and p in self.state}
+
     def _transform_grads(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                          states: list[dict[str, Any]]) -> list[torch.Tensor]:
         """With ``transforms_grads``: what the rule reads as each parameter's gradient (same shape and dtype),

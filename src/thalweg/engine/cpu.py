@@ -75,10 +75,9 @@ def table_roles(program: Program) -> list[str]:
     return [program.rule.roles[0], program.rule.roles[1], *program.state_roles]
 
 
-def rounding_rows(program: Program, kernel_pass, rounding: str | None, first_row: int) -> tuple[str | None, int]:
-    """``param_update``'s rounding in this pass (None where the pass does not store the parameter), and the first row
-    of its entries in the address table (after the roles' and the absmax rows: driver._rounded appends them)."""
-    return (rounding if program.rule.roles[0] in kernel_pass.roles_written else None), first_row
+def pass_rounding(program: Program, kernel_pass, rounding: str | None) -> str | None:
+    """``param_update``'s rounding in this pass: None where the pass does not store the parameter."""
+    return rounding if program.rule.roles[0] in kernel_pass.roles_written else None
 
 
 def source(program: Program, dtype: torch.dtype, state_dtype: torch.dtype, codecs: tuple = (),
@@ -152,7 +151,8 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
     read = [role for role in maps if role in touched and role in kernel_pass.roles_read]
     written = [role for role in maps if role in touched and role in kernel_pass.roles_written]
     out += [f"            _absmax_{role} = pointer(_ptrs[{absmax_rows[role]}, _t], F32)" for role in maps if role in touched]
-    rounding, row = rounding_rows(program, kernel_pass, rounding, len(rows) + len(maps))
+    rounding = pass_rounding(program, kernel_pass, rounding)
+    row = len(rows) + len(maps)  # its rows follow the roles' and the absmax rows (driver._rounded appends them)
     if rounding == "stochastic":
         out += [f"            _key = np.uint32(_ptrs[{row}, _t])", f"            _flat = _ptrs[{row + 1}, _t]"]
     elif rounding == "kahan":
@@ -207,8 +207,8 @@ def _body(program: Program, kernel_pass, index: int, widened: bool, codecs: tupl
 def _after(var: str, kernel_pass, inner: str, slots: dict[int, int], program: Program, widened: bool,
            scratch: dict[str, int] | None = None, rounding: str | None = None) -> list[str]:
     """Stores and sums that follow the definition (or load) of ``var``; an 8-bit role's new value goes to
-    its scratch (``scratch``: role -> offset in the chunk's row) and into its block's running absmax; the
-    parameter is stored by ``rounding`` when set."""
+    its scratch (``scratch``: role -> offset in the chunk's row), encoded at the block's end; the parameter is
+    stored by ``rounding`` when set."""
     out = []
     for role in kernel_pass.stores.get(var, ()):
         if scratch and role in scratch:

@@ -71,7 +71,7 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
 
         codec.run_through_floats(step_floats, roles, [p.dtype for p in params])
         return
-    if quantised and program.early_stores and len(program.passes) > 1:
+    if quantised:
         # 8-bit state with norms: the last pass steps from the moments' float values, so it computes them again
         # (the first pass only sums); reading back what the first pass encoded would step from their codes
         program = program.recomputing()
@@ -88,7 +88,7 @@ def run(program: Program, backend: str, params: list[torch.Tensor], grads: list[
             compute = None
     if backend == "reference":
         reference.run(program, params, grads, roles, steps, None if first is None else first.tolist(), scalars,
-                      compute_dtypes=compute, sum_across=sum_across, rounding=rounding if compute else None)
+                      compute_dtypes=compute, sum_across=sum_across, rounding=rounding)
         return
     buckets, rest, step_addresses = partitioned or partition(backend, params, grads, roles, steps, quantised=quantised)
     if rounding is not None and compute is not None:

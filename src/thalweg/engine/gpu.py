@@ -107,7 +107,7 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
     """Pass ``index`` as a Triton kernel. An 8-bit role (``codecs``) is decoded as it is loaded (code -> map
     value, times its block's absmax) and encoded where it is stored: the BLOCK elements in hand are QBLOCK-sized
     blocks (a chunk and a BLOCK start on a block), so each block's new absmax is a reduction over one axis."""
-    from .cpu import rounding_rows, table_roles
+    from .cpu import pass_rounding, table_roles
 
     dialect = _Triton(compute)
     roles = table_roles(program)
@@ -130,7 +130,8 @@ def _kernel(program: Program, kernel_pass, index: int, dtype, state_dtype, compu
             for role in touched]
     out += [f"    _absmax_{role} = tl.load(ptrs + {absmax_rows[role]} * n + _t).to(tl.pointer_type(tl.float32))"
             for role in maps if role in touched]
-    rounding, row = rounding_rows(program, kernel_pass, rounding, len(rows) + len(maps))
+    rounding = pass_rounding(program, kernel_pass, rounding)
+    row = len(rows) + len(maps)  # its rows follow the roles' and the absmax rows (driver._rounded appends them)
     if rounding == "stochastic":
         out += [f"    _key = tl.load(ptrs + {row} * n + _t).to(tl.uint32)", f"    _flat = tl.load(ptrs + {row + 1} * n + _t)"]
     elif rounding == "kahan":

@@ -100,9 +100,6 @@ class Rounding:
     offsets: np.ndarray  # int64
     comps: list[torch.Tensor | None]
 
-    def subset(self, indices: list[int]) -> Rounding:
-        return Rounding(self.mode, self.keys[indices], self.offsets[indices], [self.comps[i] for i in indices])
-
     def store(self, i: int, param: torch.Tensor, value: torch.Tensor) -> None:
         """Store ``value`` (float32) into parameter ``i`` of the list (a bfloat16 one: by the mode)."""
         if param.dtype != torch.bfloat16:

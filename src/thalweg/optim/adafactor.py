@@ -153,8 +153,7 @@ class Adafactor(Optimizer):
         is local. ``row_var`` is then a DTensor sharded as its parameter, ``col_var`` one replicated (2-d) or
         sharded (stacks): the state the single process keeps, for DCP."""
         beta2_decay, maximize = float(group["beta2_decay"]), group["maximize"]
-        # (each state dict is self.state[the DTensor]: how a local shard finds its whole parameter)
-        sharded = {id(self.state[p]): p for p in group["params"] if distributed.is_sharded(p) and p in self.state}
+        sharded = self._sharded_by_state(group)
         across = (distributed.group_sharding(0, list(sharded.values())).sum_across_shards_ if sharded else None)
         out = []
         for param, grad, state in zip(params, grads, states):

@@ -250,15 +250,10 @@ class Muon(Optimizer):
     def _scalars(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(lr=_checks.as_number("lr", group["lr"]), weight_decay=float(group["weight_decay"]))
 
-    def _wholes(self, group: dict[str, Any]) -> dict[int, torch.Tensor]:
-        """The group's DTensor parameters by the id of their state dict (the step hands the stage local shards; their
-        state dicts are ``self.state[the DTensor]``)."""
-        return {id(self.state[p]): p for p in group["params"] if distributed.is_sharded(p) and p in self.state}
-
     def _supplied(self, group: dict[str, Any], states: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[str, Any]:
         lr = _checks.as_number("lr", group["lr"])
         batch_dims = group.get("batch_dims", 0)
-        wholes = self._wholes(group)  # (a shard's lr is scaled by its whole matrix's shape)
+        wholes = self._sharded_by_state(group)  # (a shard's lr is scaled by its whole matrix's shape)
         shapes = [wholes.get(id(state), param).shape for param, state in zip(params, states)]
         return dict(adjusted_lr=np.array([adjusted_lr(lr, group["adjust_lr_fn"], shape, batch_dims) for shape in shapes]))
 
@@ -270,7 +265,7 @@ class Muon(Optimizer):
         momentum, nesterov, batch_dims = float(group["momentum"]), group["nesterov"], group.get("batch_dims", 0)
         coefficients = tuple(float(c) for c in group["ns_coefficients"])
         steps, eps = int(group["ns_steps"]), float(group["eps"])
-        wholes = self._wholes(group)
+        wholes = self._sharded_by_state(group)
         out, split = [], []
         for param, grad, state in zip(params, grads, states):
             whole = wholes.get(id(state))
