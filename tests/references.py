@@ -1,4 +1,4 @@
-"""Float64 reference implementations of Lion, Adan, AdEMAMix, ADOPT and StableAdamW, written from the authors' code.
+"""Float64 reference implementations of Lion, Adan, AdEMAMix, ADOPT, StableAdamW and SOAP, written from the authors' code.
 
 Each is a ``torch.optim.Optimizer`` subclass in the manner of ``specs.PaperLAMB``: ``step`` reads the
 parameter, its gradient and its state in float64, does the paper's arithmetic there, and writes parameter
@@ -25,7 +25,7 @@ import math
 
 import torch
 
-__all__ = ["PaperLion", "PaperAdan", "PaperAdEMAMix", "PaperADOPT", "PaperStableAdamW", "cautious_mask",
+__all__ = ["PaperLion", "PaperAdan", "PaperAdEMAMix", "PaperADOPT", "PaperStableAdamW", "PaperSOAP", "cautious_mask",
            "apple_linear_warmup", "apple_linear_hl_warmup"]
 
 
@@ -396,4 +396,125 @@ class PaperStableAdamW(torch.optim.Optimizer):
                 p.copy_(w * (1 - lr_t * wd) - lr_t * u)
                 state["exp_avg"].copy_(m)
                 state["exp_avg_sq"].copy_(v)
+        return loss
+
+
+class PaperSOAP(torch.optim.Optimizer):
+    """SOAP (Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv:2409.11321, Algorithm 3),
+    in float64, with the semantics of the authors' soap.py (github.com/nikhilvyas/SOAP, ``SOAP.step``,
+    ``update_preconditioner``, ``get_orthogonal_matrix``, ``get_orthogonal_matrix_QR``, ``merge_dims``):
+
+    For a gradient g (after maximize) reshaped to the work shape (``merge_dims``: neighbouring dims merged while their
+    product stays <= ``max_precond_dim``; 1-d and 0-d: unchanged), each dim d of size <= ``max_precond_dim`` has a
+    factor F_d (1-d: only with ``precondition_1d``) and a basis Q_d. Write G_(d) for g with dim d as rows and the
+    others flattened, and P(x) (P⁻¹(x)) for x multiplied along each such dim by Q_dᵀ (by Q_d).
+
+        first step of a parameter:  F_d = (1 − βs)·G_(d)G_(d)ᵀ;  Q_d = eigenvectors of F_d + 1e-30·I, by descending
+                                    eigenvalue; nothing else (the parameter is not updated)
+        Adam step t = 1, 2, ...:    m ← β1·m + (1 − β1)·g   (kept in the original basis, as the paper's Algorithm 3 and
+                                    soap.py before its "momentum change": soap.py now keeps P(m), the same quantity)
+                                    v ← β2·v + (1 − β2)·P(g)²;   n = P⁻¹(P(m) / (√v + eps))
+                                    n ← n / (1e-30 + RMS(n))   (normalize_grads)
+                                    η = lr·√(1 − β2^t)/(1 − β1^t)   (lr without correct_bias)
+                                    w ← w − η·n;   w ← w − lr·λ·w   (λ > 0)
+                                    F_d ← βs·F_d + (1 − βs)·G_(d)G_(d)ᵀ
+                                    every ``precondition_frequency``-th t, per dim d in order: e = diag(Q_dᵀF_dQ_d),
+                                    o = argsort(e, descending), v permuted by o along d, Q_d = qr(F_d·Q_d[:, o]).Q
+
+    βs is ``shampoo_beta``, or β2 when negative. Differences from soap.py: ``step`` counts the initialising step too
+    (soap.py's is t), hyper-parameters are read from the group at each step (soap.py fixes ``shampoo_beta`` and
+    ``precondition_frequency`` at a parameter's first step), everything is float64 (soap.py takes eigh and QR in
+    float32), an empty parameter gets no factor (soap.py would take eigh of a 0×0 matrix), ``maximize`` is added.
+    State: ``step``, ``exp_avg`` (m, original basis), ``exp_avg_sq``, and lists ``GG``/``Q`` indexed by dim (None
+    where a dim has no factor).
+    """
+
+    def __init__(self, params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1, eps=1e-8, weight_decay=0.01,
+                 precondition_frequency=10, max_precond_dim=10000, merge_dims=False, precondition_1d=False,
+                 normalize_grads=False, correct_bias=True, *, maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+                                      precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+                                      merge_dims=merge_dims, precondition_1d=precondition_1d,
+                                      normalize_grads=normalize_grads, correct_bias=correct_bias, maximize=maximize))
+
+    @staticmethod
+    def work_shape(shape, group):
+        limit = group["max_precond_dim"]
+        if len(shape) == 1 or not group["merge_dims"]:
+            return list(shape)
+        out, run = [], 1
+        for size in shape:
+            if run * size <= limit:
+                run *= size
+            elif run > 1:
+                out, run = out + [run], size
+            else:
+                out, run = out + [size], 1
+        return out + [run] if run > 1 or not out else out
+
+    @staticmethod
+    def along(x, matrix, d):
+        """x multiplied along dim d by ``matrix`` (x_d ↦ matrix @ x_d)."""
+        return torch.movedim(torch.tensordot(matrix, x, dims=([1], [d])), 0, d)
+
+    @staticmethod
+    def gram(g, d):
+        rows = torch.movedim(g, d, 0).reshape(g.shape[d], -1)
+        return rows @ rows.T
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = _run_closure(closure)
+        for group in self.param_groups:
+            lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+            b1, b2 = (float(b) for b in group["betas"])
+            bs = float(group["shampoo_beta"]) if group["shampoo_beta"] >= 0 else b2
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                shape = self.work_shape(p.shape, group)
+                g = _grad(p, group["maximize"]).reshape(shape)
+                if not state:
+                    state["step"] = torch.tensor(1.0)
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float64)
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float64)
+                    preconditioned = [p.numel() > 0 and size <= group["max_precond_dim"]
+                                      and (p.dim() != 1 or group["precondition_1d"]) for size in shape]
+                    state["GG"] = [(1 - bs) * self.gram(g, d) if on else None for d, on in enumerate(preconditioned)]
+                    state["Q"] = [None if F is None else torch.linalg.eigh(F + 1e-30 * torch.eye(F.shape[0],
+                                  dtype=torch.float64))[1].flip(1) for F in state["GG"]]
+                    continue
+                t = float(state["step"])
+                state["step"] += 1
+                GG, Q = state["GG"], state["Q"]
+
+                def project(x, back=False):
+                    for d, q in enumerate(Q):
+                        if q is not None:
+                            x = self.along(x, q if back else q.T, d)
+                    return x
+
+                m = b1 * state["exp_avg"].reshape(shape) + (1 - b1) * g
+                v = b2 * state["exp_avg_sq"].reshape(shape) + (1 - b2) * project(g) ** 2
+                n = project(project(m) / (v.sqrt() + eps), back=True)
+                if group["normalize_grads"]:
+                    n = n / (1e-30 + n.pow(2).mean().sqrt())
+                step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t) if group["correct_bias"] else lr
+                w = p.detach().double() - step_size * n.reshape(p.shape)
+                if wd > 0:
+                    w = w - lr * wd * w
+                p.copy_(w)
+                for d, F in enumerate(GG):
+                    if F is not None:
+                        GG[d] = bs * F + (1 - bs) * self.gram(g, d)
+                if t % group["precondition_frequency"] == 0:
+                    for d, (F, q) in enumerate(zip(GG, Q)):
+                        if F is None:
+                            continue
+                        order = torch.argsort(torch.diag(q.T @ F @ q), descending=True)
+                        v = v.index_select(d, order)
+                        Q[d] = torch.linalg.qr(F @ q[:, order])[0]
+                state["exp_avg"] = m.reshape(p.shape)
+                state["exp_avg_sq"] = v.reshape(p.shape)
         return loss

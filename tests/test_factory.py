@@ -23,13 +23,14 @@ class Net(torch.nn.Module):
 def test_names_lists_every_optimizer_in_order():
     assert thalweg.names() == ["sgd", "momentum", "adam", "adamw", "nadam", "radam", "adamax", "rmsprop", "adagrad",
                                "adadelta", "asgd", "rprop", "sparseadam", "lars", "lamb", "adafactor",
-                               "muon", "lion", "adan", "ademamix", "adopt", "stableadamw", "schedulefree_adamw",
+                               "muon", "soap", "lion", "adan", "ademamix", "adopt", "stableadamw", "schedulefree_adamw",
                                "schedulefree_sgd", "prodigy", "dadaptadam"]
     # every optimizer has a spec, but SparseAdam (sparse gradients only: tests/test_sparse_adam.py), Muon (2-D
-    # parameters only: tests/test_muon.py), Adafactor (tests/test_adafactor.py) and Schedule-Free AdamW and SGD
+    # parameters only: tests/test_muon.py), Adafactor (tests/test_adafactor.py), SOAP (its bases from singular factors
+    # depend on rounding: tests/test_soap.py) and Schedule-Free AdamW and SGD
     # (train/eval modes and a group schedule: tests/test_schedule_free.py), Prodigy and D-Adapt Adam (one step size
     # estimated over every group: tests/test_prodigy.py)
-    assert sorted(set(thalweg.names()) - {"sparseadam", "muon", "adafactor", "schedulefree_adamw", "schedulefree_sgd",
+    assert sorted(set(thalweg.names()) - {"sparseadam", "muon", "adafactor", "soap", "schedulefree_adamw", "schedulefree_sgd",
                                           "prodigy", "dadaptadam"}) == sorted(spec.name for spec in SPECS)
 
 

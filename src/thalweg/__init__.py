@@ -8,13 +8,13 @@ from . import distributed, schedules
 from ._base import Optimizer
 from .factory import create, names
 from .optim import (ADOPT, ASGD, LAMB, LARS, SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Adan, AdEMAMix,
-                    DAdaptAdam, Lion, Momentum, Muon, NAdam, Prodigy, RAdam, RMSprop, Rprop, ScheduleFreeAdamW,
+                    DAdaptAdam, Lion, Momentum, Muon, NAdam, Prodigy, RAdam, RMSprop, Rprop, SOAP, ScheduleFreeAdamW,
                     ScheduleFreeSGD, SparseAdam, StableAdamW)
 from .optim.muon import MuonWithAdamW
 
 __version__ = "0.1.0"
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
-           "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon", "Lion", "Adan", "AdEMAMix", "ADOPT",
+           "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon", "SOAP", "Lion", "Adan", "AdEMAMix", "ADOPT",
            "StableAdamW", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Prodigy", "DAdaptAdam", "MuonWithAdamW", "Optimizer",
            "create", "names",
            "schedules", "arena", "distributed"]

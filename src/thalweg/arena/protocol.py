@@ -355,13 +355,14 @@ def run_task(task: Task, optimizers: list[str], seeds: int, steps: int,
 
 
 def not_applicable(task: Task, optimizers: list[str]) -> dict[str, str]:
-    """The optimizers that have nothing to step on ``task``, and why: a matrix optimizer (Muon) where the router
-    finds no hidden matrix (a 2-D function's point, a logistic regression's one output layer). They are left out
-    of the task and listed in its record, not ranked as if they had lost."""
+    """The optimizers that have nothing to step on ``task``, and why: one that routes a model's hidden matrices to
+    itself (Muon, its ``for_module``) where the router finds none (a 2-D function's point, a logistic regression's
+    one output layer). They are left out of the task and listed in its record, not ranked as if they had lost.
+    (SOAP, a matrix optimizer too, steps every parameter: it runs everywhere.)"""
     from thalweg.factory import optimizer_class
     from thalweg.optim.muon import route
 
-    matrix = [name for name in optimizers if optimizer_class(name).family == "matrix"]
+    matrix = [name for name in optimizers if getattr(optimizer_class(name), "for_module", None) is not None]
     if not matrix:
         return {}
     params = task.setup(0, False, torch.device("cpu")).params

@@ -21,9 +21,10 @@ from .rmsprop import RMSprop
 from .rprop import Rprop
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, Momentum
+from .soap import SOAP
 from .sparse_adam import SparseAdam
 from .stable_adamw import StableAdamW
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD",
-           "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon", "Lion", "Adan", "AdEMAMix", "ADOPT", "StableAdamW",
+           "Rprop", "SparseAdam", "LARS", "LAMB", "Adafactor", "Muon", "SOAP", "Lion", "Adan", "AdEMAMix", "ADOPT", "StableAdamW",
            "ScheduleFreeAdamW", "ScheduleFreeSGD", "Prodigy", "DAdaptAdam"]
