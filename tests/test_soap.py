@@ -302,7 +302,7 @@ def test_a_changed_layout_is_refused_with_nothing_changed():
 
 
 def test_sharded_parameters_and_too_many_dims_are_refused():
-    with pytest.raises(ValueError, match=rf"SOAP preconditions up to 8 dims: params\[0\] of param group 0 has shape"):
+    with pytest.raises(ValueError, match=r"SOAP preconditions up to 8 dims: params\[0\] of param group 0 has shape"):
         SOAP([torch.nn.Parameter(torch.zeros((2,) * 9))])
     SOAP([torch.nn.Parameter(torch.zeros((2,) * 9))], merge_dims=True)  # merged to (512,): fine
     from torch.distributed.tensor import Shard, distribute_tensor
