@@ -172,16 +172,23 @@ def test_the_muon_router_under_fsdp2_matches_one_process(results, dtype):
 
 @needs_gloo
 def test_matrix_optimizers_on_four_processes_match_one(tmp_path):
-    """4 gloo processes, shards uneven and some empty (tests/matrix_dist_worker.py): Muon (each process owning some
-    matrices), Adafactor and the Muon router give one process's parameters and state (float64)."""
+    """4 gloo processes, shards uneven and some empty (tests/matrix_dist_worker.py): Muon and SOAP (each process
+    owning some matrices), Adafactor and the Muon router give one process's parameters and state (float64); SOAP also
+    under ZeroRedundancyOptimizer, and resumed from a distributed checkpoint saved on the 4 processes as if never
+    stopped."""
     from specs import run_on_processes
 
     results = run_on_processes(WORKER.with_name("matrix_dist_worker.py"), tmp_path, world_size=4)
     for rank, entries in enumerate(results):
-        for key in ("muon", "adafactor", "router"):
+        for key in ("muon", "adafactor", "router", "soap", "soap-zero"):
             entry = entries[key]
             assert "exception" not in entry, f"rank {rank} {key} raised:\n{entry['exception']}"
             assert entry["max_rel_error"] <= TOLERANCE["float64"], (rank, key, entry)
+        entry = entries["naive/soap-per-shard"]  # (the check can fail: factors of each shard's rows are another SOAP)
+        assert "exception" not in entry and entry["max_rel_error"] > 1e-2, (rank, entry)
+        entry = entries["soap-dcp"]
+        assert "exception" not in entry, f"rank {rank} soap-dcp raised:\n{entry['exception']}"
+        assert entry["max_abs_diff"] == 0.0 and entry["materialise_change"] == 0.0, (rank, entry)
 
 
 @needs_gloo

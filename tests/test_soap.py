@@ -5,9 +5,10 @@ Which shapes a parity test can use. A parameter's first step builds each factor 
 rank min(n_d, numel/n_d): when n_d² > numel the factor is singular, and the eigenvectors ``eigh`` returns for its
 zero eigenvalue — and, at the refreshes, the QR of the power iteration's near-zero columns — are chosen by rounding
 noise. Every implementation of SOAP then takes its own basis there, and from it its own steps. Two
-implementations agree on such shapes only when they compute the factors and bases with the same operations in the
-same dtype (pytorch-optimizer in float32, below); the float64 reference is held to shapes whose factors are full
-rank from the start, where the bases are determined by the mathematics (to a sign, which QR and eigh fix alike).
+implementations agree on such shapes only when they compute the factors and bases with the same operations, in the
+same dtype, on operands laid out alike in memory (thalweg's backends among themselves, one process and FSDP2's
+shards); the references are held to shapes whose factors are full rank from the start, where the bases are
+determined by the mathematics (to a sign, which QR and eigh fix alike).
 """
 
 from __future__ import annotations
@@ -92,13 +93,12 @@ PO_OPTIONS = [dict(lr=1e-2, precondition_frequency=2, precondition_1d=True),
 @pytest.mark.parametrize("options", PO_OPTIONS, ids=_name)
 def test_matches_pytorch_optimizer(backend, dtype, options):
     """pytorch-optimizer 4.1.0's SOAP (the paper's form: its first moment in the original basis, projected each
-    step). It takes the factors and bases with thalweg's operations, and its QR in float32: in float32 the two
-    agree on singular first factors too; in float64, on full-rank ones. (Not compared: merge_dims, where its
-    merge_small_dims is another algorithm than soap.py's; its step counter is per group, its normalize_grads adds eps
-    rather than 1e-30 to the RMS.)"""
+    step; its QR in float32, in float64 too), on full-rank shapes. (On singular first factors the two took the same
+    bases only while thalweg kept LAPACK's column-major bases as it does: the rounding of a product with them depends
+    on the layout. Not compared: merge_dims, where its merge_small_dims is another algorithm than soap.py's; its step
+    counter is per group, its normalize_grads adds eps rather than 1e-30 to the RMS.)"""
     po = pytest.importorskip("pytorch_optimizer")
-    shapes = FULL_RANK + SINGULAR if dtype == torch.float32 else [
-        s for s in FULL_RANK if len(s) != 1 or not options.get("precondition_1d")]  # (a 1-d factor starts rank 1)
+    shapes = [s for s in FULL_RANK if len(s) != 1 or not options.get("precondition_1d")]  # (a 1-d factor: rank 1)
     theirs_options = {("max_precondition_dim" if k == "max_precond_dim" else
                        "normalize_gradient" if k == "normalize_grads" else
                        k): (None if k == "shampoo_beta" and v < 0 else v) for k, v in options.items()}
@@ -301,15 +301,46 @@ def test_a_changed_layout_is_refused_with_nothing_changed():
             assert torch.equal(after["state"][index][key], value), key
 
 
-def test_sharded_parameters_and_too_many_dims_are_refused():
+def test_too_many_dims_are_refused():
     with pytest.raises(ValueError, match=r"SOAP preconditions up to 8 dims: params\[0\] of param group 0 has shape"):
         SOAP([torch.nn.Parameter(torch.zeros((2,) * 9))])
     SOAP([torch.nn.Parameter(torch.zeros((2,) * 9))], merge_dims=True)  # merged to (512,): fine
-    from torch.distributed.tensor import Shard, distribute_tensor
+
+
+def test_a_dtensor_parameter_steps_as_the_plain_tensor_and_other_shardings_are_refused():
+    """A parameter sharded by rows (FSDP2's Shard(0); one process: the gathers and scatters run, over one rank) steps
+    and keeps exactly what the plain tensor does (singular first factors too: the same operations on the same
+    layouts), its moments, factors and bases DTensors of the whole shapes (4
+    processes: tests/test_distributed.py); a matrix sharded by columns is refused, by name."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    generator = torch.Generator().manual_seed(0)
+    starts = [torch.randn(shape, generator=generator) for shape in [(5, 6), (2, 4, 3), (7,), *SINGULAR]]
+    grads = [[torch.randn(t.shape, generator=generator) for t in starts] for _ in range(6)]
+    options = dict(lr=1e-2, precondition_frequency=2, precondition_1d=True, normalize_grads=True)
+    plain = [torch.nn.Parameter(t.clone()) for t in starts]
+    expected = SOAP(plain, **options)
+    for step in grads:
+        for param, grad in zip(plain, step):
+            param.grad = grad.clone()
+        expected.step()
     with one_process_mesh() as mesh:
-        param = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"SOAP on sharded \(DTensor, FSDP2\) parameters is not supported yet"):
-            SOAP([param])
+        params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in starts]
+        optimizer = SOAP(params, **options)
+        for step in grads:
+            for param, grad in zip(params, step):
+                param.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            optimizer.step()
+        for param, reference in zip(params, plain):
+            assert torch.equal(param.detach().full_tensor(), reference.detach())
+            assert optimizer.state[param].keys() == expected.state[reference].keys()
+            for key, value in expected.state[reference].items():
+                got = optimizer.state[param][key]
+                assert isinstance(got, DTensor) or key == "step", key
+                assert torch.equal(got.full_tensor() if isinstance(got, DTensor) else got, value), key
+        columns = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)]))
+        with pytest.raises(ValueError, match=r"SOAP on a parameter sharded other than by rows"):
+            SOAP([columns])
 
 
 def test_create_by_name_and_a_model_trains():

@@ -214,3 +214,47 @@ def replicated_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
 
     return DTensor.from_local(tensor, param.device_mesh, [Replicate()] * param.device_mesh.ndim, run_check=False)
 
+
+
+def row_owner(param: torch.Tensor, index: int) -> tuple[Any, int]:
+    """For the ``index``-th of a param group's DTensors whose rows (dim 0) are split over one mesh dimension (FSDP2):
+    the process group holding its shards and the rank in it that owns the whole (``index`` mod its size: the
+    tensors dealt out in turn, so every process owns some)."""
+    dims = [d for d, placement in enumerate(param.placements) if not placement.is_replicate()]
+    group = param.device_mesh.get_group(dims[0])
+    return group, index % torch.distributed.get_world_size(group)
+
+
+def _row_counts(rows: int, size: int) -> tuple[int, list[int]]:
+    # FSDP2 (torch.chunk) splits R rows in chunks of ceil(R / N): the last processes' chunks short or empty
+    chunk = -(-rows // size)
+    return chunk, [max(0, min(chunk, rows - r * chunk)) for r in range(size)]
+
+
+def gather_rows(local_rows: torch.Tensor, rows: int, group: Any, owner: int) -> torch.Tensor | None:
+    """The whole tensor of ``rows`` rows on rank ``owner`` of ``group`` (None on the others), from each process's
+    rows of it (``local_rows``: this process's chunk, FSDP2's split of dim 0)."""
+    dist = torch.distributed
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk, counts = _row_counts(rows, size)
+    padded = local_rows.new_zeros((chunk, *local_rows.shape[1:]))
+    padded[:counts[rank]] = local_rows
+    pieces = [torch.empty_like(padded) for _ in range(size)] if rank == owner else None
+    dist.gather(padded, pieces, dst=dist.get_global_rank(group, owner), group=group)
+    return torch.cat([piece[:count] for piece, count in zip(pieces, counts)]) if rank == owner else None
+
+
+def scatter_rows(whole: torch.Tensor | None, like: torch.Tensor, rows: int, group: Any, owner: int) -> torch.Tensor:
+    """This process's rows of ``whole`` (a tensor of ``rows`` rows, given on rank ``owner`` of ``group``; None on the
+    others), as FSDP2 splits dim 0; ``like`` is this process's chunk of it (its shape, dtype and device)."""
+    dist = torch.distributed
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk, counts = _row_counts(rows, size)
+    pieces = None
+    if rank == owner:
+        pieces = [whole.new_zeros((chunk, *whole.shape[1:])) for _ in range(size)]
+        for r, count in enumerate(counts):
+            pieces[r][:count] = whole[r * chunk:r * chunk + count]
+    received = like.new_empty((chunk, *like.shape[1:]))
+    dist.scatter(received, pieces, src=dist.get_global_rank(group, owner), group=group)
+    return received[:counts[rank]]

@@ -102,33 +102,16 @@ def _as_matrices(update: torch.Tensor, batch_dims: int) -> torch.Tensor:
 def _orthogonalize_split(split: list[tuple[int, torch.Tensor, torch.Tensor]], coefficients, steps: int, eps: float):
     """Orthogonalise matrices whose rows are split between processes (FSDP2's Shard(0); ``split``: (position, whole
     DTensor parameter, this process's rows of the update), in the same order on every process). Matrix j is done by
-    process j mod N of the shard group: it gathers every process's rows (padded to FSDP2's chunk of ceil(R/N) rows),
-    orthogonalises the whole matrix as one process would, and scatters each process its rows of the result. Yields
-    (position, this process's rows of the result)."""
-    import torch.distributed as dist
-
+    process j mod N of the shard group: it gathers every process's rows, orthogonalises the whole matrix as one
+    process would, and scatters each process its rows of the result. Yields (position, this process's rows of the
+    result)."""
     for j, (position, whole, update) in enumerate(split):
-        dims = [d for d, placement in enumerate(whole.placements) if not placement.is_replicate()]
-        group = whole.device_mesh.get_group(dims[0])
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        owner = j % size
+        group, owner = distributed.row_owner(whole, j)
         rows, columns = whole.shape[0], math.prod(whole.shape[1:])
-        chunk = -(-rows // size)
-        counts = [max(0, min(chunk, rows - r * chunk)) for r in range(size)]
-        padded = update.new_zeros((chunk, columns))
-        padded[:counts[rank]] = update.reshape(counts[rank], columns)
-        source = dist.get_global_rank(group, owner)
-        pieces = [torch.empty_like(padded) for _ in range(size)] if rank == owner else None
-        dist.gather(padded, pieces, dst=source, group=group)
-        if rank == owner:
-            matrix = torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
-            ortho = orthogonalize(matrix, coefficients, steps, eps).to(update.dtype)
-            pieces = [ortho.new_zeros((chunk, columns)) for _ in range(size)]
-            for r in range(size):
-                pieces[r][:counts[r]] = ortho[r * chunk:r * chunk + counts[r]]
-        received = torch.empty_like(padded)
-        dist.scatter(received, pieces, src=source, group=group)
-        yield position, received[:counts[rank]].reshape(update.shape)
+        local_rows = update.reshape(update.shape[0], columns)
+        matrix = distributed.gather_rows(local_rows, rows, group, owner)
+        ortho = None if matrix is None else orthogonalize(matrix, coefficients, steps, eps).to(update.dtype)
+        yield position, distributed.scatter_rows(ortho, local_rows, rows, group, owner).reshape(update.shape)
 
 
 def matrix_shape(shape: torch.Size, batch_dims: int = 0) -> tuple[int, int, int]:

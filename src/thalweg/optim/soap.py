@@ -135,7 +135,7 @@ def eigenbasis(factor: torch.Tensor) -> torch.Tensor:
         vectors = torch.linalg.eigh(shifted)[1]
     except RuntimeError:  # (torch.linalg.LinAlgError: no convergence)
         vectors = torch.linalg.eigh(shifted.double())[1].to(factor.dtype)
-    return vectors.flip(1)
+    return vectors.flip(1).contiguous()  # (row-major, as every basis is kept: see _refreshed)
 
 
 def _shampoo_beta(group: dict[str, Any]) -> float:
@@ -219,9 +219,11 @@ class SOAP(Optimizer):
         try:
             self._check_hyperparameters(group)
             for k, param in enumerate(group["params"]):
-                if distributed.is_sharded(param):
-                    raise ValueError(f"SOAP on sharded (DTensor, FSDP2) parameters is not supported yet: its Kronecker "
-                                     f"factors need whole gradients (params[{k}] of param group {g} is sharded)")
+                if distributed.is_sharded(param) and (distributed.flat_offset(param) is None or sum(
+                        not placement.is_replicate() for placement in param.placements) != 1):
+                    raise ValueError(f"SOAP on a parameter sharded other than by rows over one mesh dimension (FSDP2's "
+                                     f"Shard(0)) is not supported: params[{k}] of param group {g} has placements "
+                                     f"{tuple(param.placements)}")
                 if param.is_complex():
                     raise ValueError(f"SOAP steps real parameters: params[{k}] of param group {g} is {param.dtype}")
                 work, _ = layout(tuple(param.shape), group)
@@ -264,19 +266,19 @@ class SOAP(Optimizer):
         return dict(step_size=size, stepping=stepping)
 
     def _check_state(self, where, params, states) -> None:
-        group = where.group
+        wholes = self._sharded_by_state(where.group)  # (``params`` are local shards under FSDP2; layouts are the whole's)
         for k, (param, state) in enumerate(zip(params, states)):
             if "exp_avg" not in state:
                 continue
-            work, dims = layout(tuple(param.shape), group)
+            work, dims = layout(tuple(wholes.get(id(state), param).shape), where.group)
             for key in ("exp_avg", "exp_avg_sq"):
                 value = state.get(key)
-                if not (isinstance(value, torch.Tensor) and value.shape == param.shape):
+                if not (isinstance(value, torch.Tensor) and distributed.local(value).shape == param.shape):
                     raise RuntimeError(f"{where(k)}: state[{key!r}] is {_describe(value)}, not a tensor of the "
                                        f"parameter's shape {tuple(param.shape)}")
             for d in range(MAX_DIMS):
                 for key in (f"GG_{d}", f"Q_{d}"):
-                    value = state.get(key)
+                    value = state.get(key)  # (a DTensor's shape is the whole factor's)
                     if d in dims:
                         if not (isinstance(value, torch.Tensor) and value.shape == (work[d], work[d])):
                             raise RuntimeError(f"{where(k)}: state[{key!r}] is {_describe(value)}, not the "
@@ -289,72 +291,155 @@ class SOAP(Optimizer):
     def _transform_grads(self, group, params, grads, states) -> list[torch.Tensor]:
         """Rotate each gradient into its eigenbasis, run Adam's moments there (the engine, all tensors at once),
         rotate the directions back; then update the factors (and, every ``precondition_frequency`` steps, the bases).
-        A parameter's first step only initialises its factors: its direction is zero (and its step size too)."""
+        A parameter's first step only initialises its factors: its direction is zero (and its step size too).
+
+        Under FSDP2 (``params`` are local shards of DTensors split by rows) a parameter's whole-tensor work — the
+        rotations, the factors, the refreshes — is done by one process of the shard group (the parameters dealt out
+        in turn), which gathers what it needs and scatters each process its rows: the rotated gradient, the rotated-
+        back direction, the factors and bases (DTensors split by rows, as the parameter), and at a refresh both
+        moments. The moments themselves are elementwise, stepped on each process's rows: all of it the operations
+        one process runs on the whole tensor, so the results are one process's, bit for bit."""
         beta1, beta2 = map(float, group["betas"])
         shampoo_beta = _shampoo_beta(group)
-        frequency = group["precondition_frequency"]
+        wholes = self._sharded_by_state(group)
         out: list[torch.Tensor | None] = [None] * len(params)
-        stepping = []  # (index, gradient in the work shape and dtype, factors, bases, rotated gradient)
+        stepping = []
         for k, (param, grad, state) in enumerate(zip(params, grads, states)):
-            work, dims = layout(tuple(param.shape), group)
-            dtype = torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
-            g = grad.to(dtype).reshape(work)
+            whole = wholes.get(id(state))
+            entry = _Entry(k, param, whole, group, len([e for e in stepping if e.split]) if whole is not None else 0)
+            g = grad.to(entry.dtype)
             if group["maximize"]:
                 g = -g
+            entry.grad = entry.gather(g)  # the whole gradient in the work shape (None on the processes not owning it)
             if "exp_avg" not in state:  # the first step: the factors from this gradient, nothing else
-                state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-                state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-                factors = {d: g.new_zeros((work[d], work[d])) for d in dims}
-                _accumulate(factors, g, shampoo_beta)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    zeros = torch.zeros(param.shape, dtype=entry.dtype, device=param.device)
+                    state[key] = zeros if whole is None else distributed.shard_like(whole, zeros)
+                factors = {d: None if entry.grad is None else entry.grad.new_zeros((entry.work[d],) * 2) for d in entry.dims}
+                if entry.grad is not None:
+                    _accumulate(factors, entry.grad, shampoo_beta)
                 for d, factor in factors.items():
-                    state[f"GG_{d}"], state[f"Q_{d}"] = factor, eigenbasis(factor)
+                    state[f"GG_{d}"] = entry.place(factor, g, d)
+                    state[f"Q_{d}"] = entry.place(None if factor is None else eigenbasis(factor), g, d)
                 out[k] = torch.zeros_like(grad)
+                if whole is not None:
+                    stepping.append(entry)  # (counted among the split ones: the owners keep being dealt in turn)
                 continue
-            for key in ("exp_avg", "exp_avg_sq"):  # (the moments are stepped through views of the work shape)
-                if not state[key].is_contiguous():
-                    state[key] = state[key].contiguous()
-            factors = {d: state[f"GG_{d}"] for d in dims}
-            bases = {d: state[f"Q_{d}"] for d in dims}
-            stepping.append((k, g, factors, bases, rotate(g, bases)))
-        if not stepping:
+            entry.state = state
+            entry.bases = {d: entry.gather(distributed.local(state[f"Q_{d}"]), d) for d in entry.dims}
+            rotated = None if entry.grad is None else rotate(entry.grad, entry.bases)
+            entry.rotated = entry.scatter(rotated, g)
+            entry.stepping = True
+            stepping.append(entry)
+        entries = [entry for entry in stepping if entry.stepping]
+        if not entries:
             return out
 
-        directions = [torch.empty_like(rotated) for *_, rotated in stepping]
-        moments = [[states[k][key].view(g.shape) for k, g, *_ in stepping] for key in ("exp_avg", "exp_avg_sq")]
+        directions = [torch.empty_like(entry.rotated) for entry in entries]
+        moments = [[distributed.local(entry.state[key]) for entry in entries] for key in ("exp_avg", "exp_avg_sq")]
         scalars = dict(beta1=beta1, beta2=beta2, eps=float(group["eps"]))
-        backend = self.backend_for(directions[0].device, [params[k] for k, *_ in stepping], group)
-        engine.run(soap_moments.program(scalars), backend, directions, [rotated for *_, rotated in stepping], moments,
+        backend = self.backend_for(directions[0].device, [params[entry.index] for entry in entries], group)
+        engine.run(soap_moments.program(scalars), backend, directions, [entry.rotated for entry in entries], moments,
                    None, None, scalars)
-        for (k, g, factors, bases, _), direction, exp_avg, exp_avg_sq in zip(stepping, directions, *moments):
-            update = rotate(direction, bases, back=True)
-            if group["normalize_grads"]:
-                update = update / (1e-30 + update.square().mean().sqrt())
-            out[k] = update.reshape(params[k].shape).to(grads[k].dtype)
-            _accumulate(factors, g, shampoo_beta)
-            t = int(float(states[k]["step"]))  # this Adam step (the step count before it: the first only initialised)
-            if t % frequency == 0 and bases:
-                self._refresh(factors, bases, exp_avg, exp_avg_sq)
+        for entry, direction in zip(entries, directions):
+            whole_direction = entry.gather(direction)
+            update = None
+            if whole_direction is not None:
+                update = rotate(whole_direction, entry.bases, back=True)
+                if group["normalize_grads"]:
+                    update = update / (1e-30 + update.square().mean().sqrt())
+            out[entry.index] = entry.scatter(update, direction).to(grads[entry.index].dtype)
+            self._update_preconditioner(entry, shampoo_beta, direction)
         return out
 
-    @staticmethod
-    def _refresh(factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor], exp_avg: torch.Tensor,
-                 exp_avg_sq: torch.Tensor) -> None:
-        """New eigenbases: per factor one power iteration from the current basis, its columns first ordered by the
-        estimated eigenvalues (descending, ``exp_avg_sq`` permuted alike), then orthonormalised by QR; the first
-        moment is rotated from the old bases into the new (all in place, in the state)."""
-        original = rotate(exp_avg, bases, back=True)
-        second = exp_avg_sq
-        new = {}
-        for d, factor in factors.items():
-            basis = bases[d]
-            product = factor @ basis
-            order = torch.argsort((basis * product).sum(0), descending=True)
-            second = second.index_select(d, order)
-            new[d] = torch.linalg.qr(product[:, order])[0]
-        exp_avg_sq.copy_(second)
-        exp_avg.copy_(rotate(original, new))
-        for d, basis in new.items():
-            bases[d].copy_(basis)
+    def _update_preconditioner(self, entry: "_Entry", shampoo_beta: float, like: torch.Tensor) -> None:
+        """After the update: the factors take this gradient, and every ``precondition_frequency`` Adam steps the bases
+        are refreshed (soap.py's order). On the owning process for a split parameter, written back to every one."""
+        state = entry.state
+        factors = {d: entry.gather(distributed.local(state[f"GG_{d}"]), d) for d in entry.dims}
+        t = int(float(state["step"]))  # this Adam step (the step count before it: the first only initialised)
+        refresh = bool(entry.dims) and t % entry.group["precondition_frequency"] == 0
+        if refresh:
+            moments = [entry.gather(distributed.local(state[key])) for key in ("exp_avg", "exp_avg_sq")]
+        if entry.grad is not None:
+            _accumulate(factors, entry.grad, shampoo_beta)
+            if refresh:
+                moments[0], moments[1], entry.bases = _refreshed(factors, entry.bases, *moments)
+        for d in entry.dims:
+            distributed.local(state[f"GG_{d}"]).copy_(entry.scatter(factors[d], like.new_empty((0, entry.work[d])), d))
+        if refresh:
+            for key, moment in zip(("exp_avg", "exp_avg_sq"), moments):
+                distributed.local(state[key]).copy_(entry.scatter(moment, like))
+            for d in entry.dims:
+                basis = entry.bases[d]
+                distributed.local(state[f"Q_{d}"]).copy_(entry.scatter(basis, like.new_empty((0, entry.work[d])), d))
+
+
+class _Entry:
+    """One parameter's part of a SOAP step: its shapes, and where its whole-tensor work is done. A plain tensor's is
+    done here; the rows of a DTensor (FSDP2) are gathered by the process owning it, which does it and scatters the
+    rows back (see :meth:`SOAP._transform_grads`)."""
+
+    def __init__(self, index: int, param: torch.Tensor, whole: torch.Tensor | None, group: dict[str, Any],
+                 split_index: int) -> None:
+        self.index, self.whole, self.group = index, whole, group
+        self.shape = tuple((whole if whole is not None else param).shape)
+        self.work, self.dims = layout(self.shape, group)
+        self.dtype = torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+        self.split = whole is not None
+        self.process_group, self.owner = distributed.row_owner(whole, split_index) if self.split else (None, 0)
+        self.grad = self.state = self.rotated = None
+        self.bases: dict[int, torch.Tensor | None] = {}
+        self.stepping = False
+
+    def _rows(self, d: int | None) -> int:
+        return self.shape[0] if d is None else self.work[d]
+
+    def gather(self, local: torch.Tensor, d: int | None = None) -> torch.Tensor | None:
+        """The whole tensor of this process's ``local`` rows (of the parameter-shaped tensor, or ``d``'s factor when
+        given), in the work shape for the former; None on a process that does not own it."""
+        if self.split:
+            local = distributed.gather_rows(local, self._rows(d), self.process_group, self.owner)
+        return local if local is None or d is not None else local.reshape(self.work)
+
+    def scatter(self, whole: torch.Tensor | None, like: torch.Tensor, d: int | None = None) -> torch.Tensor:
+        """This process's rows of ``whole`` (given where it was computed: everywhere for a plain tensor, on the owner
+        for a split one), shaped as ``like`` (for the parameter-shaped tensors: the parameter's local shape)."""
+        if d is None and whole is not None:
+            whole = whole.reshape(self.shape)
+        if self.split:
+            whole = distributed.scatter_rows(whole, like, self._rows(d), self.process_group, self.owner)
+        return whole if d is not None else whole.reshape(like.shape)
+
+    def place(self, whole: torch.Tensor | None, like: torch.Tensor, d: int) -> torch.Tensor:
+        """A new state entry for dim ``d``'s factor or basis from ``whole`` (n × n): itself for a plain parameter; for a
+        split one a DTensor split by rows as the parameter, this process's rows scattered from the owner."""
+        if not self.split:
+            return whole
+        from torch.distributed.tensor import DTensor
+
+        n = self.work[d]
+        rows = distributed.scatter_rows(whole, like.new_empty((0, n)), n, self.process_group, self.owner)
+        return DTensor.from_local(rows, self.whole.device_mesh, self.whole.placements, run_check=False, shape=(n, n),
+                                  stride=(n, 1))
+
+
+def _refreshed(factors: dict[int, torch.Tensor], bases: dict[int, torch.Tensor], exp_avg: torch.Tensor,
+               exp_avg_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """New eigenbases (whole tensors, work shape): per factor one power iteration from the current basis, its columns
+    first ordered by the estimated eigenvalues (descending, ``exp_avg_sq`` permuted alike), then orthonormalised by
+    QR; the first moment is rotated from the old bases into the new. Returns (exp_avg, exp_avg_sq, bases)."""
+    original = rotate(exp_avg, bases, back=True)
+    new = {}
+    for d, factor in factors.items():
+        basis = bases[d]
+        product = factor @ basis
+        order = torch.argsort((basis * product).sum(0), descending=True)
+        exp_avg_sq = exp_avg_sq.index_select(d, order)
+        # (LAPACK's Q is column-major: made row-major, the layout the state keeps, so that a product with it rounds
+        # the same whether the basis was just computed, read from the state, or gathered from shards)
+        new[d] = torch.linalg.qr(product[:, order])[0].contiguous()
+    return rotate(original, new), exp_avg_sq, new
 
 
 def _describe(value: Any) -> str:
