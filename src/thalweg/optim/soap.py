@@ -41,10 +41,15 @@ Adam's moments in the eigenbasis are the rule :func:`soap_moments`, which the en
 the group at once (fused: one pass); the final update is the rule :func:`soap`, run like every optimizer's.
 Factors and moments of bfloat16/float16 parameters are float32 (the eigen-solvers need it).
 
+Under FSDP2 (parameters split by rows, dim 0) the factors need whole gradients: each split parameter's rotations,
+factors and refreshes are done by one process of the shard group (the parameters dealt out in turn), which gathers
+the rows it needs and scatters each process its rows of the results; the moments step where they lie. The
+operations are the single process's, on the same values: the results are its, bit for bit.
+
 State: ``step`` (the steps taken, the initialising one included), ``exp_avg`` (in the eigenbasis) and
 ``exp_avg_sq``, and per preconditioned dimension ``d`` (of the merged shape) ``GG_d`` (its factor) and ``Q_d``
-(its eigenbasis): tensors only, so ``torch.distributed.checkpoint`` saves and loads it. Sharded (FSDP2)
-parameters are not supported yet: the factors need whole gradients.
+(its eigenbasis, kept row-major): tensors only, DTensors split by rows under FSDP2, so
+``torch.distributed.checkpoint`` saves, loads and reshards it.
 """
 
 from __future__ import annotations
