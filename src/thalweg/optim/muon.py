@@ -102,16 +102,18 @@ def _as_matrices(update: torch.Tensor, batch_dims: int) -> torch.Tensor:
 def _orthogonalize_split(split: list[tuple[int, torch.Tensor, torch.Tensor]], coefficients, steps: int, eps: float):
     """Orthogonalise matrices whose rows are split between processes (FSDP2's Shard(0); ``split``: (position, whole
     DTensor parameter, this process's rows of the update), in the same order on every process). Matrix j is done by
-    process j mod N of the shard group: it gathers every process's rows, orthogonalises the whole matrix as one
-    process would, and scatters each process its rows of the result. Yields (position, this process's rows of the
-    result)."""
+    process j mod N of the shard group: every matrix's rows are gathered by its owner first, then each owner
+    orthogonalises its whole matrices as one process would (all owners at once), then each process is scattered its
+    rows of every result. Yields (position, this process's rows of the result)."""
+    gathered = []
     for j, (position, whole, update) in enumerate(split):
         group, owner = distributed.row_owner(whole, j)
-        rows, columns = whole.shape[0], math.prod(whole.shape[1:])
-        local_rows = update.reshape(update.shape[0], columns)
-        matrix = distributed.gather_rows(local_rows, rows, group, owner)
-        ortho = None if matrix is None else orthogonalize(matrix, coefficients, steps, eps).to(update.dtype)
-        yield position, distributed.scatter_rows(ortho, local_rows, rows, group, owner).reshape(update.shape)
+        local_rows = update.reshape(update.shape[0], math.prod(whole.shape[1:]))
+        gathered.append((group, owner, local_rows, distributed.gather_rows(local_rows, whole.shape[0], group, owner)))
+    results = [None if matrix is None else orthogonalize(matrix, coefficients, steps, eps).to(local_rows.dtype)
+               for group, owner, local_rows, matrix in gathered]
+    for (position, whole, update), (group, owner, local_rows, _), ortho in zip(split, gathered, results):
+        yield position, distributed.scatter_rows(ortho, local_rows, whole.shape[0], group, owner).reshape(update.shape)
 
 
 def matrix_shape(shape: torch.Size, batch_dims: int = 0) -> tuple[int, int, int]:

@@ -303,81 +303,93 @@ class SOAP(Optimizer):
         in turn), which gathers what it needs and scatters each process its rows: the rotated gradient, the rotated-
         back direction, the factors and bases (DTensors split by rows, as the parameter), and at a refresh both
         moments. The moments themselves are elementwise, stepped on each process's rows: all of it the operations
-        one process runs on the whole tensor, so the results are one process's, bit for bit."""
+        one process runs on the whole tensor, so the results are one process's, bit for bit. Each stage gathers for
+        every parameter first, then computes, then scatters, so that the owners compute at the same time rather than
+        waiting on each other's collectives."""
         beta1, beta2 = map(float, group["betas"])
         shampoo_beta = _shampoo_beta(group)
         wholes = self._sharded_by_state(group)
-        out: list[torch.Tensor | None] = [None] * len(params)
-        stepping = []
+        entries, split = [], 0
         for k, (param, grad, state) in enumerate(zip(params, grads, states)):
             whole = wholes.get(id(state))
-            entry = _Entry(k, param, whole, group, len([e for e in stepping if e.split]) if whole is not None else 0)
-            g = grad.to(entry.dtype)
-            if group["maximize"]:
-                g = -g
-            entry.grad = entry.gather(g)  # the whole gradient in the work shape (None on the processes not owning it)
-            if "exp_avg" not in state:  # the first step: the factors from this gradient, nothing else
-                for key in ("exp_avg", "exp_avg_sq"):
-                    zeros = torch.zeros(param.shape, dtype=entry.dtype, device=param.device)
-                    state[key] = zeros if whole is None else distributed.shard_like(whole, zeros)
-                factors = {d: None if entry.grad is None else entry.grad.new_zeros((entry.work[d],) * 2) for d in entry.dims}
-                if entry.grad is not None:
-                    _accumulate(factors, entry.grad, shampoo_beta)
-                for d, factor in factors.items():
-                    state[f"GG_{d}"] = entry.place(factor, g, d)
-                    state[f"Q_{d}"] = entry.place(None if factor is None else eigenbasis(factor), g, d)
-                out[k] = torch.zeros_like(grad)
-                if whole is not None:
-                    stepping.append(entry)  # (counted among the split ones: the owners keep being dealt in turn)
-                continue
-            entry.state = state
-            entry.bases = {d: entry.gather(distributed.local(state[f"Q_{d}"]), d) for d in entry.dims}
-            rotated = None if entry.grad is None else rotate(entry.grad, entry.bases)
-            entry.rotated = entry.scatter(rotated, g)
-            entry.stepping = True
-            stepping.append(entry)
-        entries = [entry for entry in stepping if entry.stepping]
-        if not entries:
+            entries.append(_Entry(k, param, whole, group, state, split))
+            split += whole is not None
+            g = grad.to(entries[-1].dtype)
+            entries[-1].local_grad = -g if group["maximize"] else g
+        starting = [entry for entry in entries if "exp_avg" not in entry.state]
+        stepping = [entry for entry in entries if "exp_avg" in entry.state]
+
+        # gathers: each whole gradient (in the work shape) and the bases where the step needs them
+        for entry in entries:
+            entry.grad = entry.gather(entry.local_grad)
+        for entry in stepping:
+            entry.bases = {d: entry.gather(distributed.local(entry.state[f"Q_{d}"]), d) for d in entry.dims}
+        # computes (where the whole is): the first factors and bases; the rotated gradients
+        for entry in starting:
+            if entry.grad is not None:
+                entry.factors = {d: entry.grad.new_zeros((entry.work[d],) * 2) for d in entry.dims}
+                _accumulate(entry.factors, entry.grad, shampoo_beta)
+                entry.bases = {d: eigenbasis(factor) for d, factor in entry.factors.items()}
+        rotated = [None if entry.grad is None else rotate(entry.grad, entry.bases) for entry in stepping]
+        # scatters: every process its rows
+        for entry in starting:
+            state = entry.state
+            for key in ("exp_avg", "exp_avg_sq"):
+                zeros = torch.zeros(entry.local_grad.shape, dtype=entry.dtype, device=entry.local_grad.device)
+                state[key] = zeros if entry.whole is None else distributed.shard_like(entry.whole, zeros)
+            for d in entry.dims:
+                state[f"GG_{d}"] = entry.place(entry.factors.get(d), entry.local_grad, d)
+                state[f"Q_{d}"] = entry.place(entry.bases.get(d), entry.local_grad, d)
+        rotated = [entry.scatter(whole, entry.local_grad) for entry, whole in zip(stepping, rotated)]
+        out: list[torch.Tensor] = [torch.zeros_like(grads[entry.index]) for entry in entries]
+        if not stepping:
             return out
 
-        directions = [torch.empty_like(entry.rotated) for entry in entries]
-        moments = [[distributed.local(entry.state[key]) for entry in entries] for key in ("exp_avg", "exp_avg_sq")]
+        directions = [torch.empty_like(r) for r in rotated]
+        moments = [[distributed.local(entry.state[key]) for entry in stepping] for key in ("exp_avg", "exp_avg_sq")]
         scalars = dict(beta1=beta1, beta2=beta2, eps=float(group["eps"]))
-        backend = self.backend_for(directions[0].device, [params[entry.index] for entry in entries], group)
-        engine.run(soap_moments.program(scalars), backend, directions, [entry.rotated for entry in entries], moments,
-                   None, None, scalars)
-        for entry, direction in zip(entries, directions):
-            whole_direction = entry.gather(direction)
+        backend = self.backend_for(directions[0].device, [params[entry.index] for entry in stepping], group)
+        engine.run(soap_moments.program(scalars), backend, directions, rotated, moments, None, None, scalars)
+
+        # after the update (soap.py's order): the factors take this gradient; every precondition_frequency Adam steps
+        # (the step count before this one: the first only initialised) the bases are refreshed
+        refreshing = [entry for entry in stepping
+                      if entry.dims and int(float(entry.state["step"])) % group["precondition_frequency"] == 0]
+        for entry, direction in zip(stepping, directions):  # gathers
+            entry.direction = entry.gather(direction)
+            entry.factors = {d: entry.gather(distributed.local(entry.state[f"GG_{d}"]), d) for d in entry.dims}
+        for entry in refreshing:
+            entry.moments = [entry.gather(distributed.local(entry.state[key])) for key in ("exp_avg", "exp_avg_sq")]
+        updates = []
+        for entry in stepping:  # computes
             update = None
-            if whole_direction is not None:
-                update = rotate(whole_direction, entry.bases, back=True)
+            if entry.direction is not None:
+                update = rotate(entry.direction, entry.bases, back=True)
                 if group["normalize_grads"]:
                     update = update / (1e-30 + update.square().mean().sqrt())
+                _accumulate(entry.factors, entry.grad, shampoo_beta)
+            updates.append(update)
+        for entry in refreshing:
+            if entry.grad is not None:
+                entry.moments[0], entry.moments[1], entry.bases = _refreshed(entry.factors, entry.bases, *entry.moments)
+        for entry, update, direction in zip(stepping, updates, directions):  # scatters
             out[entry.index] = entry.scatter(update, direction).to(grads[entry.index].dtype)
-            self._update_preconditioner(entry, shampoo_beta, direction)
+            for d in entry.dims:
+                rows = entry.scatter(entry.factors[d], _rows_of(direction, entry, d), d)
+                distributed.local(entry.state[f"GG_{d}"]).copy_(rows)
+        for entry in refreshing:
+            direction = distributed.local(entry.state["exp_avg"])
+            for key, moment in zip(("exp_avg", "exp_avg_sq"), entry.moments):
+                distributed.local(entry.state[key]).copy_(entry.scatter(moment, direction))
+            for d in entry.dims:
+                rows = entry.scatter(entry.bases[d], _rows_of(direction, entry, d), d)
+                distributed.local(entry.state[f"Q_{d}"]).copy_(rows)
         return out
 
-    def _update_preconditioner(self, entry: "_Entry", shampoo_beta: float, like: torch.Tensor) -> None:
-        """After the update: the factors take this gradient, and every ``precondition_frequency`` Adam steps the bases
-        are refreshed (soap.py's order). On the owning process for a split parameter, written back to every one."""
-        state = entry.state
-        factors = {d: entry.gather(distributed.local(state[f"GG_{d}"]), d) for d in entry.dims}
-        t = int(float(state["step"]))  # this Adam step (the step count before it: the first only initialised)
-        refresh = bool(entry.dims) and t % entry.group["precondition_frequency"] == 0
-        if refresh:
-            moments = [entry.gather(distributed.local(state[key])) for key in ("exp_avg", "exp_avg_sq")]
-        if entry.grad is not None:
-            _accumulate(factors, entry.grad, shampoo_beta)
-            if refresh:
-                moments[0], moments[1], entry.bases = _refreshed(factors, entry.bases, *moments)
-        for d in entry.dims:
-            distributed.local(state[f"GG_{d}"]).copy_(entry.scatter(factors[d], like.new_empty((0, entry.work[d])), d))
-        if refresh:
-            for key, moment in zip(("exp_avg", "exp_avg_sq"), moments):
-                distributed.local(state[key]).copy_(entry.scatter(moment, like))
-            for d in entry.dims:
-                basis = entry.bases[d]
-                distributed.local(state[f"Q_{d}"]).copy_(entry.scatter(basis, like.new_empty((0, entry.work[d])), d))
+
+def _rows_of(like: torch.Tensor, entry: "_Entry", d: int) -> torch.Tensor:
+    """An empty tensor standing for this process's rows of dim ``d``'s factor (its width, dtype and device)."""
+    return like.new_empty((0, entry.work[d]))
 
 
 class _Entry:
@@ -386,16 +398,18 @@ class _Entry:
     rows back (see :meth:`SOAP._transform_grads`)."""
 
     def __init__(self, index: int, param: torch.Tensor, whole: torch.Tensor | None, group: dict[str, Any],
-                 split_index: int) -> None:
-        self.index, self.whole, self.group = index, whole, group
+                 state: dict[str, Any], split_index: int) -> None:
+        self.index, self.whole, self.group, self.state = index, whole, group, state
         self.shape = tuple((whole if whole is not None else param).shape)
         self.work, self.dims = layout(self.shape, group)
         self.dtype = torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
         self.split = whole is not None
         self.process_group, self.owner = distributed.row_owner(whole, split_index) if self.split else (None, 0)
-        self.grad = self.state = self.rotated = None
+        self.local_grad: torch.Tensor = None  # this process's rows of the gradient (after maximize)
+        self.grad = self.direction = None  # whole tensors, work shape, where this process computes them
+        self.factors: dict[int, torch.Tensor | None] = {}
         self.bases: dict[int, torch.Tensor | None] = {}
-        self.stepping = False
+        self.moments: list[torch.Tensor | None] = []
 
     def _rows(self, d: int | None) -> int:
         return self.shape[0] if d is None else self.work[d]
