@@ -87,6 +87,13 @@ def cases(mesh, out_dir: str):
             thalweg.SOAP._sharded_by_state = original
 
     yield "naive/soap-per-shard", soap_per_shard
+
+    # HSDP: a 2 x 2 mesh, each weight replicated over one dimension and sharded over the other (2 processes each)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    yield "muon-hsdp", lambda: compare(hsdp, lambda model: thalweg.Muon(weights(model), lr=0.05, weight_decay=0.01))
+    yield "soap-hsdp", lambda: compare(hsdp, soap)
     yield "soap-dcp", lambda: resume_through_dcp(
         mesh, os.path.join(out_dir, "ckpt-soap"), torch.float64,
         lambda model: thalweg.SOAP(model.parameters(), lr=1e-2, precondition_frequency=2),
