@@ -77,6 +77,8 @@ def cases(mesh, out_dir: str):
                                       precondition_1d=True, normalize_grads=True)
     yield "soap", lambda: compare(mesh, soap)
     yield "soap-zero", lambda: compare_zero(soap)
+    yield "soap-ddp", lambda: compare_ddp(soap)
+    yield "muon-ddp", lambda: compare_ddp(lambda model: thalweg.Muon(weights(model), lr=0.05, weight_decay=0.01))
 
     def soap_per_shard():  # each process's rows taken for the whole tensor: what a hand-written FSDP2 SOAP gets wrong
         original = thalweg.SOAP._sharded_by_state
@@ -99,6 +101,20 @@ def cases(mesh, out_dir: str):
         lambda model: thalweg.SOAP(model.parameters(), lr=1e-2, precondition_frequency=2),
         lambda model, optimizer, steps: dist_train(model, optimizer, torch.float64, steps, sharded_batch=False),
         saved_at=2, steps=5)
+
+
+def compare_ddp(build) -> dict:
+    """DistributedDataParallel around the model: gradients averaged over the processes, whole parameters everywhere."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    expected_model = make_model()
+    expected = build(expected_model)
+    train(expected_model, expected)
+    model = DistributedDataParallel(make_model())
+    train(model, build(model.module))
+    errors = {name: float((p.detach() - q).abs().max() / q.abs().max())
+              for (name, p), q in zip(model.module.named_parameters(), expected_model.parameters())}
+    return {"max_rel_error": max(errors.values()), "errors": errors}
 
 
 def compare_zero(build) -> dict:

@@ -174,13 +174,14 @@ def test_the_muon_router_under_fsdp2_matches_one_process(results, dtype):
 def test_matrix_optimizers_on_four_processes_match_one(tmp_path):
     """4 gloo processes, shards uneven and some empty (tests/matrix_dist_worker.py): Muon and SOAP (each process
     owning some matrices), Adafactor and the Muon router give one process's parameters and state (float64); Muon and
-    SOAP also under HSDP (2 x 2: replicated over one mesh dimension, sharded over the other), SOAP under
+    SOAP also under HSDP (2 x 2: replicated over one mesh dimension, sharded over the other) and DDP, SOAP under
     ZeroRedundancyOptimizer, and resumed from a distributed checkpoint saved on the 4 processes as if never stopped."""
     from specs import run_on_processes
 
     results = run_on_processes(WORKER.with_name("matrix_dist_worker.py"), tmp_path, world_size=4)
     for rank, entries in enumerate(results):
-        for key in ("muon", "adafactor", "router", "soap", "soap-zero", "muon-hsdp", "soap-hsdp"):
+        for key in ("muon", "adafactor", "router", "soap", "soap-zero", "muon-hsdp", "soap-hsdp", "soap-ddp",
+                    "muon-ddp"):
             entry = entries[key]
             assert "exception" not in entry, f"rank {rank} {key} raised:\n{entry['exception']}"
             assert entry["max_rel_error"] <= TOLERANCE["float64"], (rank, key, entry)
