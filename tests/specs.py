@@ -468,6 +468,41 @@ def run_seeded(cls, shapes, dtype, options, seed, steps=25, **extra):
     return params, optimizer
 
 
+def dcp_round_trip(model_and_optimizer, inputs: torch.Tensor, path, steps: int = 3):
+    """Train ``model_and_optimizer()``'s pair ``steps`` steps on ``inputs``, save the optimizer through
+    torch.distributed.checkpoint (one process) into ``path``, load it into a fresh pair holding the same weights, and
+    check every state entry came back with its dtype and bits; then one more step each, which must agree. Returns
+    the first pair."""
+    import pytest
+
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def train(model, optimizer, count):
+        for _ in range(count):
+            optimizer.zero_grad()
+            model(inputs).square().mean().backward()
+            optimizer.step()
+
+    model, optimizer = model_and_optimizer()
+    train(model, optimizer, steps)
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+    resumed_model, resumed = model_and_optimizer()
+    resumed_model.load_state_dict(model.state_dict())
+    state = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(resumed_model, resumed, state["optim"])
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert optimizer.state[p].keys() == resumed.state[q].keys()
+        for key, value in optimizer.state[p].items():
+            assert resumed.state[q][key].dtype == value.dtype and torch.equal(resumed.state[q][key], value), key
+    train(model, optimizer, 1)
+    train(resumed_model, resumed, 1)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    return model, optimizer
+
+
 def run_on_processes(worker, out_dir, timeout: float = 240, world_size: int = 2) -> list[dict]:
     """Run ``worker`` (a tests/*_dist_worker.py script) as the ranks of a ``world_size``-process gloo group on this
     machine; returns each rank's JSON results (it skips when this torch build has no gloo)."""

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import thalweg
-from specs import SPECS, make_params, run_seeded
+from specs import SPECS, dcp_round_trip, make_params, run_seeded
 from thalweg.engine import codec
 
 FUSED = thalweg.engine.unavailable_reason(torch.device("cpu")) is None
@@ -452,30 +452,12 @@ def test_an_8bit_entry_for_a_role_kept_in_float_is_refused():
 
 def test_distributed_checkpoint_round_trip(tmp_path):
     """Through torch.distributed.checkpoint (one process): codes and absmax come back bit-exactly."""
-    dcp = pytest.importorskip("torch.distributed.checkpoint")
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    def model_and_optimizer(seed):
-        torch.manual_seed(seed)
+    def model_and_optimizer():
+        torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
         return model, thalweg.AdamW(model.parameters(), lr=1e-2, state_dtype="int8")
 
-    model, optimizer = model_and_optimizer(0)
-    data = torch.randn(32, 64)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(data).square().mean().backward()
-        optimizer.step()
-    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(tmp_path))
-    resumed_model, resumed = model_and_optimizer(0)
-    resumed_model.load_state_dict(model.state_dict())
-    state = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
-    dcp.load(state, checkpoint_id=str(tmp_path))
-    set_optimizer_state_dict(resumed_model, resumed, state["optim"])
-    for p, q in zip(model.parameters(), resumed_model.parameters()):
-        assert optimizer.state[p].keys() == resumed.state[q].keys()
-        for key, value in optimizer.state[p].items():
-            assert resumed.state[q][key].dtype == value.dtype and torch.equal(resumed.state[q][key], value), key
+    model, optimizer = dcp_round_trip(model_and_optimizer, torch.randn(32, 64), tmp_path)
     assert optimizer.state[model[0].weight]["exp_avg"].dtype == torch.uint8
 
 

@@ -216,6 +216,16 @@ def replicated_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
 
 
 
+def refuse_unless_split_by_rows(optimizer: str, param: torch.Tensor, position: int, group_index: int) -> None:
+    """A ValueError, naming the parameter, unless ``param`` is plain or a DTensor split by rows over one mesh
+    dimension (FSDP2's Shard(0), HSDP's shard dimension): what a stage done whole by one owner process needs."""
+    if is_sharded(param) and (flat_offset(param) is None or sum(
+            not placement.is_replicate() for placement in param.placements) != 1):
+        raise ValueError(f"{optimizer} on a parameter sharded other than by rows over one mesh dimension (FSDP2's "
+                         f"Shard(0)) is not supported: params[{position}] of param group {group_index} has placements "
+                         f"{tuple(param.placements)}")
+
+
 def row_owner(param: torch.Tensor, index: int) -> tuple[Any, int]:
     """For the ``index``-th of a param group's DTensors whose rows (dim 0) are split over one mesh dimension (FSDP2):
     the process group holding its shards and the rank in it that owns the whole (``index`` mod its size: the

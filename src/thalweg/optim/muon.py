@@ -201,11 +201,7 @@ class Muon(Optimizer):
             if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
                 raise ValueError(f"batch_dims must be an integer >= 0, got {batch_dims!r}")
             for k, param in enumerate(group["params"]):
-                if distributed.is_sharded(param) and (distributed.flat_offset(param) is None or sum(
-                        not placement.is_replicate() for placement in param.placements) != 1):
-                    raise ValueError(f"Muon on a parameter sharded other than by rows over one mesh dimension (FSDP2's "
-                                     f"Shard(0)) is not supported: params[{k}] of param group {g} has placements "
-                                     f"{tuple(param.placements)}")
+                distributed.refuse_unless_split_by_rows("Muon", param, k, g)
                 if param.ndim < 2 + batch_dims:
                     raise ValueError(f"Muon steps matrices: params[{k}] of param group {g} has shape {tuple(param.shape)}, "
                                      f"which with batch_dims={batch_dims} holds no matrix (give biases, norms and "

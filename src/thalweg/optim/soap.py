@@ -224,11 +224,7 @@ class SOAP(Optimizer):
         try:
             self._check_hyperparameters(group)
             for k, param in enumerate(group["params"]):
-                if distributed.is_sharded(param) and (distributed.flat_offset(param) is None or sum(
-                        not placement.is_replicate() for placement in param.placements) != 1):
-                    raise ValueError(f"SOAP on a parameter sharded other than by rows over one mesh dimension (FSDP2's "
-                                     f"Shard(0)) is not supported: params[{k}] of param group {g} has placements "
-                                     f"{tuple(param.placements)}")
+                distributed.refuse_unless_split_by_rows("SOAP", param, k, g)
                 if param.is_complex():
                     raise ValueError(f"SOAP steps real parameters: params[{k}] of param group {g} is {param.dtype}")
                 work, _ = layout(tuple(param.shape), group)
