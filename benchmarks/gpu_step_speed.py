@@ -4,7 +4,8 @@
     python benchmarks/gpu_step_speed.py --quick    # smoke run: small layouts, few repeats
     TRITON_INTERPRET=1 python benchmarks/gpu_step_speed.py --dry-run   # the check only, CPU tensors, interpreter
 
-First the check: every optimizer and option set of ``CHECK_CASES``, in float32, float64, bfloat16, float16,
+First the check: every optimizer and option set of ``CHECK_CASES`` (every kernel the library derives: the classics and
+each optimizer added since), in float32, float64, bfloat16, float16,
 bfloat16/float16 with float32 state, float32/bfloat16 with 8-bit state, and bfloat16 with ``param_update``
 "stochastic" and "kahan" (``check_rounding``), on 0-d, empty, odd-sized and
 multi-chunk tensors (some without a gradient on some steps): backend="fused" against backend="reference" on
@@ -69,6 +70,22 @@ CHECK_CASES = [
     ("LAMB", dict(lr=0.01)), ("LAMB", dict(lr=0.01, bias_correction=False, weight_decay=0)),
     ("LAMB", dict(lr=0.01, maximize=True, trust_ratio=False)),
 ]
+# the optimizers added with the rule engine: their kernels are derived from their rules like the classics', and checked
+# alike (a dtype an optimizer does not offer — state_dtype, 8-bit state — is left out for it). Muon steps matrices only.
+CHECK_CASES += [
+    ("NAdam", dict(lr=0.01)), ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(lr=0.01)), ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("Adamax", dict(lr=0.01, weight_decay=0.1)), ("Adadelta", dict(lr=1.0, weight_decay=0.1)),
+    ("ASGD", dict(lr=0.01, t0=2.0)), ("Rprop", dict(lr=0.01)),
+    ("Lion", dict(lr=1e-3)), ("Lion", dict(lr=1e-3, weight_decay=0.1, cautious=True)),
+    ("Adan", dict(lr=0.01, weight_decay=0.02)), ("AdEMAMix", dict(lr=0.01, alpha_warmup=3, beta3_warmup=3)),
+    ("ADOPT", dict(lr=0.01)), ("StableAdamW", dict(lr=0.01, weight_decay=0.1)),
+    ("Adam", dict(lr=0.01, cautious=True)),
+    ("ScheduleFreeAdamW", dict(lr=0.01, warmup_steps=2)), ("ScheduleFreeSGD", dict(lr=0.1)),
+    ("Prodigy", dict(lr=1.0)), ("DAdaptAdam", dict(lr=1.0)),
+    ("Adafactor", dict(lr=0.01, weight_decay=0.1)), ("SOAP", dict(lr=0.01, precondition_frequency=2)),
+    ("Muon", dict(lr=0.02, shapes=[(3, 5), (7, 4), (2, 3, 4), (60, 75)])),
+]
 CHECK_DTYPES = {"float32": (torch.float32, None), "float64": (torch.float64, None), "bfloat16": (torch.bfloat16, None),
                 "float16": (torch.float16, None), "bfloat16+float32-state": (torch.bfloat16, torch.float32),
                 "float16+float32-state": (torch.float16, torch.float32),
@@ -79,15 +96,27 @@ CHECK_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 5e
 CHECK_SHAPES = [(3, 5), (), (0,), (7,), (70_001,), (2, 3, 4), (1,), (1 << 17,)]
 
 
+def offers(name: str, state_dtype) -> bool:
+    """Whether optimizer ``name`` takes ``state_dtype`` (None always; 8-bit state where it declares its codecs)."""
+    import inspect
+
+    cls = getattr(thalweg, name)
+    if state_dtype is None:
+        return True
+    return "state_dtype" in inspect.signature(cls).parameters and (state_dtype != "int8" or bool(cls.state_codecs))
+
+
 def _check_run(name, options, backend, dtype, state_dtype, device, steps=10):
     generator = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype).to(device).requires_grad_()
-              for s in CHECK_SHAPES]
     options = dict(options)
+    params = [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+              for s in options.pop("shapes", CHECK_SHAPES)]
     group = {"params": params}
     if "trust_ratio" in options:
         group["trust_ratio"] = options.pop("trust_ratio")
-    optimizer = getattr(thalweg, name)([group], backend=backend, state_dtype=state_dtype, **options)
+    if state_dtype is not None:
+        options["state_dtype"] = state_dtype
+    optimizer = getattr(thalweg, name)([group], backend=backend, **options)
     for step in range(steps):
         for i, param in enumerate(params):
             skip = (step + i) % 4 == 0 and i % 2 == 0
@@ -102,6 +131,8 @@ def check(device: torch.device) -> list[dict]:
     rows = []
     for name, options in CHECK_CASES:
         for label, (dtype, state_dtype) in CHECK_DTYPES.items():
+            if not offers(name, state_dtype):
+                continue
             row = dict(optimizer=name, options=options, dtype=label)
             # low-precision state: the reference rounds after every op, the kernels once per stored value, and
             # an ill-conditioned rule (centred RMSprop's E[g²] - E[g]²) drifts apart: 5 steps, as the tests
