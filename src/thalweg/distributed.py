@@ -215,7 +215,6 @@ def replicated_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(tensor, param.device_mesh, [Replicate()] * param.device_mesh.ndim, run_check=False)
 
 
-
 def refuse_unless_split_by_rows(optimizer: str, param: torch.Tensor, position: int, group_index: int) -> None:
     """A ValueError, naming the parameter, unless ``param`` is plain or a DTensor split by rows over one mesh
     dimension (FSDP2's Shard(0), HSDP's shard dimension): what a stage done whole by one owner process needs."""
