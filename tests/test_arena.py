@@ -869,3 +869,20 @@ def test_import_thalweg_arena_is_light() -> None:
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_repeated_svg_styles_become_classes_defined_once() -> None:
+    """figures._style_classes: a style used 3 times or more turns into a class named after it (the same name in every
+    figure), defined in one rule; a style used once stays; nothing else changes."""
+    from thalweg.arena.figures import _style_classes
+
+    svg = ('<svg width="1"><path d="M0" style="stroke: #000"/><path d="M1" style="stroke: #000"/>'
+           '<path d="M2" style="stroke: #000"/><text style="font-size: 9px">a</text></svg>')
+    out = _style_classes(svg)
+    names = set(re.findall(r'class="(s[0-9a-f]+)"', out))
+    assert len(names) == 1 and out.count(f'class="{names.pop()}"') == 3
+    assert out.count("stroke: #000") == 1 and 'style="font-size: 9px"' in out and out.count("<style>") == 1
+    assert re.sub(r"<style>.*?</style>", "", out).replace(re.findall(r'class="s[0-9a-f]+"', out)[0],
+                                                          'style="stroke: #000"') == svg
+    assert _style_classes(svg) == out and re.findall(r"\.(s[0-9a-f]+)\{", _style_classes(svg.replace("M0", "M9")))[0] \
+        == re.findall(r"\.(s[0-9a-f]+)\{", out)[0]

@@ -164,6 +164,30 @@ def test_every_figure_is_drawn(page: Page) -> None:
         assert all(done and w > 0 for done, w, _ in fig["imgs"]), f"an <img> that did not load in {fig['html']}"
 
 
+_STYLED = """[...document.querySelectorAll('figure svg [class]')].slice(0, 400).map(el => {
+  const rule = [...document.styleSheets].flatMap(sheet => [...sheet.cssRules])
+    .find(r => r.selectorText === '.' + el.getAttribute('class'));
+  if (!rule) return {missing: el.getAttribute('class')};
+  const computed = getComputedStyle(el);
+  return [...rule.style].map(prop => [prop, rule.style.getPropertyValue(prop), computed.getPropertyValue(prop)]);
+})"""
+
+
+def test_the_styles_moved_into_classes_still_apply(page: Page) -> None:
+    """A figure's repeated style attributes become classes (figures._style_classes): each class has its rule, and
+    the browser computes every property of it on the element (a grid line's stroke-opacity, a tick's colour)."""
+    styled = page.evaluate(_STYLED)
+    assert styled, "no figure element carries a class"
+    checked = 0
+    for entry in styled:
+        assert not isinstance(entry, dict), f"a class without its rule: {entry}"
+        for prop, declared, computed in entry:
+            if prop in ("stroke-opacity", "stroke-width", "opacity", "fill-opacity"):
+                assert abs(float(computed.removesuffix("px")) - float(declared.removesuffix("px"))) < 1e-6, (prop, declared, computed)
+                checked += 1
+    assert checked > 0
+
+
 _TABLES = """[...document.querySelectorAll('table.sortable')].map((table, t) => {
   table.dataset.testTable = t;
   const heads = [...table.querySelectorAll('th')].filter(th => !table.tBodies[0] || !table.tBodies[0].contains(th));

@@ -6,10 +6,12 @@ global backend or figure registry is touched and the same results always give th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +99,22 @@ def to_svg(fig: Figure) -> str:
 
     svg = re.sub(r'\s(?:d|x|y|width|height|transform)="[^"]*"', compact, svg)  # geometry only, never text
     svg = re.sub(rf'<g id="(?!{GID_PREFIX})[^"]*"', "<g", svg)
-    return re.sub(r"\n +", "\n", svg)
+    return _style_classes(re.sub(r"\n +", "\n", svg))
+
+
+def _style_classes(svg: str) -> str:
+    """``svg`` with each style attribute that repeats (every tick, grid line and axis line carries one: a fifth of a
+    report's bytes) replaced by a class, defined once in a <style> at the top. A class is named after its style's
+    hash, so the same style in two inline figures of a page gets the same name and the same rule."""
+    counts = Counter(re.findall(r' style="([^"]*)"', svg))
+    names = {style: "s" + hashlib.blake2s(style.encode(), digest_size=5).hexdigest()
+             for style, count in counts.items() if count >= 3}
+    if not names:
+        return svg
+    svg = re.sub(r' style="([^"]*)"', lambda m: f' class="{names[m.group(1)]}"' if m.group(1) in names else m.group(0),
+                 svg)
+    rules = "".join(f".{name}{{{style}}}" for style, name in names.items())
+    return re.sub(r"(<svg[^>]*>)", lambda m: f"{m.group(1)}<style>{rules}</style>", svg, count=1)
 
 
 def save_result_with_figure(result: dict[str, Any], out: str | Path, stem: str, fig: Figure) -> Path:
