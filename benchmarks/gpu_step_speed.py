@@ -96,14 +96,22 @@ CHECK_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 5e
 CHECK_SHAPES = [(3, 5), (), (0,), (7,), (70_001,), (2, 3, 4), (1,), (1 << 17,)]
 
 
-def offers(name: str, state_dtype) -> bool:
-    """Whether optimizer ``name`` takes ``state_dtype`` (None always; 8-bit state where it declares its codecs)."""
+def offers(name: str, dtype: torch.dtype, state_dtype) -> bool:
+    """Whether optimizer ``name`` takes parameters of ``dtype`` with ``state_dtype`` (8-bit state where it declares its
+    codecs; Prodigy refuses float16 parameters without float32 state, by name: its d²·g² underflows)."""
     import inspect
 
     cls = getattr(thalweg, name)
-    if state_dtype is None:
-        return True
-    return "state_dtype" in inspect.signature(cls).parameters and (state_dtype != "int8" or bool(cls.state_codecs))
+    if state_dtype is not None and not ("state_dtype" in inspect.signature(cls).parameters
+                                        and (state_dtype != "int8" or bool(cls.state_codecs))):
+        return False
+    try:
+        cls([torch.zeros((2, 2), dtype=dtype, requires_grad=True)], **({} if state_dtype is None else
+                                                                        {"state_dtype": state_dtype}))
+    except ValueError as refusal:
+        print(f"check {name:8s} {str(dtype):24s} state_dtype={state_dtype}: not offered ({refusal})", flush=True)
+        return False
+    return True
 
 
 def _check_run(name, options, backend, dtype, state_dtype, device, steps=10):
@@ -131,7 +139,7 @@ def check(device: torch.device) -> list[dict]:
     rows = []
     for name, options in CHECK_CASES:
         for label, (dtype, state_dtype) in CHECK_DTYPES.items():
-            if not offers(name, state_dtype):
+            if not offers(name, dtype, state_dtype):
                 continue
             row = dict(optimizer=name, options=options, dtype=label)
             # low-precision state: the reference rounds after every op, the kernels once per stored value, and

@@ -480,6 +480,33 @@ PRODIGY_BAD = [
 ]
 
 
+def test_float16_parameters_need_float32_state_where_the_package_goes_nan():
+    """d²·g² with d = d0 = 1e-6 is below float16's smallest value: the second moment rounds to 0 and the steps blow up
+    (found by benchmarks/gpu_step_speed.py's check; prodigyopt's own run gives a NaN d_numerator from its second step).
+    thalweg refuses it at construction, naming the parameter; float32 state, and bfloat16, train."""
+    prodigyopt = pytest.importorskip("prodigyopt")
+    generator = torch.Generator().manual_seed(0)
+    starts = [torch.randn(s, generator=generator, dtype=torch.float64) for s in [(70001,), (3, 5)]]
+    grads = [[torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in starts] for _ in range(3)]
+    params = [t.half().requires_grad_() for t in starts]
+    package = prodigyopt.Prodigy(params, lr=1.0)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.half()
+        package.step()
+    assert math.isnan(package.param_groups[0]["d_numerator"])
+    with pytest.raises(ValueError, match=r"Prodigy on float16 parameters needs state_dtype=torch.float32: params\[1\]"):
+        thalweg.Prodigy([torch.zeros(3, requires_grad=True), torch.zeros(2, dtype=torch.float16, requires_grad=True)])
+    for dtype, state_dtype in ((torch.float16, torch.float32), (torch.bfloat16, None)):
+        params = [t.to(dtype).requires_grad_() for t in starts]
+        optimizer = thalweg.Prodigy(params, lr=1.0, state_dtype=state_dtype)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.to(dtype)
+            optimizer.step()
+        assert math.isfinite(optimizer.param_groups[0]["d_numerator"]) and all(p.isfinite().all() for p in params)
+
+
 @pytest.mark.parametrize("kind, bad, error, message", [(kind, *case) for kind in KINDS for case in BAD]
                          + [("prodigy", *case) for case in PRODIGY_BAD], ids=lambda value: repr(value)[:40])
 def test_bad_input_is_refused_by_name(kind, bad, error, message):
