@@ -155,3 +155,6 @@ def test_a_dtensor_parameter_steps_as_the_plain_tensor_and_other_shardings_are_r
         columns = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)]))
         with pytest.raises(ValueError, match=r"Adafactor on a matrix sharded other than by rows"):
             thalweg.Adafactor([columns])
+        with pytest.raises(ValueError, match=r"params\[0\] of param group 1 has placements"):  # (a group added later)
+            optimizer.add_param_group({"params": [columns]})
+        assert len(optimizer.param_groups) == 1

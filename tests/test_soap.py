@@ -278,10 +278,14 @@ def test_a_changed_layout_is_refused_with_nothing_changed():
             assert torch.equal(after["state"][index][key], value), key
 
 
-def test_too_many_dims_are_refused():
+def test_too_many_dims_are_refused_also_in_a_group_added_later():
     with pytest.raises(ValueError, match=r"SOAP preconditions up to 8 dims: params\[0\] of param group 0 has shape"):
         SOAP([torch.nn.Parameter(torch.zeros((2,) * 9))])
-    SOAP([torch.nn.Parameter(torch.zeros((2,) * 9))], merge_dims=True)  # merged to (512,): fine
+    optimizer = SOAP([torch.nn.Parameter(torch.zeros((2,) * 9))], merge_dims=True)  # merged to (512,): fine
+    with pytest.raises(ValueError, match=r"params\[1\] of param group 1 has shape \(2, 2, 2, 2, 2, 2, 2, 2, 2\)"):
+        optimizer.add_param_group({"params": [torch.zeros(3, requires_grad=True), torch.zeros((2,) * 9)],
+                                   "merge_dims": False})
+    assert len(optimizer.param_groups) == 1  # (the refused group left out)
 
 
 def test_a_dtensor_parameter_steps_as_the_plain_tensor_and_other_shardings_are_refused():

@@ -469,8 +469,14 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{where} is already in param group {owner[id(tensor)]}; a parameter may belong to one group only")
         self._check_hyperparameters({**self.defaults, **group})
         self._check_backend_keys(group)
+        self._check_parameters({**self.defaults, **group}, tensors, len(self.param_groups))
         group["params"] = entries
         super().add_param_group(group)
+
+    def _check_parameters(self, group: dict[str, Any], params: list[torch.Tensor], group_index: int) -> None:
+        """Raise, naming the parameter (``params[k]`` of param group ``group_index``), for a parameter this optimizer
+        cannot step (a shape, a sharding, a dtype), as its group is added and before it is (``group``: the group's
+        keys with the defaults filled in)."""
 
     # -- checkpoints -----------------------------------------------------------------------
 

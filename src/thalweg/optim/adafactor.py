@@ -103,11 +103,12 @@ class Adafactor(Optimizer):
                         maximize=maximize)
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, differentiable=None)
-        for g, group in enumerate(self.param_groups):
-            for k, param in enumerate(group["params"]):
-                if distributed.is_sharded(param) and param.dim() > 1 and distributed.flat_offset(param) is None:
-                    raise ValueError(f"Adafactor on a matrix sharded other than by rows (FSDP2's Shard(0)) is not "
-                                     f"supported: params[{k}] of param group {g} has placements {tuple(param.placements)}")
+
+    def _check_parameters(self, group: dict[str, Any], params: list[torch.Tensor], g: int) -> None:
+        for k, param in enumerate(params):
+            if distributed.is_sharded(param) and param.dim() > 1 and distributed.flat_offset(param) is None:
+                raise ValueError(f"Adafactor on a matrix sharded other than by rows (FSDP2's Shard(0)) is not "
+                                 f"supported: params[{k}] of param group {g} has placements {tuple(param.placements)}")
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])

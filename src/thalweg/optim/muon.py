@@ -192,23 +192,16 @@ class Muon(Optimizer):
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, differentiable=None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``, refusing (with the group left out) a parameter Muon cannot step."""
-        super().add_param_group(param_group)
-        g, group = len(self.param_groups) - 1, self.param_groups[-1]
-        try:
-            batch_dims = group["batch_dims"]
-            if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
-                raise ValueError(f"batch_dims must be an integer >= 0, got {batch_dims!r}")
-            for k, param in enumerate(group["params"]):
-                distributed.refuse_unless_split_by_rows("Muon", param, k, g)
-                if param.ndim < 2 + batch_dims:
-                    raise ValueError(f"Muon steps matrices: params[{k}] of param group {g} has shape {tuple(param.shape)}, "
-                                     f"which with batch_dims={batch_dims} holds no matrix (give biases, norms and "
-                                     "embeddings to AdamW)")
-        except ValueError:
-            self.param_groups.pop()
-            raise
+    def _check_parameters(self, group: dict[str, Any], params: list[torch.Tensor], g: int) -> None:
+        batch_dims = group["batch_dims"]
+        if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
+            raise ValueError(f"batch_dims must be an integer >= 0, got {batch_dims!r}")
+        for k, param in enumerate(params):
+            distributed.refuse_unless_split_by_rows("Muon", param, k, g)
+            if param.ndim < 2 + batch_dims:
+                raise ValueError(f"Muon steps matrices: params[{k}] of param group {g} has shape {tuple(param.shape)}, "
+                                 f"which with batch_dims={batch_dims} holds no matrix (give biases, norms and "
+                                 "embeddings to AdamW)")
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])

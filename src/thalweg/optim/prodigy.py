@@ -168,17 +168,14 @@ class Prodigy(Optimizer):
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype, param_update=param_update,
                          differentiable=None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``, refusing (with the group left out) float16 parameters with float16 state: the
-        second moment holds d²·g², and with d starting at d0 = 1e-6 that is below float16's smallest value (6e-8);
-        it rounds to 0, the step divides by (almost) nothing, and d_numerator turns NaN a step later (the prodigyopt
-        package's run goes NaN alike). float32 state (``state_dtype``) or bfloat16 parameters hold it."""
-        super().add_param_group(param_group)
-        g, group = len(self.param_groups) - 1, self.param_groups[-1]
+    def _check_parameters(self, group: dict[str, Any], params: list[torch.Tensor], g: int) -> None:
+        # float16 parameters with float16 state: the second moment holds d²·g², and with d starting at d0 = 1e-6 that
+        # is below float16's smallest value (6e-8); it rounds to 0, the step divides by (almost) nothing, and
+        # d_numerator turns NaN a step later (the prodigyopt package's run goes NaN alike). float32 state
+        # (state_dtype) or bfloat16 parameters hold it.
         if self.state_dtype is None:
-            for k, param in enumerate(group["params"]):
+            for k, param in enumerate(params):
                 if param.dtype == torch.float16:
-                    self.param_groups.pop()
                     raise ValueError(f"Prodigy on float16 parameters needs state_dtype=torch.float32: params[{k}] of "
                                      f"param group {g} is float16, and its second moment d²·g² (d starts at d0) is "
                                      "below the smallest float16 (6e-8): it would round to 0 and the steps diverge")

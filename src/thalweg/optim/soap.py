@@ -217,23 +217,15 @@ class SOAP(Optimizer):
         super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, differentiable=None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``, refusing (with the group left out) a parameter SOAP cannot step."""
-        super().add_param_group(param_group)
-        g, group = len(self.param_groups) - 1, self.param_groups[-1]
-        try:
-            self._check_hyperparameters(group)
-            for k, param in enumerate(group["params"]):
-                distributed.refuse_unless_split_by_rows("SOAP", param, k, g)
-                if param.is_complex():
-                    raise ValueError(f"SOAP steps real parameters: params[{k}] of param group {g} is {param.dtype}")
-                work, _ = layout(tuple(param.shape), group)
-                if len(work) > MAX_DIMS:
-                    raise ValueError(f"SOAP preconditions up to {MAX_DIMS} dims: params[{k}] of param group {g} has "
-                                     f"shape {tuple(param.shape)} (merge_dims=True merges small ones)")
-        except (ValueError, TypeError):
-            self.param_groups.pop()
-            raise
+    def _check_parameters(self, group: dict[str, Any], params: list[torch.Tensor], g: int) -> None:
+        for k, param in enumerate(params):
+            distributed.refuse_unless_split_by_rows("SOAP", param, k, g)
+            if param.is_complex():
+                raise ValueError(f"SOAP steps real parameters: params[{k}] of param group {g} is {param.dtype}")
+            work, _ = layout(tuple(param.shape), group)
+            if len(work) > MAX_DIMS:
+                raise ValueError(f"SOAP preconditions up to {MAX_DIMS} dims: params[{k}] of param group {g} has "
+                                 f"shape {tuple(param.shape)} (merge_dims=True merges small ones)")
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _checks.non_negative("lr", group["lr"])
