@@ -599,7 +599,18 @@ def test_8bit_state_is_compared_with_float32_on_the_same_seeds() -> None:
     results = {"tasks": {"close": _with_int8(task([0.90, 0.92], "close"), "adam", [0.902, 0.918], [1.005, 1.0], 2.0),
                          "apart": _with_int8(task([0.90, 0.92], "apart"), "adam", [0.89, 0.90], [1.05, 1.03], 2.0),
                          "small": _with_int8(task([0.90, 0.92], "small"), "adam", [0.90, 0.92], [1.0, 1.0], 8.0)}}
+    # the lr chosen on seed 0 diverges on the rerun seeds with float32 state, then with 8-bit state as well (or only
+    # with 8-bit state): the verdict says which side diverged, not just "diverged"
+    for name, float32_seeds, int8_diverged in (("both", [None, None], True), ("only8", [0.90, 0.92], True)):
+        rerun = _with_int8(task(float32_seeds, name), "adam", [0.9, 0.9], [1.0, 1.0], 2.0)
+        for run in rerun["runs"]:
+            if run["phase"] == "int8":
+                run.update(diverged=int8_diverged, final_metric=None, final_loss=None)
+        results["tasks"][name] = rerun
     rows = {row["task"]: row for row in analysis.int8_comparison(results)}
+    assert rows["both"]["verdict"] == ("diverged with float32 state too (2 of 2 seeds; 8-bit: 2 of 2): the lr, not "
+                                       "the 8 bits")
+    assert rows["only8"]["verdict"] == "8-bit state diverged (2 of 2 seeds)"
     assert rows["close"]["verdict"] == "within"
     assert rows["close"]["loss_change"] == pytest.approx(0.0025) and rows["close"]["metric_change"] == pytest.approx(0.0)
     assert rows["apart"]["verdict"] == "outside: loss +4.0%, acc -1.50 points"

@@ -436,6 +436,19 @@ def _tail_loss(run: dict[str, Any]) -> float | None:
     return sum(tail) / len(tail)
 
 
+def _int8_failure(full: list[dict[str, Any]], eight: list[dict[str, Any]]) -> str:
+    """Why an 8-bit rerun has no comparison, saying which side diverged: an lr chosen next to a diverging one can
+    diverge on the rerun seeds with float32 state too, and that is no finding about 8-bit state."""
+    lost = [label for label, runs in (("float32", full), ("8-bit", eight)) if any(r["diverged"] for r in runs)]
+    if not lost:
+        return "no result"
+    if len(lost) == 2:
+        return (f"diverged with float32 state too ({sum(r['diverged'] for r in full)} of {len(full)} seeds; "
+                f"8-bit: {sum(r['diverged'] for r in eight)} of {len(eight)}): the lr, not the 8 bits")
+    runs = full if lost[0] == "float32" else eight
+    return f"{lost[0]} state diverged ({sum(r['diverged'] for r in runs)} of {len(runs)} seeds)"
+
+
 def int8_comparison(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Per task and optimizer rerun with 8-bit state (runs of phase "int8", at its best lr, on the seeds of its reported
     median): the medians over those seeds of the final training loss (:func:`_tail_loss`) and of the task's metric with
@@ -470,7 +483,7 @@ def int8_comparison(results: dict[str, Any]) -> list[dict[str, Any]]:
             if None not in used and used[0] >= 0.99 * used[1]:
                 row["verdict"] = "not used (no tensor of 4096 elements)"
             elif row["loss_change"] is None or row["metric_change"] is None:
-                row["verdict"] = "diverged" if any(r["diverged"] for r in eight) else "no result"
+                row["verdict"] = _int8_failure(full, eight)
             else:
                 misses = []
                 if abs(row["loss_change"]) > INT8_LOSS_TOLERANCE:
